@@ -1,0 +1,85 @@
+"""Crash-safe files: atomic writes (temp file + fsync + rename) and checksummed checkpoints.
+
+A process killed while writing leaves the previous file intact; a damaged file is reported
+with its path, never silently replaced by fresh weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CorruptCheckpointError",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "save_checkpoint",
+    "load_checkpoint",
+]
+
+_MAGIC = b"MRPRISM-CKPT-1\n"
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint or state file exists but cannot be trusted (truncated, edited, not ours)."""
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: readers see the old file or the new one, never a
+    partial one. The temp file lives in the same directory so the rename is atomic."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Atomically write ``obj`` as indented JSON."""
+    return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """Atomically save a ``torch.save``-able dict with a SHA-256 checksum header."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    body = buffer.getvalue()
+    digest = hashlib.sha256(body).hexdigest().encode()
+    return atomic_write_bytes(path, _MAGIC + digest + b"\n" + body)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint`, verifying its checksum.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CorruptCheckpointError: the file is truncated, altered or not a MrPrism checkpoint.
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    if not raw.startswith(_MAGIC):
+        raise CorruptCheckpointError(f"{path}: not a MrPrism-FL checkpoint (bad header)")
+    header_end = len(_MAGIC) + 64
+    digest, body = raw[len(_MAGIC) : header_end], raw[header_end + 1 :]
+    if hashlib.sha256(body).hexdigest().encode() != digest:
+        raise CorruptCheckpointError(
+            f"{path}: checksum mismatch (truncated or modified); restore it from a backup or "
+            "delete it to start this state afresh"
+        )
+    # weights_only: a checkpoint holds tensors and plain containers, never code to run.
+    return torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)

@@ -1,0 +1,18 @@
+"""Data sources. Every reader yields the same sample: ``image`` (C, H, W), ``raters``
+(M, K, H, W) in {0, 1}, ``id``, and, where known, ``truth`` (K, H, W)."""
+
+from .synthetic import (
+    ImageStyle,
+    RaterProfile,
+    SyntheticMultiRaterDataset,
+    default_rater_profiles,
+    make_dataset,
+)
+
+__all__ = [
+    "ImageStyle",
+    "RaterProfile",
+    "SyntheticMultiRaterDataset",
+    "default_rater_profiles",
+    "make_dataset",
+]

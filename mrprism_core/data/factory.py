@@ -1,0 +1,86 @@
+"""One entry point from a data config (a ``site_configs`` ``data`` block) to a Dataset."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from .synthetic import ImageStyle, RaterProfile, make_dataset
+
+__all__ = ["SPLITS", "DatasetInfo", "build_dataset", "dataset_info"]
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about a site's data."""
+
+    in_channels: int
+    num_classes: int
+    num_raters: int
+    image_size: int
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers -> plain Python (without importing OmegaConf here)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+        return [_plain(v) for v in value]
+    return value
+
+
+def _synthetic(cfg: dict[str, Any], split: str) -> Dataset:
+    splits = cfg.get("splits", {})
+    if split not in splits:
+        raise ValueError(f"synthetic data config has no size for split {split!r}: {splits}")
+    style = ImageStyle(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.get("style", {}).items()}
+    )
+    raters = cfg.get("raters")
+    profiles = None if raters is None else [RaterProfile(**r) for r in raters]
+    return make_dataset(
+        int(splits[split]),
+        int(cfg["num_raters"]),
+        int(cfg["image_size"]),
+        # distinct, reproducible streams per split so splits never share a case
+        int(cfg.get("seed", 0)) * len(SPLITS) + SPLITS.index(split),
+        num_classes=int(cfg.get("num_classes", 2)),
+        style=style,
+        rater_profiles=profiles,
+        name=str(cfg.get("name", "synthetic")),
+    )
+
+
+_BUILDERS = {"synthetic": _synthetic}
+
+
+def build_dataset(data_cfg: Mapping[str, Any], split: str) -> Dataset:
+    """Dataset for ``split`` ("train", "val" or "test") described by ``data_cfg``.
+
+    Raises:
+        ValueError: unknown data kind or split, naming the valid ones.
+    """
+    cfg = _plain(data_cfg)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
+    kind = cfg.get("kind")
+    if kind not in _BUILDERS:
+        raise ValueError(f"unknown data kind {kind!r}; choose one of {sorted(_BUILDERS)}")
+    return _BUILDERS[kind](cfg, split)
+
+
+def dataset_info(dataset: Dataset) -> DatasetInfo:
+    """Channels, classes, raters and image size, read from the first sample."""
+    sample = dataset[0]
+    image, raters = sample["image"], sample["raters"]
+    return DatasetInfo(
+        in_channels=int(image.shape[0]),
+        num_classes=int(raters.shape[1]),
+        num_raters=int(raters.shape[0]),
+        image_size=int(image.shape[-1]),
+    )

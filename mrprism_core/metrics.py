@@ -1,0 +1,219 @@
+"""Evaluation metrics of paper 000 and the project (functions plus an accumulator).
+
+Conventions: probabilities (B, K, H, W); rater masks (B, M, K, H, W) in {0, 1}; Dice of two
+empty masks is 1 (both agree there is nothing); binarisation is ``x > threshold``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .fusion import threshold
+
+__all__ = [
+    "SOFT_DICE_THRESHOLDS",
+    "dice_per_image",
+    "soft_dice",
+    "soft_dice_per_image",
+    "per_rater_dice",
+    "generalized_energy_distance",
+    "calibration_bins",
+    "expected_calibration_error",
+    "dice_vs_truth",
+    "MetricAccumulator",
+]
+
+#: Thresholds at which Table 1 of paper 000 binarises prediction and soft ground truth.
+SOFT_DICE_THRESHOLDS: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+def dice_per_image(prediction: Tensor, target: Tensor) -> Tensor:
+    """Dice of binary masks per image and class.
+
+    Args:
+        prediction, target: {0, 1} tensors of shape (B, K, H, W).
+
+    Returns:
+        (B, K) Dice values; 1 where both masks are empty.
+    """
+    prediction = prediction.float()
+    target = target.float()
+    inter = (prediction * target).sum(dim=(-2, -1))
+    total = prediction.sum(dim=(-2, -1)) + target.sum(dim=(-2, -1))
+    return torch.where(total > 0, 2 * inter / total.clamp_min(1e-12), torch.ones_like(total))
+
+
+def soft_dice_per_image(
+    prob: Tensor, rater_masks: Tensor, thresholds: Sequence[float] = SOFT_DICE_THRESHOLDS
+) -> Tensor:
+    """Soft Dice of paper 000's Table 1 per image and class, shape (B, K).
+
+    The soft ground truth is the mean of the rater masks; prediction and soft ground truth are
+    binarised at each threshold, Dice is taken at each level and the levels are averaged.
+    """
+    if rater_masks.dim() != 5 or prob.dim() != 4:
+        raise ValueError(
+            f"soft_dice expects prob (B,K,H,W) and rater_masks (B,M,K,H,W); got "
+            f"{tuple(prob.shape)} and {tuple(rater_masks.shape)}"
+        )
+    if prob.shape != rater_masks.shape[:1] + rater_masks.shape[2:]:
+        raise ValueError(
+            f"prob {tuple(prob.shape)} does not match rater masks {tuple(rater_masks.shape)}"
+        )
+    soft_truth = rater_masks.float().mean(dim=1)
+    levels = [dice_per_image(prob > t, soft_truth > t) for t in thresholds]
+    return torch.stack(levels).mean(dim=0)
+
+
+def soft_dice(
+    prob: Tensor, rater_masks: Tensor, thresholds: Sequence[float] = SOFT_DICE_THRESHOLDS
+) -> float:
+    """Soft Dice (paper 000, Table 1) averaged over batch and classes, a float in [0, 1].
+
+    Args:
+        prob: predicted probabilities (B, K, H, W).
+        rater_masks: rater masks (B, M, K, H, W) in {0, 1}.
+    """
+    return float(soft_dice_per_image(prob, rater_masks, thresholds).mean())
+
+
+def per_rater_dice(rater_probs: Tensor, rater_masks: Tensor) -> Tensor:
+    """Dice of each personalised rater output (binarised at 0.5) against that rater's mask.
+
+    Returns:
+        (B, M) Dice averaged over classes.
+    """
+    batch, raters = rater_masks.shape[:2]
+    flat_pred = threshold(rater_probs).flatten(0, 1)
+    flat_true = rater_masks.flatten(0, 1)
+    return dice_per_image(flat_pred, flat_true).mean(dim=-1).view(batch, raters)
+
+
+def _pairwise_iou_distance(a: Tensor, b: Tensor) -> Tensor:
+    """1 - IoU between every sample of ``a`` (B, S, N) and of ``b`` (B, T, N) -> (B, S, T)."""
+    inter = torch.einsum("bsn,btn->bst", a, b)
+    union = a.sum(-1)[:, :, None] + b.sum(-1)[:, None, :] - inter
+    return torch.where(union > 0, 1 - inter / union.clamp_min(1e-12), torch.zeros_like(union))
+
+
+def generalized_energy_distance(rater_probs: Tensor, rater_masks: Tensor) -> Tensor:
+    """Squared generalized energy distance between predicted and annotated rater sets.
+
+    ``D^2 = 2 E d(S, Y) - E d(S, S') - E d(Y, Y')`` with ``d = 1 - IoU`` over all classes and
+    pixels, the predicted set being the binarised rater outputs. Lower is better.
+
+    Returns:
+        (B,) GED per image.
+    """
+    samples = threshold(rater_probs).flatten(2).float()
+    annotations = rater_masks.flatten(2).float()
+    cross = _pairwise_iou_distance(samples, annotations).mean(dim=(1, 2))
+    within_pred = _pairwise_iou_distance(samples, samples).mean(dim=(1, 2))
+    within_true = _pairwise_iou_distance(annotations, annotations).mean(dim=(1, 2))
+    return 2 * cross - within_pred - within_true
+
+
+def calibration_bins(prob: Tensor, soft_truth: Tensor, bins: int = 10) -> Tensor:
+    """Per-bin sums for ECE: a (bins, 3) tensor of (count, sum of prob, sum of soft truth)."""
+    p = prob.detach().flatten().float()
+    t = soft_truth.detach().flatten().float()
+    index = (p * bins).long().clamp(0, bins - 1)
+    out = torch.zeros(bins, 3, dtype=torch.float64, device=p.device)
+    out[:, 0].index_add_(0, index, torch.ones_like(p, dtype=torch.float64))
+    out[:, 1].index_add_(0, index, p.double())
+    out[:, 2].index_add_(0, index, t.double())
+    return out
+
+
+def expected_calibration_error(prob: Tensor, soft_truth: Tensor, bins: int = 10) -> float:
+    """Expected calibration error of ``prob`` against the raters' agreement (soft truth).
+
+    Pixels are binned by predicted probability; each bin contributes
+    ``|mean prob - mean soft truth|`` weighted by its share of pixels.
+    """
+    return _ece_from_bins(calibration_bins(prob, soft_truth, bins))
+
+
+def _ece_from_bins(table: Tensor) -> float:
+    total = float(table[:, 0].sum())
+    if total == 0:
+        return float("nan")
+    return float((table[:, 1] - table[:, 2]).abs().sum() / total)
+
+
+def dice_vs_truth(prob: Tensor, truth: Tensor) -> Tensor:
+    """Dice of the prediction binarised at 0.5 against a known true mask, per image (B,)."""
+    return dice_per_image(threshold(prob), truth).mean(dim=-1)
+
+
+class MetricAccumulator:
+    """Accumulates the evaluation metrics over batches; :meth:`compute` gives dataset means.
+
+    Per-image metrics are averaged over images; ECE is computed from pooled bins.
+    """
+
+    def __init__(self, ece_bins: int = 10) -> None:
+        self.ece_bins = ece_bins
+        self.reset()
+
+    def reset(self) -> None:
+        self.num_images = 0
+        self._sums: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+        self._per_rater: Tensor | None = None
+        self._ece: Tensor | None = None
+
+    def _add(self, name: str, values: Tensor) -> None:
+        self._sums[name] = self._sums.get(name, 0.0) + float(values.double().sum())
+        self._counts[name] = self._counts.get(name, 0) + values.numel()
+
+    @torch.no_grad()
+    def update(
+        self,
+        calibrated: Tensor,
+        rater_masks: Tensor,
+        *,
+        rater_probs: Tensor | None = None,
+        recurrences: Sequence[Tensor] = (),
+        truth: Tensor | None = None,
+    ) -> None:
+        """Add one batch.
+
+        Args:
+            calibrated: final calibrated probabilities (B, K, H, W).
+            rater_masks: annotations (B, M, K, H, W).
+            rater_probs: personalised rater outputs (B, M, K, H, W), if the model has them.
+            recurrences: calibrated map of every recurrence, each (B, K, H, W).
+            truth: known true mask (B, K, H, W), if any.
+        """
+        self.num_images += calibrated.shape[0]
+        self._add("soft_dice", soft_dice_per_image(calibrated, rater_masks).mean(dim=-1))
+        for index, rec in enumerate(recurrences):
+            self._add(f"soft_dice_rec{index}", soft_dice_per_image(rec, rater_masks).mean(dim=-1))
+        if rater_probs is not None:
+            rater_dice = per_rater_dice(rater_probs, rater_masks).double().sum(dim=0).cpu()
+            self._per_rater = (
+                rater_dice if self._per_rater is None else self._per_rater + rater_dice
+            )
+            self._add("ged", generalized_energy_distance(rater_probs, rater_masks))
+        if truth is not None:
+            self._add("dice_vs_truth", dice_vs_truth(calibrated, truth))
+        bins = calibration_bins(calibrated, rater_masks.float().mean(dim=1), self.ece_bins).cpu()
+        self._ece = bins if self._ece is None else self._ece + bins
+
+    def compute(self) -> dict[str, float | list[float] | None]:
+        """Dataset-level metrics; keys absent from every batch are ``None``."""
+        result: dict[str, float | list[float] | None] = {
+            name: self._sums[name] / self._counts[name] for name in self._sums
+        }
+        result["per_rater_dice"] = (
+            None if self._per_rater is None else (self._per_rater / self.num_images).tolist()
+        )
+        result["ece"] = None if self._ece is None else _ece_from_bins(self._ece)
+        result.setdefault("ged", None)
+        result.setdefault("dice_vs_truth", None)
+        result["num_examples"] = self.num_images
+        return result

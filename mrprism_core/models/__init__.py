@@ -1,0 +1,148 @@
+"""Models: ``build_model`` constructs any of them by name; ``split_state`` separates the weights
+that federated training shares from those that stay at the site."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..losses import MrPrismLossConfig
+from .base import SegmentationModel, SegmentationOutput
+from .config import PRESET_IMAGE_SIZE, PRESETS, MrPrismArch, get_preset
+from .mrprism import MrPrism
+from .unet import UNetMV
+
+__all__ = [
+    "MODEL_NAMES",
+    "PRESET_IMAGE_SIZE",
+    "PRESETS",
+    "MrPrism",
+    "MrPrismArch",
+    "SegmentationModel",
+    "SegmentationOutput",
+    "UNetMV",
+    "build_model",
+    "split_state",
+    "model_from_build_args",
+]
+
+_LOSS_OPTIONS = {"zeta", "shuffles", "divp_supervision", "ssim_window", "prior"}
+
+
+def _build_mrprism(
+    arch: MrPrismArch, common: dict[str, int], options: dict[str, Any], build_args: dict
+) -> SegmentationModel:
+    loss = MrPrismLossConfig(**{k: v for k, v in options.items() if k in _LOSS_OPTIONS})
+    return MrPrism(
+        common["in_channels"],
+        common["num_classes"],
+        common["num_raters"],
+        arch,
+        loss_config=loss,
+        local_modules=options.get("local_modules"),
+        build_args=build_args,
+    )
+
+
+def _build_unet_mv(
+    arch: MrPrismArch, common: dict[str, int], options: dict[str, Any], build_args: dict
+) -> SegmentationModel:
+    return UNetMV(common["in_channels"], common["num_classes"], arch, build_args=build_args)
+
+
+_REGISTRY: dict[str, Callable[..., SegmentationModel]] = {
+    "mrprism": _build_mrprism,
+    "unet_mv": _build_unet_mv,
+}
+MODEL_NAMES = tuple(_REGISTRY)
+
+
+def build_model(
+    name: str,
+    *,
+    in_channels: int,
+    num_classes: int,
+    num_raters: int,
+    image_size: int,
+    preset: str = "tiny",
+    **options: Any,
+) -> SegmentationModel:
+    """Build a segmentation model.
+
+    Args:
+        name: one of :data:`MODEL_NAMES` (``"mrprism"``, ``"unet_mv"``).
+        in_channels: image channels C.
+        num_classes: K.
+        num_raters: M at this site.
+        image_size: image side in pixels (a multiple of 32).
+        preset: architecture preset, ``"tiny"`` or ``"paper"``.
+        **options: architecture fields of :class:`MrPrismArch`, loss options (``zeta``,
+            ``shuffles``, ``divp_supervision``, ``ssim_window``, ``prior``) and
+            ``local_modules`` (dotted sub-module names kept at the site).
+
+    Raises:
+        ValueError: unknown name, preset or option, or an image size the network cannot take.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; choose one of {list(MODEL_NAMES)}")
+    if image_size % 32:
+        raise ValueError(
+            f"image_size must be a multiple of 32 (5 down-samplings), got {image_size}"
+        )
+    for label, value in (("in_channels", in_channels), ("num_classes", num_classes)):
+        if value < 1:
+            raise ValueError(f"{label} must be >= 1, got {value}")
+    if num_raters < 1:
+        raise ValueError(f"num_raters must be >= 1, got {num_raters}")
+    arch_options = {k: v for k, v in options.items() if k not in _LOSS_OPTIONS | {"local_modules"}}
+    arch = get_preset(preset, **arch_options)
+    common = {
+        "in_channels": in_channels,
+        "num_classes": num_classes,
+        "num_raters": num_raters,
+        "image_size": image_size,
+    }
+    build_args = {"name": name, "preset": preset, **common, **options}
+    return _REGISTRY[name](arch, common, options, build_args)
+
+
+def model_from_build_args(build_args: dict[str, Any]) -> SegmentationModel:
+    """Rebuild a model from the ``build_args`` stored with it (e.g. in a checkpoint)."""
+    args = dict(build_args)
+    return build_model(args.pop("name"), **args)
+
+
+def _module_prefixes(model: nn.Module, names: Sequence[str]) -> tuple[str, ...]:
+    available = dict(model.named_modules())
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise ValueError(
+            f"local module(s) {missing} not found in {type(model).__name__}; "
+            f"top-level modules are {[n for n, _ in model.named_children()]}"
+        )
+    return tuple(f"{n}." for n in names)
+
+
+def split_state(
+    model: nn.Module, local_modules: Sequence[str] | None = None
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Split a model's state dict into shared and site-local parts, by sub-module.
+
+    Args:
+        model: a model built by :func:`build_model`.
+        local_modules: dotted sub-module names to keep local; defaults to the model's own
+            ``local_modules`` (MrPrism: the rater identities and DivP's rater heads).
+
+    Returns:
+        ``(shared, local)``: two disjoint dicts of name -> tensor that together hold the whole
+        state dict. Shared tensors have the same keys and shapes at every site.
+    """
+    names = getattr(model, "local_modules", ()) if local_modules is None else local_modules
+    prefixes = _module_prefixes(model, names)
+    shared: dict[str, Tensor] = {}
+    local: dict[str, Tensor] = {}
+    for key, value in model.state_dict().items():
+        (local if key.startswith(prefixes) else shared)[key] = value
+    return shared, local

@@ -1,0 +1,75 @@
+"""Architecture presets. ``paper`` follows paper 000 (Section 3.1.1); ``tiny`` is for tests and
+CPU demos. A preset is a frozen dataclass; ``build_model(..., **overrides)`` replaces fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+__all__ = ["MrPrismArch", "PRESETS", "get_preset"]
+
+
+@dataclass(frozen=True)
+class MrPrismArch:
+    """Sizes of the MrPrism network. Sequences over ConP stages run from deep to shallow."""
+
+    stem_width: int = 64  # channels of the stride-2 stem
+    encoder_widths: tuple[int, ...] = (64, 128, 256, 512)  # channels of the 4 residual stages
+    encoder_depths: tuple[int, ...] = (3, 4, 6, 3)  # residual blocks per stage (ResNet-34)
+    conp_widths: tuple[int, ...] = (256, 128, 64, 32, 16)  # channels after each ConP deconv
+    conp_patch_sizes: tuple[int, ...] = (7, 7, 7, 7, 8)  # attention patch per ConP stage
+    conp_dim: int = 128  # token dimension of ConP attention
+    conp_heads: int = 4  # attention heads per ConP stage
+    confidence_width: int = 16  # channels of the rater-confidence embedding
+    divp_patch_size: int = 7  # patch size of DivP's self-attention
+    divp_dim: int = 128  # token dimension of DivP
+    divp_heads: tuple[int, ...] = (4, 4, 4)  # heads of the shared DivP blocks (last block: M)
+    rater_head_dim: int = 32  # per-rater attention head width in DivP's last block
+    mlp_ratio: int = 2  # hidden size of every MLP, as a multiple of the token dimension
+    recurrences: int = 3  # tau: ConP/DivP recurrences in training (inference adds one ConP)
+    lr: float = 1e-4  # Adam learning rate used by the trainers unless overridden
+
+    def __post_init__(self) -> None:
+        if len(self.conp_widths) != 5 or len(self.conp_patch_sizes) != 5:
+            raise ValueError("ConP has 5 stages: conp_widths and conp_patch_sizes need 5 values")
+        if self.recurrences < 1:
+            raise ValueError(f"recurrences must be >= 1, got {self.recurrences}")
+
+
+PRESETS: dict[str, MrPrismArch] = {
+    # 256 px; ConP patch sizes 8, 7, 7, 7, 7 read from the full-resolution end; DivP patch 7
+    # with heads 4, 4, 4 and M; Adam 1e-4, zeta 0.3, tau 3 (paper 000, Section 3.1.1).
+    "paper": MrPrismArch(),
+    # 32-64 px, a few thousand parameters per stage: tests and CPU demos.
+    "tiny": MrPrismArch(
+        stem_width=8,
+        encoder_widths=(8, 16, 32, 64),
+        encoder_depths=(1, 1, 1, 1),
+        conp_widths=(32, 16, 16, 8, 8),
+        conp_patch_sizes=(1, 1, 2, 2, 4),
+        conp_dim=32,
+        conp_heads=2,
+        confidence_width=8,
+        divp_patch_size=4,
+        divp_dim=32,
+        divp_heads=(2, 2, 2),
+        rater_head_dim=16,
+        mlp_ratio=2,
+        recurrences=3,
+        lr=1e-3,
+    ),
+}
+
+#: Default image side of each preset.
+PRESET_IMAGE_SIZE = {"paper": 256, "tiny": 64}
+
+
+def get_preset(name: str, **overrides: object) -> MrPrismArch:
+    """The named preset with ``overrides`` applied (unknown names raise with the valid ones)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    valid = {f.name for f in fields(MrPrismArch)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ValueError(f"unknown architecture option(s) {unknown}; valid: {sorted(valid)}")
+    cleaned = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    return replace(PRESETS[name], **cleaned)

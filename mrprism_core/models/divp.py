@@ -1,0 +1,133 @@
+"""DivP, the diverging prism: splits the calibrated mask into one mask per rater.
+
+Stacked multi-head self-attention blocks over flattened patches of ``y~``. The first blocks
+(the *trunk*) are shared by all sites; the last block has one attention head per rater, each
+with its own projection, MLP and output layer (the *rater heads*), sized by M and kept at the
+site. Each head predicts its rater's deviation from the calibrated mask in logit space, so the
+rater masks keep the calibrated mask's full resolution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .blocks import Attention, Mlp, PatchEmbed, sincos_position_encoding
+
+__all__ = ["DivP", "DivPTrunk", "RaterHeads"]
+
+
+class SelfAttentionBlock(nn.Module):
+    """Post-norm transformer block: x = LN(x + MHA(x, x, x)); x = LN(x + MLP(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.attention = Attention(dim, heads)
+        self.norm1 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, dim * mlp_ratio)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, position: Tensor) -> Tensor:
+        qk = x + position
+        x = self.norm1(x + self.attention(qk, qk, x))
+        return self.norm2(x + self.mlp(x))
+
+
+class DivPTrunk(nn.Module):
+    """Patch embedding of ``y~`` plus the shared self-attention blocks."""
+
+    def __init__(
+        self, num_classes: int, dim: int, heads: Sequence[int], patch: int, mlp_ratio: int
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.embed = PatchEmbed(num_classes, dim, patch)
+        self.blocks = nn.ModuleList(SelfAttentionBlock(dim, h, mlp_ratio) for h in heads)
+
+    def forward(self, calibrated: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        tokens, grid = self.embed(calibrated)
+        position = sincos_position_encoding(grid, self.dim, tokens)
+        for block in self.blocks:
+            tokens = block(tokens, position)
+        return tokens, grid
+
+
+class RaterHeads(nn.Module):
+    """The last DivP block: M attention heads, one per rater, each ending in its own mask.
+
+    All heads run as one batched computation: the per-rater layers are grouped 1x1
+    convolutions (``groups = M``), so M heads cost one kernel launch per layer.
+    """
+
+    def __init__(
+        self, dim: int, num_raters: int, num_classes: int, patch: int, head_dim: int, mlp_ratio: int
+    ) -> None:
+        super().__init__()
+        self.num_raters = num_raters
+        self.num_classes = num_classes
+        self.patch = patch
+        self.head_dim = head_dim
+        raters = num_raters
+        self.qkv = nn.Linear(dim, 3 * raters * head_dim)
+        self.proj = nn.Conv1d(raters * head_dim, raters * dim, 1, groups=raters)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.mlp_in = nn.Conv1d(raters * dim, raters * dim * mlp_ratio, 1, groups=raters)
+        self.mlp_out = nn.Conv1d(raters * dim * mlp_ratio, raters * dim, 1, groups=raters)
+        self.to_pixels = nn.Conv1d(
+            raters * dim, raters * num_classes * patch * patch, 1, groups=raters
+        )
+
+    def _layer_norm(self, x: Tensor) -> Tensor:
+        """Per-rater LayerNorm over the token dimension of a (B, M*dim, T) tensor."""
+        batch, channels, tokens = x.shape
+        x = x.view(batch, self.num_raters, channels // self.num_raters, tokens)
+        x = self.norm(x.transpose(2, 3)).transpose(2, 3)
+        return x.reshape(batch, channels, tokens)
+
+    def forward(self, tokens: Tensor, grid: tuple[int, int], base_logits: Tensor) -> Tensor:
+        """Args: shared tokens (B, T, dim); base logits of ``y~`` (B, K, H, W).
+
+        Returns: rater logits (B, M, K, H, W).
+        """
+        batch, count, dim = tokens.shape
+        raters, head_dim = self.num_raters, self.head_dim
+        qkv = self.qkv(tokens).view(batch, count, 3, raters, head_dim).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, M, T, hd)
+        attended = attended.permute(0, 1, 3, 2).reshape(batch, raters * head_dim, count)
+        residual = tokens.transpose(1, 2).repeat(1, raters, 1)  # (B, M*dim, T)
+        x = self._layer_norm(residual + self.proj(attended))
+        x = self._layer_norm(x + self.mlp_out(F.gelu(self.mlp_in(x))))
+        pixels = self.to_pixels(x)  # (B, M*K*p*p, T)
+        p, (gh, gw) = self.patch, grid
+        pixels = pixels.view(batch, raters, self.num_classes, p, p, gh, gw)
+        pixels = pixels.permute(0, 1, 2, 5, 3, 6, 4).reshape(
+            batch, raters, self.num_classes, gh * p, gw * p
+        )
+        height, width = base_logits.shape[-2:]
+        return base_logits.unsqueeze(1) + pixels[..., :height, :width]
+
+
+class DivP(nn.Module):
+    """``y~`` (B, K, H, W) probabilities -> per-rater probabilities ``z~`` (B, M, K, H, W)."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        num_raters: int,
+        dim: int,
+        heads: Sequence[int],
+        patch: int,
+        head_dim: int,
+        mlp_ratio: int,
+    ) -> None:
+        super().__init__()
+        self.trunk = DivPTrunk(num_classes, dim, heads, patch, mlp_ratio)
+        self.heads = RaterHeads(dim, num_raters, num_classes, patch, head_dim, mlp_ratio)
+
+    def forward(self, calibrated: Tensor) -> Tensor:
+        tokens, grid = self.trunk(calibrated)
+        base = torch.logit(calibrated.clamp(1e-4, 1 - 1e-4))
+        return torch.sigmoid(self.heads(tokens, grid, base))

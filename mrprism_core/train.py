@@ -1,0 +1,299 @@
+"""The one training step and the one evaluation, plus centralized training.
+
+``train_epoch`` and ``evaluate`` are what the federated ClientApp calls at each site and what
+centralized (pooled) runs call here; there is no second loop.
+
+Run ``python -m mrprism_core.train`` (Hydra; ``--help`` lists the options) to train on the
+synthetic default, e.g. ``python -m mrprism_core.train train.epochs=20 model.preset=paper``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
+from .data.factory import build_dataset, dataset_info
+from .metrics import MetricAccumulator
+from .models import SegmentationModel, build_model, model_from_build_args
+
+__all__ = [
+    "resolve_device",
+    "seed_everything",
+    "make_loader",
+    "move_batch",
+    "train_epoch",
+    "evaluate",
+    "load_model",
+    "fit",
+]
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``"auto"`` picks CUDA when present, else CPU; anything else is passed to torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, num_workers: int = 0
+) -> DataLoader:
+    """A DataLoader with a seeded shuffle (same seed, same order)."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=False,
+    )
+
+
+def move_batch(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """Tensors of a batch to ``device`` (non-blocking); other entries unchanged."""
+    return {
+        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+    }
+
+
+def train_epoch(
+    model: SegmentationModel,
+    loader: Iterable[Mapping[str, Any]],
+    optimizer: torch.optim.Optimizer,
+    device: torch.device | str = "cpu",
+    *,
+    max_grad_norm: float | None = None,
+    progress: bool = False,
+    description: str = "train",
+) -> dict[str, float]:
+    """One pass over ``loader`` with the model's own loss.
+
+    A batch whose loss is NaN/Inf is skipped (no optimizer step) and counted in
+    ``skipped_steps``, so one bad batch cannot poison the weights.
+
+    Returns:
+        ``loss`` (mean over examples of the applied steps), ``num_examples`` (samples seen),
+        ``skipped_steps`` and the mean of each loss part the model reports.
+    """
+    device = torch.device(device)
+    model.train()
+    total, examples, applied, skipped = 0.0, 0, 0, 0
+    parts_sum: dict[str, float] = {}
+    bar = tqdm(loader, desc=description, leave=False, disable=not progress, unit="batch")
+    for batch in bar:
+        batch = move_batch(batch, device)
+        size = int(batch["image"].shape[0])
+        examples += size
+        optimizer.zero_grad(set_to_none=True)
+        loss, parts = model.backward(batch)
+        value = loss.item()
+        if not math.isfinite(value):
+            skipped += 1
+            log.warning("non-finite loss %s on batch %s: step skipped", value, batch.get("id"))
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        if max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        applied += size
+        total += value * size
+        for key, part in parts.items():
+            parts_sum[key] = parts_sum.get(key, 0.0) + part * size
+        bar.set_postfix(loss=f"{value:.4f}")
+    result = {
+        "loss": total / applied if applied else float("nan"),
+        "num_examples": examples,
+        "skipped_steps": skipped,
+    }
+    result.update({f"loss_{k}": v / applied for k, v in parts_sum.items() if applied})
+    return result
+
+
+@torch.no_grad()
+def evaluate(
+    model: SegmentationModel,
+    loader: Iterable[Mapping[str, Any]],
+    device: torch.device | str = "cpu",
+    *,
+    progress: bool = False,
+    description: str = "evaluate",
+) -> dict[str, Any]:
+    """Soft Dice (overall and per recurrence), per-rater Dice, GED, ECE and, when the data
+    carries a true mask, Dice against it. See :class:`~mrprism_core.metrics.MetricAccumulator`."""
+    device = torch.device(device)
+    model.eval()
+    metrics = MetricAccumulator()
+    for batch in tqdm(loader, desc=description, leave=False, disable=not progress, unit="batch"):
+        batch = move_batch(batch, device)
+        out = model(batch["image"])
+        metrics.update(
+            out.calibrated,
+            batch["raters"],
+            rater_probs=out.raters,
+            recurrences=out.recurrences,
+            truth=batch.get("truth"),
+        )
+    return metrics.compute()
+
+
+def load_model(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[SegmentationModel, dict]:
+    """Rebuild a model from a checkpoint written by :func:`fit` (or the federated server)."""
+    payload = load_checkpoint(path, map_location=device)
+    model = model_from_build_args(payload["build_args"]).to(device)
+    model.load_state_dict(payload["model_state"])
+    return model, payload
+
+
+def _checkpoint_payload(
+    model: SegmentationModel, optimizer: torch.optim.Optimizer, epoch: int, metrics: dict
+) -> dict[str, Any]:
+    return {
+        "build_args": model.build_args,
+        "model_state": model.state_dict(),
+        "optimizer_state": optimizer.state_dict(),
+        "epoch": epoch,
+        "metrics": metrics,
+    }
+
+
+def fit(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Centralized training and evaluation from a config shaped like ``site_configs/train.yaml``.
+
+    Resumes from ``<out_dir>/last.pt`` when present (and ``resume`` is true); writes
+    ``last.pt`` every epoch, ``metrics.jsonl`` (one line per epoch) and ``results.json``.
+    """
+    train_cfg, model_cfg, data_cfg = cfg["train"], cfg["model"], cfg["data"]
+    seed_everything(int(train_cfg["seed"]))
+    device = resolve_device(str(train_cfg["device"]))
+    out_dir = Path(str(cfg["out_dir"]))
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    train_set = build_dataset(data_cfg, "train")
+    val_set = build_dataset(data_cfg, "val")
+    test_set = build_dataset(data_cfg, "test")
+    info = dataset_info(train_set)
+    model = build_model(
+        str(model_cfg["name"]),
+        in_channels=info.in_channels,
+        num_classes=info.num_classes,
+        num_raters=info.num_raters,
+        image_size=info.image_size,
+        preset=str(model_cfg["preset"]),
+        **dict(model_cfg.get("options") or {}),
+    ).to(device)
+    lr = float(train_cfg.get("lr") or _preset_lr(model))
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+
+    start_epoch, history = 0, []
+    last = out_dir / "last.pt"
+    if bool(cfg.get("resume", True)) and last.exists():
+        payload = load_checkpoint(last, map_location=device)
+        model.load_state_dict(payload["model_state"])
+        optimizer.load_state_dict(payload["optimizer_state"])
+        start_epoch = int(payload["epoch"])
+        history = _read_history(out_dir / "metrics.jsonl")[:start_epoch]
+        log.info("resumed from %s at epoch %d", last, start_epoch)
+
+    batch_size = int(train_cfg["batch_size"])
+    workers = int(train_cfg.get("num_workers", 0))
+    epochs = int(train_cfg["epochs"])
+    progress = bool(train_cfg.get("progress", True))
+    val_loader = make_loader(val_set, batch_size, shuffle=False, num_workers=workers)
+    for epoch in tqdm(
+        range(start_epoch, epochs), desc="epochs", disable=not progress, unit="epoch"
+    ):
+        train_loader = make_loader(
+            train_set,
+            batch_size,
+            shuffle=True,
+            seed=int(train_cfg["seed"]) + epoch,
+            num_workers=workers,
+        )
+        train_metrics = train_epoch(model, train_loader, optimizer, device, progress=progress)
+        val_metrics = evaluate(model, val_loader, device, progress=progress)
+        record = {"epoch": epoch + 1, "train": train_metrics, "val": val_metrics}
+        history.append(record)
+        _write_history(out_dir / "metrics.jsonl", history)
+        save_checkpoint(last, _checkpoint_payload(model, optimizer, epoch + 1, record))
+        log.info(
+            "epoch %d: loss %.4f, val soft Dice %.4f",
+            epoch + 1,
+            train_metrics["loss"],
+            val_metrics["soft_dice"],
+        )
+
+    test_loader = make_loader(test_set, batch_size, shuffle=False, num_workers=workers)
+    results = {
+        "model": dict(model.build_args),
+        "epochs": epochs,
+        "test": evaluate(model, test_loader, device, progress=progress),
+        "val": history[-1]["val"] if history else None,
+    }
+    atomic_write_json(out_dir / "results.json", results)
+    return results
+
+
+def _preset_lr(model: SegmentationModel) -> float:
+    arch = getattr(model, "arch", None)
+    return float(arch.lr) if arch is not None else 1e-4
+
+
+def _read_history(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
+    atomic_write_bytes(
+        path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in history).encode()
+    )
+
+
+def main() -> None:
+    """Hydra entry point of ``python -m mrprism_core.train``."""
+    import hydra
+    from omegaconf import DictConfig, OmegaConf
+
+    @hydra.main(version_base="1.3", config_path="pkg://site_configs", config_name="train")
+    def _run(cfg: DictConfig) -> None:
+        results = fit(OmegaConf.to_container(cfg, resolve=True))
+        test = results["test"]
+        print(
+            json.dumps({k: test[k] for k in ("soft_dice", "dice_vs_truth", "ged", "ece")}, indent=2)
+        )
+        print(f"results written to {cfg.out_dir}/results.json")
+
+    _run()
+
+
+if __name__ == "__main__":
+    main()

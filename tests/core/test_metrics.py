@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mrprism_core.metrics import (
+    MetricAccumulator,
+    dice_per_image,
+    dice_vs_truth,
+    expected_calibration_error,
+    generalized_energy_distance,
+    per_rater_dice,
+    soft_dice,
+)
+
+
+def _mask(rows: list[list[int]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float32).view(1, 1, len(rows), len(rows[0]))
+
+
+def test_dice_of_a_known_pair():
+    a = _mask([[1, 1, 0, 0]])
+    b = _mask([[1, 0, 1, 0]])
+    assert dice_per_image(a, b).item() == pytest.approx(2 * 1 / (2 + 2))
+    empty = _mask([[0, 0, 0, 0]])
+    assert dice_per_image(empty, empty).item() == 1.0
+    assert dice_per_image(a, empty).item() == 0.0
+
+
+def test_soft_dice_matches_hand_computation():
+    # 4 raters on a 1x4 image: soft truth = [1, 0.75, 0.25, 0]
+    raters = torch.tensor(
+        [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.float32
+    ).view(1, 4, 1, 1, 4)
+    prob = torch.tensor([0.95, 0.6, 0.2, 0.05]).view(1, 1, 1, 4)
+    # thresholds 0.1, 0.3, 0.5, 0.7, 0.9 (strict >):
+    # t=0.1: pred {0,1,2} truth {0,1,2}      -> 1
+    # t=0.3: pred {0,1}   truth {0,1}        -> 1
+    # t=0.5: pred {0,1}   truth {0,1}        -> 1
+    # t=0.7: pred {0}     truth {0,1}        -> 2/3
+    # t=0.9: pred {0}     truth {0}          -> 1
+    expected = (1 + 1 + 1 + 2 / 3 + 1) / 5
+    assert soft_dice(prob, raters) == pytest.approx(expected)
+
+
+def test_soft_dice_is_one_for_the_soft_truth_itself_and_validates_shapes():
+    raters = (torch.rand(2, 5, 2, 8, 8) > 0.5).float()
+    assert soft_dice(raters.mean(dim=1), raters) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        soft_dice(torch.rand(2, 2, 8, 8), torch.rand(2, 5, 2, 4, 4))
+
+
+def test_per_rater_dice_scores_each_head_against_its_rater():
+    labels = torch.zeros(1, 2, 1, 1, 4)
+    labels[0, 0, 0, 0, :2] = 1
+    labels[0, 1, 0, 0, 2:] = 1
+    probs = labels.clone()
+    probs[0, 1, 0, 0, 3] = 0.2  # head 2 misses one of its two pixels
+    scores = per_rater_dice(probs, labels)
+    assert scores[0, 0].item() == pytest.approx(1.0)
+    assert scores[0, 1].item() == pytest.approx(2 * 1 / (1 + 2))
+
+
+def test_ged_zero_for_identical_sets_and_known_value():
+    labels = (torch.rand(1, 3, 1, 6, 6) > 0.5).float()
+    assert generalized_energy_distance(labels, labels).item() == pytest.approx(0.0, abs=1e-6)
+    # one rater {0,1}; prediction {1,2}: d = 1 - 1/3; within-set distances 0
+    a = torch.tensor([1.0, 1, 0]).view(1, 1, 1, 1, 3)
+    b = torch.tensor([0.0, 1, 1]).view(1, 1, 1, 1, 3)
+    assert generalized_energy_distance(b, a).item() == pytest.approx(2 * (2 / 3))
+
+
+def test_ece_known_value():
+    prob = torch.tensor([0.95, 0.95, 0.15, 0.15])
+    truth = torch.tensor([1.0, 0.5, 0.0, 0.0])
+    # bin 9: mean prob 0.95 vs mean truth 0.75 (2 px); bin 1: 0.15 vs 0 (2 px)
+    assert expected_calibration_error(prob, truth) == pytest.approx((2 * 0.2 + 2 * 0.15) / 4)
+
+
+def test_dice_vs_truth():
+    truth = _mask([[1, 1, 0, 0]])
+    assert dice_vs_truth(truth * 0.9, truth).item() == pytest.approx(1.0)
+
+
+def test_accumulator_equals_batch_functions_and_weights_by_images():
+    torch.manual_seed(0)
+    raters = (torch.rand(4, 3, 2, 8, 8) > 0.5).float()
+    prob = torch.rand(4, 2, 8, 8)
+    rater_probs = torch.rand(4, 3, 2, 8, 8)
+    acc = MetricAccumulator()
+    acc.update(prob[:1], raters[:1], rater_probs=rater_probs[:1])
+    acc.update(prob[1:], raters[1:], rater_probs=rater_probs[1:])
+    result = acc.compute()
+    assert result["num_examples"] == 4
+    assert result["soft_dice"] == pytest.approx(soft_dice(prob, raters), rel=1e-6)
+    assert result["ged"] == pytest.approx(
+        generalized_energy_distance(rater_probs, raters).mean().item(), rel=1e-6
+    )
+    assert result["ece"] == pytest.approx(
+        expected_calibration_error(prob, raters.mean(dim=1)), rel=1e-6
+    )
+    assert len(result["per_rater_dice"]) == 3
+    assert result["dice_vs_truth"] is None
+    assert not math.isnan(result["ece"])
