@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> None:
         results[model] = {"test": test, "train_seconds": seconds}
         recs = {k: round(v, 4) for k, v in test.items() if k.startswith("soft_dice_rec")}
         print(
-            f"{model:8} soft Dice {test['soft_dice']:.4f}  Dice vs truth {test['dice_vs_truth']:.4f}"
-            f"  ECE {test['ece']:.4f}  {recs}  ({seconds:.0f} s)"
+            f"{model:8} soft Dice {test['soft_dice']:.4f}  "
+            f"Dice vs truth {test['dice_vs_truth']:.4f}  ECE {test['ece']:.4f}  "
+            f"{recs}  ({seconds:.0f} s)"
         )
     mr = results["mrprism"]["test"]
     summary = {

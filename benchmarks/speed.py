@@ -96,10 +96,14 @@ def measure(name: str, preset: str, device_name: str, steps: int) -> dict[str, A
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["tiny", "paper"], choices=list(SETTINGS))
-    parser.add_argument("--devices", nargs="+", default=None, help="default: cpu (+ cuda if present)")
+    parser.add_argument(
+        "--devices", nargs="+", default=None, help="default: cpu (+ cuda if present)"
+    )
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     parser.add_argument("--out", default=str(RESULTS_DIR / "speed.json"))
-    parser.add_argument("--worker", nargs=3, metavar=("MODEL", "PRESET", "DEVICE"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker", nargs=3, metavar=("MODEL", "PRESET", "DEVICE"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
 
     if args.worker:
@@ -120,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
                 pair[name] = row
                 print(
                     f"{device:5} {preset:6} {name:8} train {row['train_s_per_image']:.3f} s/img  "
-                    f"infer {row['infer_s_per_image']:.3f} s/img  peak {row['peak_memory_mb']:.0f} MB"
+                    f"infer {row['infer_s_per_image']:.3f} s/img  "
+                    f"peak {row['peak_memory_mb']:.0f} MB"
                 )
             ratios.append(
                 {

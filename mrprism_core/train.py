@@ -89,6 +89,8 @@ def train_epoch(
     device: torch.device | str = "cpu",
     *,
     max_grad_norm: float | None = None,
+    proximal_mu: float = 0.0,
+    proximal_reference: Mapping[str, torch.Tensor] | None = None,
     progress: bool = False,
     description: str = "train",
 ) -> dict[str, float]:
@@ -96,6 +98,11 @@ def train_epoch(
 
     A batch whose loss is NaN/Inf is skipped (no optimizer step) and counted in
     ``skipped_steps``, so one bad batch cannot poison the weights.
+
+    Args:
+        proximal_mu, proximal_reference: FedProx. Adds ``mu/2 * ||w - w_ref||^2`` for every
+            parameter named in the reference (the global weights received this round), applied
+            as its gradient ``mu * (w - w_ref)``.
 
     Returns:
         ``loss`` (mean over examples of the applied steps), ``num_examples`` (samples seen),
@@ -118,6 +125,8 @@ def train_epoch(
             log.warning("non-finite loss %s on batch %s: step skipped", value, batch.get("id"))
             optimizer.zero_grad(set_to_none=True)
             continue
+        if proximal_mu and proximal_reference is not None:
+            _add_proximal_gradient(model, proximal_mu, proximal_reference)
         if max_grad_norm is not None:
             nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
@@ -133,6 +142,15 @@ def train_epoch(
     }
     result.update({f"loss_{k}": v / applied for k, v in parts_sum.items() if applied})
     return result
+
+
+@torch.no_grad()
+def _add_proximal_gradient(
+    model: nn.Module, mu: float, reference: Mapping[str, torch.Tensor]
+) -> None:
+    for name, param in model.named_parameters():
+        if param.grad is not None and name in reference:
+            param.grad.add_(param - reference[name].to(param.device), alpha=mu)
 
 
 @torch.no_grad()

@@ -10,9 +10,13 @@ from torch.utils.data import Dataset
 
 from .synthetic import ImageStyle, RaterProfile, make_dataset
 
-__all__ = ["SPLITS", "DatasetInfo", "build_dataset", "dataset_info"]
+__all__ = ["SPLITS", "DatasetInfo", "EmptySplitError", "build_dataset", "dataset_info"]
 
 SPLITS = ("train", "val", "test")
+
+
+class EmptySplitError(ValueError):
+    """The data config declares no cases for this split (allowed for val/test)."""
 
 
 @dataclass(frozen=True)
@@ -35,9 +39,9 @@ def _plain(value: Any) -> Any:
 
 
 def _synthetic(cfg: dict[str, Any], split: str) -> Dataset:
-    splits = cfg.get("splits", {})
-    if split not in splits:
-        raise ValueError(f"synthetic data config has no size for split {split!r}: {splits}")
+    splits = cfg.get("splits") or {}
+    if not int(splits.get(split) or 0):
+        raise EmptySplitError(f"synthetic data config has no cases for split {split!r}: {splits}")
     style = ImageStyle(
         **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.get("style", {}).items()}
     )

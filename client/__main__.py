@@ -1,0 +1,130 @@
+"""``python -m client --site NAME [--check] [key=value ...]``: run a hospital's SuperNode.
+
+Resolves ``site_configs/NAME.yaml`` with Hydra (``key=value`` overrides, e.g.
+``data.root=/mnt/refuge superlink=coordinator.example.org:9092``), checks the site's data,
+writes the resolved config into the site's state directory and starts a Flower SuperNode
+(``flower-supernode``) that runs this project's ClientApp on the site's data and GPU.
+Nothing but the shared model weights and metrics leaves the site.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .site import SiteDataError, SiteRuntime, available_sites, compose_site_config
+
+EXAMPLES = """
+examples:
+  python -m client --list
+  python -m client --site synthetic_a --check
+  python -m client --site synthetic_a superlink=127.0.0.1:9092
+  python -m client --site refuge data.root=/mnt/refuge \\
+      supernode.root_certificates=/etc/mrprism/ca.crt
+"""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m client",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--site", help="site config name: site_configs/<SITE>.yaml")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only validate the site's data and print a summary (cases, raters, classes, size)",
+    )
+    parser.add_argument("--list", action="store_true", help="list the known site configs")
+    parser.add_argument(
+        "--config-dir",
+        help="folder of site YAML files to use instead of the packaged site_configs/",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check, write the resolved config, print the SuperNode command, do not start it",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="Hydra overrides of the site config, e.g. data.root=/mnt/refuge",
+    )
+    args = parser.parse_args(argv)
+    if not args.list and not args.site:
+        parser.error("--site is required (use --list to see the known sites)")
+    return args
+
+
+def _toml_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def supernode_command(cfg: Mapping[str, Any], state_dir: Path) -> list[str]:
+    """The ``flower-supernode`` command line for a resolved site config."""
+    node = dict(cfg.get("supernode") or {})
+    executable = shutil.which("flower-supernode") or "flower-supernode"
+    command = [executable, "--superlink", str(cfg["superlink"])]
+    if node.get("insecure", False):
+        command.append("--insecure")
+    elif node.get("root_certificates"):
+        command += ["--root-certificates", str(Path(node["root_certificates"]).resolve())]
+    else:
+        raise SiteDataError(
+            f"site {cfg['site']}: supernode.insecure is false but no supernode.root_certificates "
+            "is given; point it at the CA certificate that signed the SuperLink's certificate"
+        )
+    if node.get("auth_private_key"):
+        command += ["--auth-supernode-private-key", str(Path(node["auth_private_key"]).resolve())]
+    if node.get("max_retries") is not None:
+        command += ["--max-retries", str(int(node["max_retries"]))]
+    command += ["--port", str(int(node.get("port", 9094)))]
+    node_config = f"site={_toml_string(str(cfg['site']))} state-dir={_toml_string(str(state_dir))}"
+    command += ["--node-config", node_config]
+    return command
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        print("\n".join(available_sites(args.config_dir)))
+        return 0
+    try:
+        cfg = compose_site_config(args.site, args.overrides, args.config_dir)
+        site = SiteRuntime(cfg)
+        summary = site.check()
+    except SiteDataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(summary.lines()))
+    if args.check:
+        return 0
+
+    from omegaconf import OmegaConf
+
+    state_dir = site.store.root.resolve()
+    site.store.write_config(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+    try:
+        command = supernode_command(cfg, state_dir)
+    except SiteDataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"state dir:   {state_dir}")
+    print("starting:    " + " ".join(shlex.quote(part) for part in command), flush=True)
+    if args.dry_run:
+        return 0
+    os.execvp(command[0], command)  # the SuperNode replaces this process: signals reach it
+    return 0  # pragma: no cover
+
+
+if __name__ == "__main__":
+    sys.exit(main())

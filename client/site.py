@@ -1,0 +1,264 @@
+"""One hospital's side of federated training, without Flower: its config, its data, its model
+(shared weights from the server + its own rater heads), one round of training, evaluation.
+
+The ClientApp (``client/app.py``) only unpacks messages and calls this.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mrprism_core.data.factory import (
+    SPLITS,
+    DatasetInfo,
+    EmptySplitError,
+    build_dataset,
+    dataset_info,
+)
+from mrprism_core.federated import build_site_model
+from mrprism_core.models import SegmentationModel, split_state
+from mrprism_core.train import evaluate, make_loader, resolve_device, train_epoch
+
+from .state import SiteStore
+
+__all__ = [
+    "SiteDataError",
+    "SiteSummary",
+    "SiteRuntime",
+    "available_sites",
+    "compose_site_config",
+]
+
+
+class SiteDataError(ValueError):
+    """The site's data cannot be used; the message names the file or setting and the problem."""
+
+
+@dataclass(frozen=True)
+class SiteSummary:
+    """What ``python -m client --site X --check`` prints."""
+
+    site: str
+    cases: dict[str, int]
+    info: DatasetInfo
+
+    def lines(self) -> list[str]:
+        cases = ", ".join(f"{split} {count}" for split, count in self.cases.items())
+        return [
+            f"site:        {self.site}",
+            f"cases:       {cases}",
+            f"raters:      {self.info.num_raters}",
+            f"classes:     {self.info.num_classes}",
+            f"channels:    {self.info.in_channels}",
+            f"image size:  {self.info.image_size} x {self.info.image_size}",
+        ]
+
+
+def _config_root(config_dir: str | Path | None) -> Path:
+    if config_dir is not None:
+        return Path(config_dir)
+    return Path(str(resources.files("site_configs")))
+
+
+def available_sites(config_dir: str | Path | None = None) -> list[str]:
+    """Names of the site configs (top-level YAML files with a ``site:`` key)."""
+    root = _config_root(config_dir)
+    names = []
+    for path in sorted(root.glob("*.yaml")):
+        if any(line.startswith("site:") for line in path.read_text().splitlines()):
+            names.append(path.stem)
+    return names
+
+
+def compose_site_config(
+    site: str, overrides: Sequence[str] = (), config_dir: str | Path | None = None
+) -> dict[str, Any]:
+    """Resolve ``site_configs/<site>.yaml`` with Hydra (groups, interpolation, overrides).
+
+    Raises:
+        SiteDataError: unknown site (the message lists the known ones) or bad override.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
+
+    root = _config_root(config_dir).resolve()
+    known = available_sites(root)
+    if site not in known:
+        raise SiteDataError(f"unknown site {site!r}: no {root / (site + '.yaml')}; known: {known}")
+    try:
+        with initialize_config_dir(config_dir=str(root), version_base="1.3"):
+            cfg = compose(config_name=site, overrides=list(overrides))
+    except HydraException as err:
+        raise SiteDataError(f"site {site!r}: {err}") from err
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise SiteDataError(
+            f"site {site!r}: {', '.join(missing)} must be set, e.g. "
+            f"`python -m client --site {site} {missing[0]}=...`"
+        )
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except MissingMandatoryValue as err:
+        raise SiteDataError(f"site {site!r}: {err}") from err
+
+
+class SiteRuntime:
+    """A site's config, data and model files; the unit the ClientApp and simulation drive."""
+
+    def __init__(self, cfg: Mapping[str, Any], state_dir: str | Path | None = None) -> None:
+        self.cfg = dict(cfg)
+        self.name = str(self.cfg["site"])
+        self.store = SiteStore(state_dir if state_dir is not None else self.cfg["state_dir"])
+        self.seed = int(self.cfg.get("seed", 0))
+        self.device = resolve_device(str(self.cfg.get("device", "auto")))
+        self._datasets: dict[str, Dataset] = {}
+
+    @classmethod
+    def from_state_dir(cls, state_dir: str | Path) -> SiteRuntime:
+        """Open the site whose resolved config ``python -m client`` (or the simulation)
+        wrote into ``state_dir``."""
+        from omegaconf import OmegaConf
+
+        store = SiteStore(state_dir)
+        if not store.config_path.exists():
+            raise SiteDataError(
+                f"no site config at {store.config_path}: start this SuperNode with "
+                "`python -m client --site NAME`, which writes it"
+            )
+        cfg = OmegaConf.to_container(OmegaConf.load(store.config_path), resolve=True)
+        return cls(cfg, state_dir)  # type: ignore[arg-type]
+
+    # --- data -------------------------------------------------------------------------
+    def dataset(self, split: str) -> Dataset:
+        if split not in self._datasets:
+            self._datasets[split] = build_dataset(self.cfg["data"], split)
+        return self._datasets[split]
+
+    @functools.cached_property
+    def info(self) -> DatasetInfo:
+        return dataset_info(self.dataset("train"))
+
+    def loader(self, split: str, *, shuffle: bool, seed: int = 0) -> DataLoader:
+        train_cfg = self.cfg.get("train", {})
+        return make_loader(
+            self.dataset(split),
+            int(train_cfg.get("batch_size", 8)),
+            shuffle=shuffle,
+            seed=seed,
+            num_workers=int(train_cfg.get("num_workers", 0)),
+        )
+
+    def check(self) -> SiteSummary:
+        """Validate every split the data declares; raise once with a clear message."""
+        cases: dict[str, int] = {}
+        try:
+            for split in SPLITS:
+                try:
+                    dataset = self.dataset(split)
+                except EmptySplitError:
+                    continue
+                cases[split] = len(dataset)
+                info = dataset_info(dataset)
+                if split != "train" and info != self.info:
+                    raise SiteDataError(
+                        f"site {self.name}: split {split} has {info}, train has {self.info}"
+                    )
+        except EmptySplitError as err:
+            raise SiteDataError(f"site {self.name}: no training cases ({err})") from err
+        except SiteDataError:
+            raise
+        except (KeyError, TypeError, ValueError) as err:
+            raise SiteDataError(
+                f"site {self.name}: data config {self.cfg.get('data')}: {err}"
+            ) from err
+        return SiteSummary(self.name, cases, self.info)
+
+    # --- model ------------------------------------------------------------------------
+    def build_model(self, spec: Mapping[str, Any]) -> SegmentationModel:
+        """The run's architecture with this site's rater heads restored from its snapshot
+        (freshly initialised from the site seed before the first round)."""
+        model = build_site_model(spec, self.info, self.seed)
+        snapshot = self.store.load_snapshot()
+        if snapshot is not None:
+            _, expected = split_state(model)
+            local = snapshot["local_state"]
+            if {k: tuple(v.shape) for k, v in local.items()} != {
+                k: tuple(v.shape) for k, v in expected.items()
+            }:
+                raise SiteDataError(
+                    f"{self.store.snapshot_path} holds rater heads of another model "
+                    f"({snapshot['build_args']}); move it away to start this site afresh"
+                )
+            model.load_state_dict(local, strict=False)
+        return model.to(self.device)
+
+    def load_shared(self, model: SegmentationModel, shared: Mapping[str, torch.Tensor]) -> None:
+        """Load the server's shared weights; the keys must be exactly the shared ones."""
+        expected, _ = split_state(model)
+        if set(shared) != set(expected):
+            missing = sorted(set(expected) - set(shared))[:3]
+            extra = sorted(set(shared) - set(expected))[:3]
+            raise ValueError(
+                f"site {self.name}: the server's weights do not match this site's model "
+                f"(missing {missing}, unexpected {extra}); are both on the same model spec?"
+            )
+        model.load_state_dict(dict(shared), strict=False)
+
+    def save(self, model: SegmentationModel, *, server_round: int, run_id: int) -> None:
+        shared, local = split_state(model)
+        self.store.save_snapshot(
+            site=self.name,
+            build_args=model.build_args,
+            local_state={k: v.detach().cpu() for k, v in local.items()},
+            shared_state={k: v.detach().cpu() for k, v in shared.items()},
+            server_round=server_round,
+            run_id=run_id,
+        )
+
+    # --- one round ----------------------------------------------------------------------
+    def round_seed(self, run_seed: int, server_round: int) -> int:
+        return run_seed * 1_000_003 + self.seed * 1_009 + server_round
+
+    def train(
+        self,
+        model: SegmentationModel,
+        *,
+        local_epochs: int,
+        lr: float,
+        seed: int,
+        proximal_mu: float = 0.0,
+    ) -> dict[str, float]:
+        """``local_epochs`` passes of :func:`~mrprism_core.train.train_epoch`."""
+        torch.manual_seed(seed)
+        reference = None
+        if proximal_mu:
+            shared, _ = split_state(model)
+            reference = {k: v.detach().clone() for k, v in shared.items()}
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        totals = {"loss": 0.0, "num_examples": 0, "skipped_steps": 0}
+        for epoch in range(local_epochs):
+            result = train_epoch(
+                model,
+                self.loader("train", shuffle=True, seed=seed + epoch),
+                optimizer,
+                self.device,
+                proximal_mu=proximal_mu,
+                proximal_reference=reference,
+            )
+            totals["loss"] += result["loss"] / local_epochs
+            totals["num_examples"] = result["num_examples"]
+            totals["skipped_steps"] += result["skipped_steps"]
+        return totals
+
+    def evaluate(self, model: SegmentationModel, split: str = "val") -> dict[str, Any]:
+        return evaluate(model, self.loader(split, shuffle=False), self.device)

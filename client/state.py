@@ -1,0 +1,66 @@
+"""A site's own files: its resolved config and its model snapshot (rater heads + the shared
+weights they were trained with). Written atomically, checksummed, never sent anywhere."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from mrprism_core.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+
+__all__ = ["SITE_CONFIG_FILE", "SNAPSHOT_FILE", "SiteStore"]
+
+SITE_CONFIG_FILE = "site_config.yaml"
+SNAPSHOT_FILE = "site_model.pt"
+
+
+class SiteStore:
+    """Files under one site's state directory."""
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self.root = Path(state_dir)
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / SITE_CONFIG_FILE
+
+    @property
+    def snapshot_path(self) -> Path:
+        return self.root / SNAPSHOT_FILE
+
+    def write_config(self, yaml_text: str) -> Path:
+        return atomic_write_bytes(self.config_path, yaml_text.encode())
+
+    def load_snapshot(self) -> dict[str, Any] | None:
+        """The last snapshot, or None before the first round. A damaged file raises
+        :class:`~mrprism_core.checkpoint.CorruptCheckpointError` naming it."""
+        if not self.snapshot_path.exists():
+            return None
+        return load_checkpoint(self.snapshot_path)
+
+    def save_snapshot(
+        self,
+        *,
+        site: str,
+        build_args: dict[str, Any],
+        local_state: dict[str, Tensor],
+        shared_state: dict[str, Tensor],
+        server_round: int,
+        run_id: int,
+    ) -> Path:
+        """Atomically replace the snapshot: the site's complete personalised model."""
+        return save_checkpoint(
+            self.snapshot_path,
+            {
+                "site": site,
+                "build_args": build_args,
+                "local_state": local_state,
+                "shared_state": shared_state,
+                "round": server_round,
+                "run_id": run_id,
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            },
+        )

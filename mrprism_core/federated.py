@@ -1,0 +1,162 @@
+"""Framework-free pieces of federated training: the model spec every site builds, what a site
+reports, and the checks an update must pass before it is aggregated.
+
+``client`` and ``server`` wrap these in Flower messages; nothing here imports Flower.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data.factory import DatasetInfo
+from .models import SegmentationModel, build_model
+
+__all__ = [
+    "PACKED_KEY",
+    "SCALAR_EVAL_METRICS",
+    "StateLayout",
+    "build_site_model",
+    "split_evaluation",
+    "update_problem",
+]
+
+#: Evaluation metrics every site reports, whatever its data; Flower aggregates them weighted by
+#: ``num-examples``. Site-specific details (one Dice per rater, Dice vs truth) go separately.
+SCALAR_EVAL_METRICS = ("soft-dice", "per-rater-dice", "ged", "ece")
+
+
+#: Name of the one array that carries the shared weights in a message.
+PACKED_KEY = "shared-weights"
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """Names and shapes of the shared tensors, in state-dict order.
+
+    The shared weights travel as one flat float32 vector: Flower moves every array of a
+    message as a separate object, and ~260 small tensors cost seconds per message where one
+    vector costs one transfer. Every strategy we use (weighted mean, median, trimmed mean,
+    Krum, FedAdam/FedYogi, clipping) is element-wise or works on the whole update's norm, so
+    packing changes no aggregate. Both sides derive the layout from the same model spec; the
+    fingerprint catches a mismatch.
+    """
+
+    entries: tuple[tuple[str, tuple[int, ...]], ...]
+
+    @classmethod
+    def of(cls, state: Mapping[str, torch.Tensor]) -> StateLayout:
+        for key, value in state.items():
+            if not value.is_floating_point():
+                raise TypeError(f"cannot pack non-float tensor {key} ({value.dtype})")
+        return cls(tuple((k, tuple(v.shape)) for k, v in state.items()))
+
+    @property
+    def size(self) -> int:
+        return int(sum(math.prod(shape) for _, shape in self.entries))
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(repr(self.entries).encode()).hexdigest()[:16]
+
+    def pack(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Concatenate ``state`` (exactly this layout's keys and shapes) into one vector."""
+        if StateLayout.of(state) != self:
+            raise ValueError("state does not match the layout (keys, order or shapes differ)")
+        return torch.cat([state[k].detach().reshape(-1).float().cpu() for k, _ in self.entries])
+
+    def unpack(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split a packed vector back into named tensors."""
+        if vector.dim() != 1 or vector.numel() != self.size:
+            raise ValueError(
+                f"packed weights have shape {tuple(vector.shape)}, expected ({self.size},)"
+            )
+        out, offset = {}, 0
+        for key, shape in self.entries:
+            count = math.prod(shape)
+            out[key] = vector[offset : offset + count].reshape(shape).clone()
+            offset += count
+        return out
+
+
+def build_site_model(spec: Mapping[str, Any], info: DatasetInfo, seed: int) -> SegmentationModel:
+    """Build the run's architecture for this site's data (its own rater count).
+
+    Args:
+        spec: ``{"name", "preset", "in_channels", "num_classes", "options"}`` from the server.
+        info: channels, classes, raters and image size of the site's data.
+        seed: seeds the site-local modules' initial weights.
+
+    Raises:
+        ValueError: the site's data does not fit the run (channels or classes differ).
+    """
+    for key, have in (("in_channels", info.in_channels), ("num_classes", info.num_classes)):
+        if int(spec[key]) != have:
+            raise ValueError(
+                f"this site's data has {key}={have} but the federation trains a model with "
+                f"{key}={spec[key]}; fix the site's data config or the run config"
+            )
+    torch.manual_seed(seed)
+    return build_model(
+        str(spec["name"]),
+        in_channels=info.in_channels,
+        num_classes=info.num_classes,
+        num_raters=info.num_raters,
+        image_size=info.image_size,
+        preset=str(spec["preset"]),
+        **dict(spec.get("options") or {}),
+    )
+
+
+def split_evaluation(result: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+    """Split :func:`~mrprism_core.train.evaluate` output into aggregatable scalars (same keys
+    at every site, NaN-free) and per-site details.
+
+    Returns:
+        ``(scalars, details)``; scalars hold :data:`SCALAR_EVAL_METRICS`, with
+        ``per-rater-dice`` the mean over this site's raters (or the calibrated soft Dice when
+        the model has no rater outputs) and ``ged`` 0 when undefined.
+    """
+    per_rater = result.get("per_rater_dice")
+    scalars = {
+        "soft-dice": float(result["soft_dice"]),
+        "per-rater-dice": float(np.mean(per_rater)) if per_rater else float(result["soft_dice"]),
+        "ged": float(result["ged"]) if result.get("ged") is not None else 0.0,
+        "ece": float(result["ece"]) if result.get("ece") is not None else 0.0,
+    }
+    details: dict[str, Any] = {"per-rater-dice-list": [float(x) for x in per_rater or []]}
+    if result.get("dice_vs_truth") is not None:
+        details["dice-vs-truth"] = float(result["dice_vs_truth"])
+    recs = sorted(k for k in result if k.startswith("soft_dice_rec"))
+    details["soft-dice-rec"] = [float(result[k]) for k in recs]
+    return scalars, details
+
+
+def update_problem(
+    update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
+) -> str | None:
+    """Why ``update`` must not be aggregated against the global ``reference``, or None.
+
+    Checks the key set, every shape and that every value is finite.
+    """
+    missing = sorted(set(reference) - set(update))
+    extra = sorted(set(update) - set(reference))
+    if missing or extra:
+        return f"keys differ from the global model (missing {missing[:3]}, unexpected {extra[:3]})"
+    for key, value in update.items():
+        if tuple(value.shape) != tuple(reference[key].shape):
+            return f"{key} has shape {tuple(value.shape)}, expected {tuple(reference[key].shape)}"
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            return f"{key} contains NaN or Inf"
+    return None
+
+
+def finite_or_none(value: float) -> float | None:
+    """JSON-friendly: NaN/Inf become None."""
+    return value if math.isfinite(value) else None

@@ -1,0 +1,1 @@
+"""Flower ServerApp: aggregates the shared MrPrism weights, checkpoints, logs metrics."""

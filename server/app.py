@@ -1,0 +1,31 @@
+"""Flower ServerApp: read the run config, pick Flower's strategy, run the rounds."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from .config import RunConfig
+from .federation import run_federation
+from .strategies import build_strategy
+
+__all__ = ["app", "create_server_app"]
+
+
+def create_server_app(run_config: Mapping[str, Any] | None = None) -> ServerApp:
+    """The ServerApp. ``run_config`` overrides the context's run config; the simulation uses
+    it because Flower's simulation API passes an empty run config."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = RunConfig.from_mapping({**dict(context.run_config), **dict(run_config or {})})
+        run_federation(grid, build_strategy(cfg), cfg, run_id=context.run_id)
+
+    return app
+
+
+app = create_server_app()

@@ -1,0 +1,93 @@
+"""Run-wide settings of a federated run: ``[tool.flwr.app.config]`` keys (kebab-case), read
+once into a frozen dataclass (snake_case) at the boundary."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+__all__ = ["RunConfig"]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every field has a default, so a run with an empty run_config (simulation API) works."""
+
+    num_server_rounds: int = 3  # federated rounds
+    local_epochs: int = 1  # passes over the site's training split per round
+    strategy: str = "fedavg"  # fedavg, fedprox, fedadam, fedyogi, fedmedian, fedtrimmedavg, krum
+    fraction_train: float = 1.0  # share of connected sites sampled for training each round
+    fraction_evaluate: float = 1.0  # share of connected sites sampled for evaluation
+    min_train_nodes: int = 2  # a training round waits for at least this many sites
+    min_evaluate_nodes: int = 2  # an evaluation round waits for at least this many sites
+    min_available_nodes: int = 2  # sites that must be connected before round 1 starts
+    proximal_mu: float = 0.01  # FedProx proximal weight
+    server_lr: float = 0.01  # FedAdam/FedYogi server learning rate (eta)
+    trim_beta: float = 0.2  # FedTrimmedAvg: fraction trimmed at each end
+    krum_malicious: int = 0  # Krum: number of malicious sites tolerated
+    model: str = "mrprism"  # registered model name
+    preset: str = "tiny"  # architecture preset
+    model_options: str = "{}"  # JSON object of preset/loss overrides
+    local_modules: str = ""  # comma-separated sub-modules kept local; empty = model default
+    in_channels: int = 3  # image channels every site must have
+    num_classes: int = 2  # classes every site must have
+    lr: float = 1e-3  # Adam learning rate at the sites
+    seed: int = 0  # seeds the initial global weights and each site's shuffles
+    out_dir: str = "runs/federated"  # global checkpoint, metrics.jsonl, summary.json
+    resume: bool = True  # continue from <out_dir>/global_model.pt when it exists
+    round_timeout: float = 3600.0  # seconds to wait for replies in each phase of a round
+    eval_split: str = "val"  # site split used for the per-round evaluation
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build from kebab- or snake-case keys; unknown keys raise, naming the valid ones."""
+        types = {f.name: f.type for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in types:
+                valid = sorted(n.replace("_", "-") for n in types)
+                raise ValueError(f"unknown run-config key {key!r}; valid keys: {valid}")
+            kwargs[name] = _coerce(str(types[name]), value, key)
+        return cls(**kwargs)
+
+    def as_run_config(self) -> dict[str, Any]:
+        """The kebab-case mapping :meth:`from_mapping` reads back."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    def model_spec(self) -> dict[str, Any]:
+        """Architecture every site must build (sent to sites in the message config)."""
+        try:
+            options = json.loads(self.model_options or "{}")
+        except json.JSONDecodeError as err:
+            raise ValueError(f"model-options is not valid JSON: {self.model_options!r}") from err
+        if self.local_modules:
+            options["local_modules"] = [m.strip() for m in self.local_modules.split(",") if m]
+        return {
+            "name": self.model,
+            "preset": self.preset,
+            "in_channels": self.in_channels,
+            "num_classes": self.num_classes,
+            "options": options,
+        }
+
+
+def _coerce(kind: str, value: Any, key: str) -> Any:
+    try:
+        if kind == "bool":
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1")
+            return bool(value)
+        if kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if kind == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"run-config {key!r} must be {kind}, got {value!r}") from err

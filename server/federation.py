@@ -1,0 +1,231 @@
+"""The round loop of a federated run: Flower's strategy does sampling and aggregation; this
+loop adds what a hospital federation needs around it.
+
+* resume: the global weights, the round reached and the metrics log are checkpointed
+  atomically after every round; a restarted ServerApp continues from the next round;
+* update hygiene: a reply whose arrays are non-finite or do not match the global model is
+  dropped (and logged) before aggregation, so one broken site cannot poison the round;
+* per-site metrics in ``metrics.jsonl`` beside Flower's weighted aggregates.
+
+Flower's ``Strategy.start`` always counts rounds from 1, hence this loop over the strategy's
+own ``configure_*`` / ``aggregate_*`` methods.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from mrprism_core.checkpoint import (
+    atomic_write_bytes,
+    atomic_write_json,
+    load_checkpoint,
+    save_checkpoint,
+)
+from mrprism_core.federated import PACKED_KEY, StateLayout, update_problem
+from mrprism_core.models import build_model, split_state
+
+from .config import RunConfig
+
+__all__ = ["GLOBAL_CHECKPOINT", "initial_arrays", "run_federation"]
+
+log = logging.getLogger("flwr.mrprism")  # shown through Flower's log handler
+
+GLOBAL_CHECKPOINT = "global_model.pt"
+METRICS_LOG = "metrics.jsonl"
+SUMMARY = "summary.json"
+
+
+def initial_arrays(cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """Shared weights of a freshly initialised model (any rater count: shared weights do not
+    depend on it)."""
+    spec = cfg.model_spec()
+    torch.manual_seed(cfg.seed)
+    model = build_model(
+        spec["name"],
+        in_channels=spec["in_channels"],
+        num_classes=spec["num_classes"],
+        num_raters=1,
+        image_size=32,
+        preset=spec["preset"],
+        **spec["options"],
+    )
+    shared, _ = split_state(model)
+    return shared
+
+
+def _site_name(msg: Message) -> str:
+    if "site" in msg.content.config_records:
+        return str(msg.content.config_records["site"].get("name", msg.metadata.src_node_id))
+    return f"node-{msg.metadata.src_node_id}"
+
+
+def _clean_replies(
+    replies: Iterable[Message], reference: ArrayRecord, dropped: list[dict[str, str]]
+) -> list[Message]:
+    """Replies without errors whose arrays pass :func:`update_problem`."""
+    ref = {k: v.numpy() for k, v in reference.items()}
+    kept = []
+    for msg in replies:
+        if msg.has_error():
+            dropped.append({"node": str(msg.metadata.src_node_id), "reason": msg.error.reason})
+            continue
+        records = list(msg.content.array_records.values())
+        problem = (
+            "no weights in the reply"
+            if len(records) != 1
+            else update_problem({k: v.numpy() for k, v in records[0].items()}, ref)
+        )
+        if problem:
+            dropped.append({"site": _site_name(msg), "reason": problem})
+            log.warning("dropping the update of %s: %s", _site_name(msg), problem)
+            continue
+        kept.append(msg)
+    return kept
+
+
+def _site_rows(replies: Iterable[Message]) -> dict[str, dict[str, Any]]:
+    rows = {}
+    for msg in replies:
+        if msg.has_error():
+            continue
+        row: dict[str, Any] = {}
+        for record in msg.content.metric_records.values():
+            row.update(dict(record))
+        if "site" in msg.content.config_records:
+            row.update(dict(msg.content.config_records["site"]))
+        for record in msg.content.array_records.values():
+            # what the site sent, for audit: names and shapes only
+            row["reply-arrays"] = {k: list(v.shape) for k, v in record.items()}
+        rows[_site_name(msg)] = row
+    return rows
+
+
+class _RunFiles:
+    """The run's checkpoint, metrics log and summary under ``out_dir``."""
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.root = Path(out_dir)
+        self.checkpoint = self.root / GLOBAL_CHECKPOINT
+        self.metrics = self.root / METRICS_LOG
+
+    def resume_point(
+        self, cfg: RunConfig, layout: StateLayout
+    ) -> tuple[int, ArrayRecord | None, list[dict]]:
+        if not (cfg.resume and self.checkpoint.exists()):
+            return 0, None, []
+        payload = load_checkpoint(self.checkpoint)
+        if payload["model_spec"] != cfg.model_spec():
+            raise ValueError(
+                f"{self.checkpoint} was written for model {payload['model_spec']}, this run asks "
+                f"for {cfg.model_spec()}; use another out-dir or set resume=false"
+            )
+        done = int(payload["round"])
+        history = [r for r in self.history() if int(r["round"]) <= done]
+        log.info("resuming from %s after round %d", self.checkpoint, done)
+        packed = layout.pack(payload["shared_state"])
+        return done, ArrayRecord({PACKED_KEY: packed}), history
+
+    def history(self) -> list[dict]:
+        if not self.metrics.exists():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+    def save_round(
+        self,
+        cfg: RunConfig,
+        layout: StateLayout,
+        arrays: ArrayRecord,
+        server_round: int,
+        run_id: int,
+        history: list,
+    ) -> None:
+        # the log first: a crash between the two leaves a log one round ahead, which resume
+        # trims back to the checkpoint's round
+        lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in history)
+        atomic_write_bytes(self.metrics, lines.encode())
+        save_checkpoint(
+            self.checkpoint,
+            {
+                "shared_state": layout.unpack(arrays.to_torch_state_dict()[PACKED_KEY]),
+                "round": server_round,
+                "run_id": run_id,
+                "model_spec": cfg.model_spec(),
+                "run_config": cfg.as_run_config(),
+            },
+        )
+
+
+def run_federation(grid: Grid, strategy: Strategy, cfg: RunConfig, run_id: int = 0) -> dict:
+    """Run (or resume) ``cfg.num_server_rounds`` rounds; returns the summary it writes."""
+    files = _RunFiles(cfg.out_dir)
+    initial = initial_arrays(cfg)
+    layout = StateLayout.of(initial)
+    done, arrays, history = files.resume_point(cfg, layout)
+    if arrays is None:
+        arrays = ArrayRecord({PACKED_KEY: layout.pack(initial)})
+    spec = json.dumps(cfg.model_spec(), sort_keys=True)
+    base_config = {
+        "model-spec": spec,
+        "layout": layout.fingerprint,
+        "lr": cfg.lr,
+        "seed": cfg.seed,
+    }
+    for server_round in range(done + 1, cfg.num_server_rounds + 1):
+        started = time.time()
+        log.info("round %d/%d", server_round, cfg.num_server_rounds)
+        train_config = ConfigRecord({**base_config, "local-epochs": cfg.local_epochs})
+        replies = list(
+            grid.send_and_receive(
+                strategy.configure_train(server_round, arrays, train_config, grid),
+                timeout=cfg.round_timeout,
+            )
+        )
+        dropped: list[dict[str, str]] = []
+        clean = _clean_replies(replies, arrays, dropped)
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, clean)
+        if new_arrays is not None:
+            arrays = new_arrays
+        else:
+            log.warning("round %d: no usable update, the global model is unchanged", server_round)
+
+        eval_config = ConfigRecord({**base_config, "eval-split": cfg.eval_split})
+        eval_replies = list(
+            grid.send_and_receive(
+                strategy.configure_evaluate(server_round, arrays, eval_config, grid),
+                timeout=cfg.round_timeout,
+            )
+        )
+        eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
+        record = {
+            "round": server_round,
+            "run_id": run_id,
+            "seconds": round(time.time() - started, 3),
+            "train": dict(train_metrics or MetricRecord()),
+            "evaluate": dict(eval_metrics or MetricRecord()),
+            "train_sites": _site_rows(clean),
+            "evaluate_sites": _site_rows(eval_replies),
+            "dropped": dropped,
+        }
+        history.append(record)
+        files.save_round(cfg, layout, arrays, server_round, run_id, history)
+        log.info("round %d done: %s", server_round, record["evaluate"])
+
+    summary = {
+        "rounds": cfg.num_server_rounds,
+        "run_config": cfg.as_run_config(),
+        "final_evaluate": history[-1]["evaluate"] if history else None,
+        "final_sites": history[-1]["evaluate_sites"] if history else None,
+        "checkpoint": str(files.checkpoint),
+    }
+    atomic_write_json(files.root / SUMMARY, summary)
+    return summary

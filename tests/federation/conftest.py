@@ -1,0 +1,71 @@
+"""Fixtures for the Flower side: sites prepared on disk and messages built in-process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from client.site import compose_site_config
+from client.state import SiteStore
+from mrprism_core.federated import PACKED_KEY, StateLayout
+from server.config import RunConfig
+from server.federation import initial_arrays
+
+SMALL = ["data.splits.train=4", "data.splits.val=4", "data.image_size=32"]
+
+
+@pytest.fixture
+def task_identity():
+    """Flower stamps every Message with the running task's identity, which its runtimes set;
+    calling a ClientApp in-process needs one too."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None
+
+
+@pytest.fixture
+def make_site(tmp_path):
+    """Write a site's resolved config into its own state dir, as `python -m client` does."""
+
+    def make(site: str, *overrides: str) -> str:
+        cfg = compose_site_config(site, [*SMALL, *overrides])
+        state_dir = tmp_path / "sites" / site
+        SiteStore(state_dir).write_config(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+        return str(state_dir)
+
+    return make
+
+
+def train_message(cfg: RunConfig | None = None, server_round: int = 1):
+    """The message a train round sends, built from the run config like the server does."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+    cfg = cfg or RunConfig()
+    initial = initial_arrays(cfg)
+    layout = StateLayout.of(initial)
+    config = ConfigRecord(
+        {
+            "model-spec": json.dumps(cfg.model_spec()),
+            "layout": layout.fingerprint,
+            "lr": cfg.lr,
+            "seed": cfg.seed,
+            "local-epochs": 1,
+            "server-round": server_round,
+        }
+    )
+    content = RecordDict(
+        {"arrays": ArrayRecord({PACKED_KEY: layout.pack(initial)}), "config": config}
+    )
+    return Message(content, dst_node_id=1, message_type=MessageType.TRAIN), layout
+
+
+def node_context(state_dir: str):
+    from flwr.app import Context, RecordDict
+
+    return Context(
+        run_id=1, node_id=1, node_config={"state-dir": state_dir}, state=RecordDict(), run_config={}
+    )

@@ -1,0 +1,165 @@
+"""Real Flower deployments on 127.0.0.1 for tests: a ``flower-superlink`` process, one
+``python -m client --site X`` SuperNode process per site, and ``flwr run`` submitting this
+project's app. Every process is bounded in time and killed (with its children) on exit."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+class Deployment:
+    """One SuperLink and its SuperNodes under ``root`` (a pytest tmp dir)."""
+
+    def __init__(self, root: Path, *, tls_dir: Path | None = None) -> None:
+        self.root = root
+        self.port = free_port()
+        self.tls_dir = tls_dir
+        self.processes: list[tuple[str, subprocess.Popen]] = []
+        self.cli_home = root / "home" / "cli"
+        self.cli_home.mkdir(parents=True)
+        connection = [f'address = "127.0.0.1:{self.port}"']
+        if tls_dir is None:
+            connection.append("insecure = true")
+        else:
+            connection.append(f'root-certificates = "{(tls_dir / "ca.crt").resolve()}"')
+        (self.cli_home / "config.toml").write_text(
+            '[superlink]\ndefault = "test"\n[superlink.test]\n' + "\n".join(connection) + "\n"
+        )
+
+    def env(self, home: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+            FLWR_HOME=str(self.root / "home" / home),
+            FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+            FLWR_DISABLE_UPDATE_CHECK="1",
+            FLWR_TELEMETRY_ENABLED="0",
+            UV_CACHE_DIR=str(self.root / "uv-cache"),
+            PYTHONUNBUFFERED="1",
+        )
+        return env
+
+    def _spawn(self, name: str, command: list[str], home: str, limit: float) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        process = subprocess.Popen(
+            ["timeout", str(int(limit)), *command],
+            cwd=self.root,
+            env=self.env(home),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: we can kill its children too
+        )
+        self.processes.append((name, process))
+        return process
+
+    def start_superlink(self, *extra: str, limit: float = 900) -> subprocess.Popen:
+        command = [str(BIN / "flower-superlink"), "--port", str(self.port)]
+        command += ["--disable-runtime-dependency-installation", *extra]
+        if self.tls_dir is None:
+            command.append("--insecure")
+        else:
+            command += [
+                "--ssl-ca-certfile", str(self.tls_dir / "ca.crt"),
+                "--ssl-certfile", str(self.tls_dir / "server.pem"),
+                "--ssl-keyfile", str(self.tls_dir / "server.key"),
+            ]  # fmt: skip
+        process = self._spawn("superlink", command, "superlink", limit)
+        self._wait_port()
+        return process
+
+    def _wait_port(self, timeout: float = 60) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.3)
+        raise TimeoutError(f"SuperLink did not open port {self.port}:\n{self.log('superlink')}")
+
+    def start_site(self, site: str, *overrides: str, limit: float = 900) -> subprocess.Popen:
+        command = [sys.executable, "-m", "client", "--site", site]
+        command += [
+            f"superlink=127.0.0.1:{self.port}",
+            f"supernode.port={free_port()}",
+            f"state_dir={self.site_dir(site)}",
+            *overrides,
+        ]
+        return self._spawn(site, command, site, limit)
+
+    def site_dir(self, site: str) -> Path:
+        return self.root / "sites" / site
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "flwr"), *args],
+            cwd=self.root,
+            env=self.env("cli"),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def online_nodes(self) -> int:
+        result = self.flwr("supernode", "list", "test", "--format", "json", timeout=60)
+        try:
+            nodes = json.loads(result.stdout).get("nodes", [])
+        except json.JSONDecodeError:
+            return 0
+        return sum(1 for node in nodes if str(node.get("status")) == "online")
+
+    def wait_online(self, count: int, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.online_nodes() >= count:
+                return
+            time.sleep(1)
+        logs = "\n".join(f"--- {name}\n{self.log(name)[-2000:]}" for name, _ in self.processes)
+        raise TimeoutError(f"fewer than {count} SuperNodes came online\n{logs}")
+
+    def run(self, run_config: dict[str, Any], timeout: float = 600) -> subprocess.CompletedProcess:
+        overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
+        return self.flwr(
+            "run", str(PROJECT_ROOT), "test", "--stream", "-c", overrides, timeout=timeout
+        )
+
+    def log(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        for _, process in self.processes:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)
+        for _, process in self.processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)

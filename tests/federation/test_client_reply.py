@@ -1,0 +1,86 @@
+"""What a ClientApp sends back: the shared weights only, never a rater head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.app import create_client_app
+from mrprism_core.checkpoint import CorruptCheckpointError, load_checkpoint
+from mrprism_core.federated import PACKED_KEY
+
+from .conftest import node_context, train_message
+
+
+def _contains_run(haystack: np.ndarray, needle: np.ndarray) -> bool:
+    """True if ``needle`` appears as a contiguous run inside ``haystack``."""
+    starts = np.flatnonzero(haystack[: len(haystack) - len(needle) + 1] == needle[0])
+    return any(np.array_equal(haystack[s : s + len(needle)], needle) for s in starts)
+
+
+def test_reply_holds_only_shared_weights_whatever_the_rater_count(make_site, task_identity):
+    app = create_client_app()
+    sizes = {}
+    for site, raters in (("synthetic_a", 3), ("synthetic_c", 5)):
+        state_dir = make_site(site)
+        message, layout = train_message()
+        reply = app(message, node_context(state_dir))
+        assert not reply.has_error(), reply.error
+        records = reply.content.array_records
+        assert list(records) == ["arrays"] and list(records["arrays"]) == [PACKED_KEY]
+        sent = records["arrays"][PACKED_KEY].numpy()
+        sizes[site] = sent.shape
+        assert sent.shape == (layout.size,)
+
+        snapshot = load_checkpoint(f"{state_dir}/site_model.pt")
+        local = snapshot["local_state"]
+        assert local["confidence.rater_identity.weight"].shape[0] == raters
+        # the trained shared weights are what was sent ...
+        shared = snapshot["shared_state"]
+        assert np.array_equal(sent, layout.pack(shared).numpy())
+        # ... and no rater-head tensor appears anywhere inside the reply
+        for name, tensor in local.items():
+            assert not _contains_run(sent, tensor.flatten().numpy()[:16]), name
+        assert reply.content.metric_records["metrics"]["num-examples"] == 4
+    assert sizes["synthetic_a"] == sizes["synthetic_c"]
+
+
+def test_a_site_with_the_wrong_channel_count_fails_clearly(make_site, task_identity):
+    # in deployment Flower turns the exception into an error reply carrying this message
+    state_dir = make_site("synthetic_a", "data.style.channels=1")
+    message, _ = train_message()
+    with pytest.raises(ValueError, match="in_channels=1 but the federation trains"):
+        create_client_app()(message, node_context(state_dir))
+
+
+def test_heads_persist_between_rounds(make_site, task_identity):
+    app = create_client_app()
+    state_dir = make_site("synthetic_b")
+    first, _ = train_message(server_round=1)
+    app(first, node_context(state_dir))
+    heads_round1 = load_checkpoint(f"{state_dir}/site_model.pt")["local_state"]
+    second, _ = train_message(server_round=2)
+    app(second, node_context(state_dir))
+    snapshot = load_checkpoint(f"{state_dir}/site_model.pt")
+    assert snapshot["round"] == 2
+    # round 2 started from round 1's heads (trained further, so changed but close), not afresh
+    for name, before in heads_round1.items():
+        after = snapshot["local_state"][name]
+        assert after.shape == before.shape
+        assert (after - before).abs().max() < 0.1 * (before.abs().max() + 1e-3) + 0.05, name
+
+
+def test_a_corrupt_site_state_is_reported_not_replaced(make_site, task_identity):
+    app = create_client_app()
+    state_dir = make_site("synthetic_a")
+    message, _ = train_message()
+    app(message, node_context(state_dir))
+    path = Path(state_dir) / "site_model.pt"
+    raw = bytearray(path.read_bytes())
+    raw[-10] ^= 0xFF  # one flipped byte, as a failing disk would leave it
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CorruptCheckpointError, match="site_model.pt: checksum mismatch"):
+        app(train_message()[0], node_context(state_dir))
+    assert path.read_bytes() == bytes(raw)  # left for the operator, not overwritten
