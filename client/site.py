@@ -87,6 +87,7 @@ def compose_site_config(
         SiteDataError: unknown site (the message lists the known ones) or bad override.
     """
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import MissingMandatoryValue
@@ -95,11 +96,19 @@ def compose_site_config(
     known = available_sites(root)
     if site not in known:
         raise SiteDataError(f"unknown site {site!r}: no {root / (site + '.yaml')}; known: {known}")
+    # inside another Hydra app (simulation.run) the global Hydra is taken: set it aside
+    global_hydra = GlobalHydra.instance()
+    outer = global_hydra.hydra if global_hydra.is_initialized() else None
+    global_hydra.clear()
     try:
         with initialize_config_dir(config_dir=str(root), version_base="1.3"):
             cfg = compose(config_name=site, overrides=list(overrides))
     except HydraException as err:
         raise SiteDataError(f"site {site!r}: {err}") from err
+    finally:
+        if outer is not None:
+            GlobalHydra.instance().clear()
+            GlobalHydra.instance().initialize(outer)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise SiteDataError(

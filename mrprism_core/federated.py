@@ -123,14 +123,15 @@ def split_evaluation(result: Mapping[str, Any]) -> tuple[dict[str, float], dict[
         ``per-rater-dice`` the mean over this site's raters (or the calibrated soft Dice when
         the model has no rater outputs) and ``ged`` 0 when undefined.
     """
-    per_rater = result.get("per_rater_dice")
+    # slots without an annotation at this site (pooled layouts) report None: left out
+    per_rater = [x for x in result.get("per_rater_dice") or [] if x is not None]
     scalars = {
         "soft-dice": float(result["soft_dice"]),
         "per-rater-dice": float(np.mean(per_rater)) if per_rater else float(result["soft_dice"]),
         "ged": float(result["ged"]) if result.get("ged") is not None else 0.0,
         "ece": float(result["ece"]) if result.get("ece") is not None else 0.0,
     }
-    details: dict[str, Any] = {"per-rater-dice-list": [float(x) for x in per_rater or []]}
+    details: dict[str, Any] = {"per-rater-dice-list": [float(x) for x in per_rater]}
     if result.get("dice_vs_truth") is not None:
         details["dice-vs-truth"] = float(result["dice_vs_truth"])
     recs = sorted(k for k in result if k.startswith("soft_dice_rec"))

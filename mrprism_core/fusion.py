@@ -32,6 +32,7 @@ __all__ = [
     "self_fuse",
     "threshold",
     "majority_vote",
+    "rater_weights",
     "initial_confidence",
     "shuffle_raters",
 ]
@@ -54,7 +55,21 @@ def _check_rater_shapes(confidence: Tensor, labels: Tensor) -> None:
         )
 
 
-def fuse(confidence: Tensor, labels: Tensor, prior: float = DEFAULT_PRIOR) -> Tensor:
+def rater_weights(valid: Tensor | None, like: Tensor) -> Tensor | None:
+    """(B, M) rater validity -> (B, M, 1, 1, 1) weights broadcastable to ``like``; None = all."""
+    if valid is None:
+        return None
+    if valid.dim() != 2 or valid.shape[1] != like.shape[1]:
+        raise ValueError(f"rater_valid must be (B, {like.shape[1]}), got {tuple(valid.shape)}")
+    return valid.to(like.dtype).view(*valid.shape, *([1] * (like.dim() - 2)))
+
+
+def fuse(
+    confidence: Tensor,
+    labels: Tensor,
+    prior: float = DEFAULT_PRIOR,
+    valid: Tensor | None = None,
+) -> Tensor:
     """Fuse rater labels with per-rater confidences (Eq. 1 / Eq. 4, ``y^fuse``).
 
     Args:
@@ -62,6 +77,8 @@ def fuse(confidence: Tensor, labels: Tensor, prior: float = DEFAULT_PRIOR) -> Te
             (or broadcastable to ``labels``).
         labels: rater masks ``z`` in [0, 1] (binary or soft), shape (B, M, K, H, W).
         prior: uniform prior ``p_u`` (>= 0), added to both categories.
+        valid: optional (B, M) 0/1 mask of the rater slots that hold a real annotation
+            (pooled sites with different raters); other slots do not vote.
 
     Returns:
         Fused foreground probability, shape (B, K, H, W).
@@ -69,10 +86,21 @@ def fuse(confidence: Tensor, labels: Tensor, prior: float = DEFAULT_PRIOR) -> Te
     _check_rater_shapes(confidence, labels)
     if prior < 0:
         raise ValueError(f"prior must be >= 0, got {prior}")
-    agreeing = (confidence * labels).sum(dim=1)
+    weights = rater_weights(valid, labels)
+    if weights is None:
+        voters: Tensor | int = labels.shape[1]
+        weighted_confidence = confidence
+        weighted_labels = labels
+    else:
+        voters = weights.sum(dim=1)
+        weighted_confidence = confidence * weights
+        weighted_labels = labels * weights
+    agreeing = (weighted_confidence * labels).sum(dim=1)
     foreground = agreeing + prior
     # sum (1 - c)(1 - z) expanded, so autograd keeps one (B, M, K, H, W) tensor, not four
-    background = labels.shape[1] - confidence.sum(dim=1) - labels.sum(dim=1) + agreeing + prior
+    background = (
+        voters - weighted_confidence.sum(dim=1) - weighted_labels.sum(dim=1) + agreeing + prior
+    )
     return foreground / (foreground + background).clamp_min(1e-12)
 
 
@@ -104,6 +132,7 @@ def self_fuse(
     confidence: Tensor | None = None,
     prior: float = DEFAULT_PRIOR,
     straight_through: bool = False,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """Self-fusion ``y^self`` (Eq. 5 / Eq. 12): fuse DivP's own thresholded rater masks.
 
@@ -113,25 +142,32 @@ def self_fuse(
             Pass shuffled confidences for Eq. 12.
         prior: uniform prior ``p_u``.
         straight_through: pass gradients through the threshold (see :func:`threshold`).
+        valid: optional (B, M) mask of the rater slots in use.
 
     Returns:
         Fused foreground probability, shape (B, K, H, W).
     """
     confidence = rater_probs if confidence is None else confidence
-    return fuse(confidence, threshold(rater_probs, 0.5, straight_through), prior)
+    return fuse(confidence, threshold(rater_probs, 0.5, straight_through), prior, valid)
 
 
-def majority_vote(labels: Tensor) -> Tensor:
+def majority_vote(labels: Tensor, valid: Tensor | None = None) -> Tensor:
     """Majority vote over raters: 1 where more than half of the raters marked the pixel.
 
     Args:
         labels: rater masks (B, M, K, H, W) or (M, K, H, W) in {0, 1}.
+        valid: optional (B, M) mask of the rater slots in use (5-D labels only).
 
     Returns:
         Binary mask without the rater dimension, same dtype as ``labels``.
     """
     rater_dim = 1 if labels.dim() == 5 else 0
-    return (labels.float().mean(dim=rater_dim) > 0.5).to(labels.dtype)
+    weights = rater_weights(valid, labels) if labels.dim() == 5 else None
+    if weights is None:
+        share = labels.float().mean(dim=rater_dim)
+    else:
+        share = (labels.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
+    return (share > 0.5).to(labels.dtype)
 
 
 def initial_confidence(

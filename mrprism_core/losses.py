@@ -45,11 +45,21 @@ class MrPrismLossConfig:
             raise ValueError(f"shuffles must be >= 1, got {self.shuffles}")
 
 
-def binary_cross_entropy(prediction: Tensor, target: Tensor) -> Tensor:
+def binary_cross_entropy(
+    prediction: Tensor, target: Tensor, row_weights: Tensor | None = None
+) -> Tensor:
     """Mean BCE of probabilities. Unlike ``F.binary_cross_entropy`` it lets NaN through (so a
-    broken batch shows up as a non-finite loss and is skipped) instead of raising."""
+    broken batch shows up as a non-finite loss and is skipped) instead of raising.
+
+    ``row_weights`` (shape ``prediction.shape[0]``) weights whole rows, e.g. masks out rater
+    slots without an annotation.
+    """
     p = prediction.clamp(1e-6, 1 - 1e-6)
-    return -(target * p.log() + (1 - target) * (1 - p).log()).mean()
+    loss = -(target * p.log() + (1 - target) * (1 - p).log())
+    if row_weights is None:
+        return loss.mean()
+    per_row = loss.flatten(1).mean(dim=1)
+    return (per_row * row_weights).sum() / row_weights.sum().clamp_min(1)
 
 
 def ssim_loss(prediction: Tensor, target: Tensor, window: int = 11) -> Tensor:
@@ -76,6 +86,7 @@ def shuffle_loss(
     labels: Tensor,
     permutations: Tensor,
     prior: float = DEFAULT_PRIOR,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """Shuffle loss ``L_sff`` (Eq. 10-12), averaged over the given rater permutations.
 
@@ -94,21 +105,24 @@ def shuffle_loss(
         rater_probs: DivP outputs ``z~`` (B, M, K, H, W).
         labels: rater masks ``z`` (B, M, K, H, W).
         permutations: (S, M) integer tensor, one permutation per row.
+        valid: optional (B, M) mask of the rater slots that hold an annotation.
     """
     hard = _per_rater(threshold(rater_probs, 0.5, straight_through=True))
     truth = _per_rater(labels)
+    rows = None if valid is None else valid.to(rater_probs.dtype).flatten()
     total = rater_probs.new_zeros(())
     for permutation in permutations:
         confidence = _per_rater(shuffle_raters(rater_probs, permutation))
         predicted = fuse(confidence, hard, prior)
         target = fuse(confidence, truth, prior).detach()
-        total = total + binary_cross_entropy(predicted, target)
+        total = total + binary_cross_entropy(predicted, target, rows)
     return total / len(permutations)
 
 
-def multihead_loss(rater_probs: Tensor, labels: Tensor) -> Tensor:
+def multihead_loss(rater_probs: Tensor, labels: Tensor, valid: Tensor | None = None) -> Tensor:
     """Multi-head loss ``L_MH`` (Eq. 9): cross-entropy of each head against its own rater."""
-    return binary_cross_entropy(rater_probs, labels)
+    rows = None if valid is None else valid.to(rater_probs.dtype).flatten()
+    return binary_cross_entropy(rater_probs.flatten(0, 1), labels.flatten(0, 1), rows)
 
 
 def recurrence_loss(
@@ -117,6 +131,7 @@ def recurrence_loss(
     rater_probs: Tensor,
     window: int = 11,
     prior: float = DEFAULT_PRIOR,
+    valid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Recurrence loss ``L_rec^i`` (Eq. 8), returned as its ConP and DivP terms.
 
@@ -125,13 +140,14 @@ def recurrence_loss(
         conp_target: fusion of the raters' labels under the confidences ConP was given
             (``y^fuse_{i-1}``; Eq. 15 for the first recurrence), (B, K, H, W).
         rater_probs: DivP output ``z~_i`` for ``y~_i`` (B, M, K, H, W).
+        valid: optional (B, M) mask of the rater slots in use at each case.
 
     Returns:
         ``(conp_term, divp_term)``: ``1 - SSIM(y~_i, y_{i-1})`` trains ConP and the encoder;
         ``1 - SSIM(y^self_i, y~_i)`` trains DivP (each side's target is detached, Eq. 6).
     """
     conp_term = ssim_loss(calibrated, conp_target.detach(), window)
-    self_fused = self_fuse(rater_probs, prior=prior, straight_through=True)
+    self_fused = self_fuse(rater_probs, prior=prior, straight_through=True, valid=valid)
     divp_term = ssim_loss(self_fused, calibrated.detach(), window)
     return conp_term, divp_term
 

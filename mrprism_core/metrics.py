@@ -11,10 +11,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .fusion import threshold
+from .fusion import rater_weights, threshold
 
 __all__ = [
     "SOFT_DICE_THRESHOLDS",
+    "soft_truth",
     "dice_per_image",
     "soft_dice",
     "soft_dice_per_image",
@@ -46,8 +47,19 @@ def dice_per_image(prediction: Tensor, target: Tensor) -> Tensor:
     return torch.where(total > 0, 2 * inter / total.clamp_min(1e-12), torch.ones_like(total))
 
 
+def soft_truth(rater_masks: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Soft ground truth: the mean of the rater masks (over the valid rater slots), (B,K,H,W)."""
+    weights = rater_weights(valid, rater_masks)
+    if weights is None:
+        return rater_masks.float().mean(dim=1)
+    return (rater_masks.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
+
+
 def soft_dice_per_image(
-    prob: Tensor, rater_masks: Tensor, thresholds: Sequence[float] = SOFT_DICE_THRESHOLDS
+    prob: Tensor,
+    rater_masks: Tensor,
+    thresholds: Sequence[float] = SOFT_DICE_THRESHOLDS,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """Soft Dice of paper 000's Table 1 per image and class, shape (B, K).
 
@@ -63,21 +75,25 @@ def soft_dice_per_image(
         raise ValueError(
             f"prob {tuple(prob.shape)} does not match rater masks {tuple(rater_masks.shape)}"
         )
-    soft_truth = rater_masks.float().mean(dim=1)
-    levels = [dice_per_image(prob > t, soft_truth > t) for t in thresholds]
+    truth = soft_truth(rater_masks, valid)
+    levels = [dice_per_image(prob > t, truth > t) for t in thresholds]
     return torch.stack(levels).mean(dim=0)
 
 
 def soft_dice(
-    prob: Tensor, rater_masks: Tensor, thresholds: Sequence[float] = SOFT_DICE_THRESHOLDS
+    prob: Tensor,
+    rater_masks: Tensor,
+    thresholds: Sequence[float] = SOFT_DICE_THRESHOLDS,
+    valid: Tensor | None = None,
 ) -> float:
     """Soft Dice (paper 000, Table 1) averaged over batch and classes, a float in [0, 1].
 
     Args:
         prob: predicted probabilities (B, K, H, W).
         rater_masks: rater masks (B, M, K, H, W) in {0, 1}.
+        valid: optional (B, M) mask of the annotated rater slots.
     """
-    return float(soft_dice_per_image(prob, rater_masks, thresholds).mean())
+    return float(soft_dice_per_image(prob, rater_masks, thresholds, valid).mean())
 
 
 def per_rater_dice(rater_probs: Tensor, rater_masks: Tensor) -> Tensor:
@@ -99,20 +115,32 @@ def _pairwise_iou_distance(a: Tensor, b: Tensor) -> Tensor:
     return torch.where(union > 0, 1 - inter / union.clamp_min(1e-12), torch.zeros_like(union))
 
 
-def generalized_energy_distance(rater_probs: Tensor, rater_masks: Tensor) -> Tensor:
+def _masked_pair_mean(distance: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """Mean of a (B, S, T) distance matrix over the valid rows and columns, per image."""
+    weights = rows[:, :, None] * cols[:, None, :]
+    return (distance * weights).sum(dim=(1, 2)) / weights.sum(dim=(1, 2)).clamp_min(1)
+
+
+def generalized_energy_distance(
+    rater_probs: Tensor, rater_masks: Tensor, valid: Tensor | None = None
+) -> Tensor:
     """Squared generalized energy distance between predicted and annotated rater sets.
 
     ``D^2 = 2 E d(S, Y) - E d(S, S') - E d(Y, Y')`` with ``d = 1 - IoU`` over all classes and
-    pixels, the predicted set being the binarised rater outputs. Lower is better.
+    pixels, the predicted set being the binarised rater outputs (of the valid slots). Lower is
+    better.
 
     Returns:
         (B,) GED per image.
     """
     samples = threshold(rater_probs).flatten(2).float()
     annotations = rater_masks.flatten(2).float()
-    cross = _pairwise_iou_distance(samples, annotations).mean(dim=(1, 2))
-    within_pred = _pairwise_iou_distance(samples, samples).mean(dim=(1, 2))
-    within_true = _pairwise_iou_distance(annotations, annotations).mean(dim=(1, 2))
+    if valid is None:
+        valid = torch.ones(annotations.shape[:2], device=annotations.device)
+    valid = valid.float()
+    cross = _masked_pair_mean(_pairwise_iou_distance(samples, annotations), valid, valid)
+    within_pred = _masked_pair_mean(_pairwise_iou_distance(samples, samples), valid, valid)
+    within_true = _masked_pair_mean(_pairwise_iou_distance(annotations, annotations), valid, valid)
     return 2 * cross - within_pred - within_true
 
 
@@ -164,6 +192,7 @@ class MetricAccumulator:
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
         self._per_rater: Tensor | None = None
+        self._per_rater_count: Tensor | None = None
         self._ece: Tensor | None = None
 
     def _add(self, name: str, values: Tensor) -> None:
@@ -179,6 +208,7 @@ class MetricAccumulator:
         rater_probs: Tensor | None = None,
         recurrences: Sequence[Tensor] = (),
         truth: Tensor | None = None,
+        rater_valid: Tensor | None = None,
     ) -> None:
         """Add one batch.
 
@@ -188,20 +218,31 @@ class MetricAccumulator:
             rater_probs: personalised rater outputs (B, M, K, H, W), if the model has them.
             recurrences: calibrated map of every recurrence, each (B, K, H, W).
             truth: known true mask (B, K, H, W), if any.
+            rater_valid: (B, M) mask of the rater slots annotated at each case, if not all.
         """
         self.num_images += calibrated.shape[0]
-        self._add("soft_dice", soft_dice_per_image(calibrated, rater_masks).mean(dim=-1))
+        valid = rater_valid
+        self._add("soft_dice", soft_dice_per_image(calibrated, rater_masks, valid=valid).mean(-1))
         for index, rec in enumerate(recurrences):
-            self._add(f"soft_dice_rec{index}", soft_dice_per_image(rec, rater_masks).mean(dim=-1))
+            scores = soft_dice_per_image(rec, rater_masks, valid=valid).mean(dim=-1)
+            self._add(f"soft_dice_rec{index}", scores)
         if rater_probs is not None:
-            rater_dice = per_rater_dice(rater_probs, rater_masks).double().sum(dim=0).cpu()
-            self._per_rater = (
-                rater_dice if self._per_rater is None else self._per_rater + rater_dice
+            slots = (
+                torch.ones(rater_masks.shape[:2], device=rater_masks.device)
+                if valid is None
+                else valid.float()
             )
-            self._add("ged", generalized_energy_distance(rater_probs, rater_masks))
+            scores = per_rater_dice(rater_probs, rater_masks) * slots
+            sums, counts = scores.double().sum(dim=0).cpu(), slots.double().sum(dim=0).cpu()
+            if self._per_rater is None:
+                self._per_rater, self._per_rater_count = sums, counts
+            else:
+                self._per_rater += sums
+                self._per_rater_count += counts
+            self._add("ged", generalized_energy_distance(rater_probs, rater_masks, valid))
         if truth is not None:
             self._add("dice_vs_truth", dice_vs_truth(calibrated, truth))
-        bins = calibration_bins(calibrated, rater_masks.float().mean(dim=1), self.ece_bins).cpu()
+        bins = calibration_bins(calibrated, soft_truth(rater_masks, valid), self.ece_bins).cpu()
         self._ece = bins if self._ece is None else self._ece + bins
 
     def compute(self) -> dict[str, float | list[float] | None]:
@@ -210,7 +251,12 @@ class MetricAccumulator:
             name: self._sums[name] / self._counts[name] for name in self._sums
         }
         result["per_rater_dice"] = (
-            None if self._per_rater is None else (self._per_rater / self.num_images).tolist()
+            None
+            if self._per_rater is None
+            else [
+                float(total / count) if count else None
+                for total, count in zip(self._per_rater, self._per_rater_count)
+            ]
         )
         result["ece"] = None if self._ece is None else _ece_from_bins(self._ece)
         result.setdefault("ged", None)

@@ -176,6 +176,7 @@ def evaluate(
             rater_probs=out.raters,
             recurrences=out.recurrences,
             truth=batch.get("truth"),
+            rater_valid=batch.get("rater_valid"),
         )
     return metrics.compute()
 

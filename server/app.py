@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from flwr.app import Context
@@ -15,15 +15,18 @@ from .strategies import build_strategy
 __all__ = ["app", "create_server_app"]
 
 
-def create_server_app(run_config: Mapping[str, Any] | None = None) -> ServerApp:
-    """The ServerApp. ``run_config`` overrides the context's run config; the simulation uses
-    it because Flower's simulation API passes an empty run config."""
+def create_server_app(
+    run_config: Mapping[str, Any] | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> ServerApp:
+    """The ServerApp. ``run_config`` overrides the context's run config (the simulation uses
+    it: Flower's simulation API passes an empty one); ``on_round`` sees every round's record."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = RunConfig.from_mapping({**dict(context.run_config), **dict(run_config or {})})
-        run_federation(grid, build_strategy(cfg), cfg, run_id=context.run_id)
+        run_federation(grid, build_strategy(cfg), cfg, run_id=context.run_id, on_round=on_round)
 
     return app
 

@@ -33,6 +33,7 @@ class RunConfig:
     local_modules: str = ""  # comma-separated sub-modules kept local; empty = model default
     in_channels: int = 3  # image channels every site must have
     num_classes: int = 2  # classes every site must have
+    num_raters: int = 1  # rater slots of the global model; matters only if rater heads are shared
     lr: float = 1e-3  # Adam learning rate at the sites
     seed: int = 0  # seeds the initial global weights and each site's shuffles
     out_dir: str = "runs/federated"  # global checkpoint, metrics.jsonl, summary.json

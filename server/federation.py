@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +46,15 @@ SUMMARY = "summary.json"
 
 
 def initial_arrays(cfg: RunConfig) -> dict[str, torch.Tensor]:
-    """Shared weights of a freshly initialised model (any rater count: shared weights do not
-    depend on it)."""
+    """Shared weights of a freshly initialised model. With the rater heads local (the default)
+    the rater count does not change them; ``num-raters`` matters only when heads are shared."""
     spec = cfg.model_spec()
     torch.manual_seed(cfg.seed)
     model = build_model(
         spec["name"],
         in_channels=spec["in_channels"],
         num_classes=spec["num_classes"],
-        num_raters=1,
+        num_raters=cfg.num_raters,
         image_size=32,
         preset=spec["preset"],
         **spec["options"],
@@ -165,8 +165,17 @@ class _RunFiles:
         )
 
 
-def run_federation(grid: Grid, strategy: Strategy, cfg: RunConfig, run_id: int = 0) -> dict:
-    """Run (or resume) ``cfg.num_server_rounds`` rounds; returns the summary it writes."""
+def run_federation(
+    grid: Grid,
+    strategy: Strategy,
+    cfg: RunConfig,
+    run_id: int = 0,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> dict:
+    """Run (or resume) ``cfg.num_server_rounds`` rounds; returns the summary it writes.
+
+    ``on_round`` receives each round's record once it is saved (progress bars, tests).
+    """
     files = _RunFiles(cfg.out_dir)
     initial = initial_arrays(cfg)
     layout = StateLayout.of(initial)
@@ -219,6 +228,8 @@ def run_federation(grid: Grid, strategy: Strategy, cfg: RunConfig, run_id: int =
         history.append(record)
         files.save_round(cfg, layout, arrays, server_round, run_id, history)
         log.info("round %d done: %s", server_round, record["evaluate"])
+        if on_round is not None:
+            on_round(record)
 
     summary = {
         "rounds": cfg.num_server_rounds,

@@ -9,6 +9,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from .synthetic import ImageStyle, RaterProfile, make_dataset
+from .views import CaseSubset, RaterSlots, RaterSubset
 
 __all__ = ["SPLITS", "DatasetInfo", "EmptySplitError", "build_dataset", "dataset_info"]
 
@@ -66,8 +67,14 @@ _BUILDERS = {"synthetic": _synthetic}
 def build_dataset(data_cfg: Mapping[str, Any], split: str) -> Dataset:
     """Dataset for ``split`` ("train", "val" or "test") described by ``data_cfg``.
 
+    Besides the source's own keys, any data config may re-cut the source:
+    ``cases: {split: [indices]}`` keeps those cases of the split (virtual sites),
+    ``rater_subset: [indices]`` keeps those raters, and ``rater_slots: {total, offset}`` places
+    the raters into wider slots with a ``rater_valid`` mask (pooling sites).
+
     Raises:
         ValueError: unknown data kind or split, naming the valid ones.
+        EmptySplitError: the config declares no cases for this split.
     """
     cfg = _plain(data_cfg)
     if split not in SPLITS:
@@ -75,7 +82,18 @@ def build_dataset(data_cfg: Mapping[str, Any], split: str) -> Dataset:
     kind = cfg.get("kind")
     if kind not in _BUILDERS:
         raise ValueError(f"unknown data kind {kind!r}; choose one of {sorted(_BUILDERS)}")
-    return _BUILDERS[kind](cfg, split)
+    dataset = _BUILDERS[kind](cfg, split)
+    cases = (cfg.get("cases") or {}).get(split)
+    if cases is not None:
+        if not cases:
+            raise EmptySplitError(f"the data config selects no {split} cases")
+        dataset = CaseSubset(dataset, cases)
+    if cfg.get("rater_subset"):
+        dataset = RaterSubset(dataset, cfg["rater_subset"])
+    if cfg.get("rater_slots"):
+        slots = cfg["rater_slots"]
+        dataset = RaterSlots(dataset, int(slots["total"]), int(slots.get("offset", 0)))
+    return dataset
 
 
 def dataset_info(dataset: Dataset) -> DatasetInfo:

@@ -122,7 +122,7 @@ class MrPrism(SegmentationModel):
         maps.append(calibrated)
         return SegmentationOutput(calibrated=calibrated, raters=rater_probs, recurrences=maps)
 
-    def _check_labels(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    def _check_labels(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor | None]:
         images, labels = batch["image"], batch["raters"]
         self._check_images(images)
         if labels.dim() != 5 or labels.shape[1] != self.num_raters:
@@ -130,27 +130,30 @@ class MrPrism(SegmentationModel):
                 f"rater masks must be (B, {self.num_raters}, K, H, W) for this model, "
                 f"got {tuple(labels.shape)}"
             )
-        return images, labels
+        return images, labels, batch.get("rater_valid")
 
     def _recurrence_losses(
-        self, features: Sequence[Tensor], labels: Tensor
+        self, features: Sequence[Tensor], labels: Tensor, valid: Tensor | None
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield ``(L_rec^i + zeta L_sff^i, detached parts)`` for i = 1..tau (Eq. 13)."""
+        """Yield ``(L_rec^i + zeta L_sff^i, detached parts)`` for i = 1..tau (Eq. 13).
+
+        ``valid`` (B, M) marks the rater slots with an annotation (pooled data); the others
+        neither vote in the fusions nor supervise their head."""
         cfg = self.loss_config
         confidence = initial_confidence(
             self.num_raters, tuple(labels.shape[2:]), device=labels.device
         ).expand_as(labels)
         for _ in range(self.arch.recurrences):
             calibrated, rater_probs = self.recurrence(features, confidence)
-            target = fuse(confidence, labels, cfg.prior)
+            target = fuse(confidence, labels, cfg.prior, valid)
             conp_term, divp_term = recurrence_loss(
-                calibrated, target, rater_probs, cfg.ssim_window, cfg.prior
+                calibrated, target, rater_probs, cfg.ssim_window, cfg.prior, valid
             )
             if cfg.divp_supervision == "shuffle":
                 permutations = random_permutations(self.num_raters, cfg.shuffles)
-                rater_term = shuffle_loss(rater_probs, labels, permutations, cfg.prior)
+                rater_term = shuffle_loss(rater_probs, labels, permutations, cfg.prior, valid)
             else:
-                rater_term = multihead_loss(rater_probs, labels)
+                rater_term = multihead_loss(rater_probs, labels, valid)
             parts = torch.stack([conp_term, divp_term, rater_term]).detach()
             yield conp_term + divp_term + cfg.zeta * rater_term, parts
             confidence = rater_probs.detach()
@@ -162,19 +165,19 @@ class MrPrism(SegmentationModel):
 
     def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         """Total loss of Eq. 13 over ``tau`` recurrences, and its parts (floats) for logging."""
-        images, labels = self._check_labels(batch)
-        losses, parts = zip(*self._recurrence_losses(self.encoder(images), labels))
+        images, labels, valid = self._check_labels(batch)
+        losses, parts = zip(*self._recurrence_losses(self.encoder(images), labels, valid))
         return torch.stack(losses).sum(), self._named_parts(parts)
 
     def backward(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         """Gradients of :meth:`loss`, back-propagating each recurrence as soon as its loss is
         known: only one recurrence's graph is alive at a time. The encoder runs once; its
         feature gradients are collected on detached leaves and pushed through it at the end."""
-        images, labels = self._check_labels(batch)
+        images, labels, valid = self._check_labels(batch)
         features = self.encoder(images)
         leaves = [f.detach().requires_grad_() for f in features]
         losses, parts = [], []
-        for loss, part in self._recurrence_losses(leaves, labels):
+        for loss, part in self._recurrence_losses(leaves, labels, valid):
             loss.backward()
             losses.append(loss.detach())
             parts.append(part)

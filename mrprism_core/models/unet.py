@@ -56,6 +56,6 @@ class UNetMV(SegmentationModel):
         return SegmentationOutput(calibrated=prob, raters=None, recurrences=[prob])
 
     def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
-        target = majority_vote(batch["raters"]).float()
+        target = majority_vote(batch["raters"], batch.get("rater_valid")).float()
         loss = bce_dice_loss(self.logits(batch["image"]), target)
         return loss, {"bce_dice": loss.item()}

@@ -1,0 +1,294 @@
+"""The methods of the experiment grid, all on the same virtual sites and the same training code:
+
+federated         the ServerApp and ClientApp in Flower's simulation engine; rater heads local
+federated_shared  the same, but every site has the largest site's number of rater slots and
+                  *everything* is aggregated (head m of every site averaged): no personalisation
+local             each site alone, same epochs, same ``SiteRuntime.train`` as the ClientApp
+centralized       all sites' training cases pooled into one model; each site's raters get their
+                  own rater slots, so no rater is mixed with another
+
+Every method is scored on each site's test split after every round (one round = ``local_epochs``
+passes over the site's data), with the same ``evaluate``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import ConcatDataset
+
+from client.site import SiteRuntime
+from client.state import SiteStore
+from mrprism_core.data.factory import build_dataset, dataset_info
+from mrprism_core.federated import build_site_model
+from mrprism_core.train import evaluate, make_loader, resolve_device, train_epoch
+
+from .partition import VirtualSite
+
+__all__ = ["METHODS", "Experiment", "run_method"]
+
+METHODS = ("federated", "federated_shared", "local", "centralized")
+
+
+@dataclass
+class Experiment:
+    """Settings every method shares (read from the simulation config)."""
+
+    sites: list[VirtualSite]
+    work_dir: Path
+    rounds: int = 3
+    local_epochs: int = 1
+    strategy: str = "fedavg"
+    lr: float = 1e-3
+    preset: str = "tiny"
+    model_options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    batch_size: int = 8
+    device: str = "auto"
+    eval_split: str = "test"
+    ray_num_cpus: int | None = None
+    client_num_gpus: float = 0.0
+    on_progress: Callable[[str], None] | None = None
+
+    def spec(self, info: Any, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        return {
+            "name": "mrprism",
+            "preset": self.preset,
+            "in_channels": info.in_channels,
+            "num_classes": info.num_classes,
+            "options": {**self.model_options, **dict(options or {})},
+        }
+
+    def tick(self, text: str) -> None:
+        if self.on_progress is not None:
+            self.on_progress(text)
+
+
+def _row(result: Mapping[str, Any], slots: slice | None = None) -> dict[str, Any]:
+    """A report row from :func:`~mrprism_core.train.evaluate` output."""
+    per_rater = result.get("per_rater_dice") or []
+    if slots is not None:
+        per_rater = per_rater[slots]
+    return {
+        "soft_dice": float(result["soft_dice"]),
+        "per_rater_dice": [float(x) for x in per_rater if x is not None],
+        "dice_vs_truth": result.get("dice_vs_truth"),
+        "ged": result.get("ged"),
+        "ece": result.get("ece"),
+        "soft_dice_rec": [
+            float(result[k]) for k in sorted(result) if k.startswith("soft_dice_rec")
+        ],
+    }
+
+
+def _site_config(exp: Experiment, site: VirtualSite, state_dir: Path, data: Mapping) -> dict:
+    train = {"batch_size": exp.batch_size, "num_workers": 0, **dict(site.settings.get("train", {}))}
+    return {
+        "site": site.name,
+        "state_dir": str(state_dir),
+        "device": exp.device,
+        "seed": site.seed,
+        "train": train,
+        "data": dict(data),
+    }
+
+
+def _write_sites(exp: Experiment, method: str, data_of=lambda s: s.data) -> list[Path]:
+    dirs = []
+    for site in exp.sites:
+        state_dir = exp.work_dir / method / "sites" / site.name
+        cfg = _site_config(exp, site, state_dir, data_of(site))
+        SiteStore(state_dir).write_config(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+        dirs.append(state_dir)
+    return dirs
+
+
+def _site_infos(exp: Experiment) -> dict[str, Any]:
+    return {s.name: dataset_info(build_dataset(s.data, "train")) for s in exp.sites}
+
+
+def _run_federated(exp: Experiment, method: str, shared_everything: bool) -> dict[str, Any]:
+    from flwr.simulation import run_simulation
+
+    from client.app import create_client_app
+    from server.app import create_server_app
+
+    infos = _site_infos(exp)
+    first = next(iter(infos.values()))
+    most = max(info.num_raters for info in infos.values())
+    options: dict[str, Any] = {}
+    data_of = lambda s: s.data  # noqa: E731
+    if shared_everything:
+        options = {"local_modules": []}
+        data_of = lambda s: {**s.data, "rater_slots": {"total": most, "offset": 0}}  # noqa: E731
+    dirs = _write_sites(exp, method, data_of)
+    out_dir = exp.work_dir / method / "server"
+    count = len(exp.sites)
+    run_config = {
+        "num-server-rounds": exp.rounds,
+        "local-epochs": exp.local_epochs,
+        "strategy": exp.strategy,
+        "lr": exp.lr,
+        "seed": exp.seed,
+        "preset": exp.preset,
+        "model-options": json.dumps({**exp.model_options, **options}),
+        "in-channels": first.in_channels,
+        "num-classes": first.num_classes,
+        "num-raters": most,
+        "min-available-nodes": count,
+        "min-train-nodes": count,
+        "min-evaluate-nodes": count,
+        "out-dir": str(out_dir),
+        "resume": False,
+        "eval-split": exp.eval_split,
+    }
+    history: dict[str, list[float]] = {s.name: [] for s in exp.sites}
+    finals: dict[str, dict[str, Any]] = {}
+
+    def on_round(record: dict[str, Any]) -> None:
+        for name, row in record["evaluate_sites"].items():
+            history[name].append(float(row["soft-dice"]))
+            finals[name] = row
+        exp.tick(f"{method}: round {record['round']}/{exp.rounds}")
+
+    backend = {
+        "client_resources": {"num_cpus": 1, "num_gpus": exp.client_num_gpus},
+        "init_args": {"num_cpus": exp.ray_num_cpus or max(1, torch.get_num_threads())},
+    }
+    run_simulation(
+        server_app=create_server_app(run_config, on_round=on_round),
+        client_app=create_client_app([str(d) for d in dirs]),
+        num_supernodes=count,
+        backend_config=backend,
+    )
+    missing = [s.name for s in exp.sites if s.name not in finals]
+    if missing:
+        raise RuntimeError(f"{method}: no evaluation came back from {missing}; see the log above")
+    sites = {}
+    for name, row in finals.items():
+        sites[name] = {
+            "soft_dice": float(row["soft-dice"]),
+            "per_rater_dice": [float(x) for x in row.get("per-rater-dice-list", [])],
+            "dice_vs_truth": row.get("dice-vs-truth"),
+            "ged": row.get("ged"),
+            "ece": row.get("ece"),
+            "soft_dice_rec": [float(x) for x in row.get("soft-dice-rec", [])],
+        }
+    return {
+        "sites": sites,
+        "history": history,
+        "state_dirs": {s.name: str(d) for s, d in zip(exp.sites, dirs)},
+    }
+
+
+def _run_local(exp: Experiment) -> dict[str, Any]:
+    dirs = _write_sites(exp, "local")
+    sites, history = {}, {}
+    for site, state_dir in zip(exp.sites, dirs):
+        runtime = SiteRuntime.from_state_dir(state_dir)
+        model = runtime.build_model(exp.spec(runtime.info))
+        history[site.name] = []
+        for server_round in range(1, exp.rounds + 1):
+            runtime.train(
+                model,
+                local_epochs=exp.local_epochs,
+                lr=exp.lr,
+                seed=runtime.round_seed(exp.seed, server_round),
+            )
+            result = runtime.evaluate(model, exp.eval_split)
+            history[site.name].append(float(result["soft_dice"]))
+            exp.tick(f"local: {site.name} round {server_round}/{exp.rounds}")
+        runtime.save(model, server_round=exp.rounds, run_id=0)
+        sites[site.name] = _row(result)
+    return {
+        "sites": sites,
+        "history": history,
+        "state_dirs": {s.name: str(d) for s, d in zip(exp.sites, dirs)},
+    }
+
+
+def _run_centralized(exp: Experiment) -> dict[str, Any]:
+    infos = _site_infos(exp)
+    sizes = {info.image_size for info in infos.values()}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"centralized pooling needs one image size across sites, got {sorted(sizes)}"
+        )
+    offsets, total = {}, 0
+    for site in exp.sites:
+        offsets[site.name] = total
+        total += infos[site.name].num_raters
+
+    def slotted(site: VirtualSite) -> dict[str, Any]:
+        return {**site.data, "rater_slots": {"total": total, "offset": offsets[site.name]}}
+
+    device = resolve_device(exp.device)
+    pooled = ConcatDataset([build_dataset(slotted(s), "train") for s in exp.sites])
+    tests = {s.name: build_dataset(slotted(s), exp.eval_split) for s in exp.sites}
+    info = dataset_info(pooled.datasets[0])
+    model = build_site_model(exp.spec(info), info, exp.seed).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=exp.lr)
+    history: dict[str, list[float]] = {s.name: [] for s in exp.sites}
+    results: dict[str, Any] = {}
+    epoch = 0
+    for server_round in range(1, exp.rounds + 1):
+        for _ in range(exp.local_epochs):
+            torch.manual_seed(exp.seed * 1_000_003 + epoch)
+            loader = make_loader(pooled, exp.batch_size, shuffle=True, seed=exp.seed + epoch)
+            train_epoch(model, loader, optimizer, device)
+            epoch += 1
+        for site in exp.sites:
+            results[site.name] = evaluate(
+                model, make_loader(tests[site.name], exp.batch_size, shuffle=False), device
+            )
+            history[site.name].append(float(results[site.name]["soft_dice"]))
+        exp.tick(f"centralized: round {server_round}/{exp.rounds}")
+    sites = {}
+    for site in exp.sites:
+        start = offsets[site.name]
+        sites[site.name] = _row(
+            results[site.name], slice(start, start + infos[site.name].num_raters)
+        )
+    return {"sites": sites, "history": history, "rater_slots": offsets}
+
+
+def run_method(name: str, exp: Experiment) -> dict[str, Any]:
+    """Run one method of the grid; returns ``{"sites", "history", "seconds", ...}``."""
+    started = time.perf_counter()
+    if name == "federated":
+        result = _run_federated(exp, name, shared_everything=False)
+    elif name == "federated_shared":
+        result = _run_federated(exp, name, shared_everything=True)
+    elif name == "local":
+        result = _run_local(exp)
+    elif name == "centralized":
+        result = _run_centralized(exp)
+    else:
+        raise ValueError(f"unknown method {name!r}; choose from {list(METHODS)}")
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def mean_row(sites: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """Unweighted mean over sites of the scalar metrics."""
+    keys = ("soft_dice", "dice_vs_truth", "ged", "ece")
+    out = {}
+    for key in keys:
+        values = [float(row[key]) for row in sites.values() if row.get(key) is not None]
+        if values:
+            out[key] = sum(values) / len(values)
+    per_rater = [
+        sum(r["per_rater_dice"]) / len(r["per_rater_dice"])
+        for r in sites.values()
+        if r["per_rater_dice"]
+    ]
+    if per_rater:
+        out["per_rater_dice"] = sum(per_rater) / len(per_rater)
+    return out

@@ -1,0 +1,214 @@
+"""The experiment report: results.json (the contract outside checks read), results.md (the
+tables a person reads) and three plots."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mrprism_core.checkpoint import atomic_write_bytes, atomic_write_json
+
+__all__ = ["targets", "write_report"]
+
+FEDERATED_VS_CENTRAL_POINTS = 1.0
+FEDERATED_VS_LOCAL_POINTS = 3.0
+
+
+def _points(value: float) -> float:
+    return round(100 * value, 2)
+
+
+def targets(methods: Mapping[str, Any], train_cases: Mapping[str, int]) -> list[dict[str, Any]]:
+    """The three questions of the default experiment, answered from the results."""
+    out = []
+    fed = methods.get("federated")
+    if fed and "centralized" in methods:
+        gap = fed["mean"]["soft_dice"] - methods["centralized"]["mean"]["soft_dice"]
+        out.append(
+            {
+                "target": "federated within 1.0 soft-Dice point of centralized (site mean)",
+                "measured_points": _points(gap),
+                "met": 100 * gap >= -FEDERATED_VS_CENTRAL_POINTS,
+            }
+        )
+    if fed and "local" in methods:
+        smallest = min(train_cases, key=lambda s: train_cases[s])
+        gap = fed["sites"][smallest]["soft_dice"] - methods["local"]["sites"][smallest]["soft_dice"]
+        out.append(
+            {
+                "target": "federated >= 3 points above local-only on the smallest site "
+                f"({smallest})",
+                "measured_points": _points(gap),
+                "met": 100 * gap >= FEDERATED_VS_LOCAL_POINTS,
+            }
+        )
+    if fed and "federated_shared" in methods:
+        gap = fed["mean"].get("per_rater_dice", 0.0) - methods["federated_shared"]["mean"].get(
+            "per_rater_dice", 0.0
+        )
+        out.append(
+            {
+                "target": "personalised rater heads beat shared-everything on per-rater Dice",
+                "measured_points": _points(gap),
+                "met": gap > 0,
+            }
+        )
+    return out
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{100 * float(value):.1f}"
+
+
+def _markdown(results: Mapping[str, Any]) -> str:
+    methods = results["methods"]
+    sites = [s["name"] for s in results["sites"]]
+    lines = [
+        "# Simulation results",
+        "",
+        f"Seed {results['config']['seed']}; {len(sites)} sites; "
+        f"{results['config']['federation']['rounds']} rounds x "
+        f"{results['config']['federation']['local_epochs']} local epoch(s); "
+        f"strategy {results['config']['federation']['strategy']}; "
+        f"model preset {results['config']['federation']['preset']}. "
+        "Scores in points (x100) on each site's test split.",
+        "",
+        "| site | raters | train cases |",
+        "|---|---|---|",
+    ]
+    for site in results["sites"]:
+        lines.append(f"| {site['name']} | {site['num_raters']} | {site['cases'].get('train', 0)} |")
+    for metric, title in (
+        ("soft_dice", "Soft Dice (paper 000, Table 1)"),
+        (
+            "per_rater_dice",
+            "Per-rater Dice of the personalised heads (mean over the site's raters)",
+        ),
+        ("dice_vs_truth", "Dice against the true mask (synthetic data)"),
+    ):
+        lines += ["", f"## {title}", "", "| method | " + " | ".join(sites) + " | mean |"]
+        lines.append("|---" * (len(sites) + 2) + "|")
+        for name, method in methods.items():
+            cells = []
+            for site in sites:
+                value = method["sites"][site].get(metric)
+                if isinstance(value, list):
+                    value = float(np.mean(value)) if value else None
+                cells.append(_fmt(value))
+            lines.append(
+                f"| {name} | " + " | ".join(cells) + f" | {_fmt(method['mean'].get(metric))} |"
+            )
+    lines += ["", "## Targets", "", "| target | measured (points) | met |", "|---|---|---|"]
+    for target in results["targets"]:
+        lines.append(
+            f"| {target['target']} | {target['measured_points']:+.2f} | "
+            f"{'yes' if target['met'] else '**no**'} |"
+        )
+    lines += ["", "## Time", "", "| method | seconds |", "|---|---|"]
+    for name, method in methods.items():
+        lines.append(f"| {name} | {method['seconds']:.0f} |")
+    lines += [
+        "",
+        "Plots: `rounds.png` (soft Dice per round per site), `methods.png` (methods per site),",
+        "`cases.png` (one test case per site: image, raters, calibrated and personalised masks).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _plot_rounds(results: Mapping[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = results["methods"]
+    fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 3.2), squeeze=False)
+    for axis, (name, method) in zip(axes[0], methods.items()):
+        for site, values in method["history"].items():
+            axis.plot(range(1, len(values) + 1), values, marker="o", ms=3, label=site)
+        axis.set_title(name)
+        axis.set_xlabel("round")
+        axis.set_ylim(0, 1)
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("soft Dice (test)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_methods(results: Mapping[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = results["methods"]
+    sites = [s["name"] for s in results["sites"]]
+    width = 0.8 / max(1, len(methods))
+    fig, axis = plt.subplots(figsize=(1.8 + 1.6 * len(sites), 3.4))
+    for index, (name, method) in enumerate(methods.items()):
+        values = [method["sites"][s]["soft_dice"] for s in sites]
+        axis.bar(np.arange(len(sites)) + index * width, values, width, label=name)
+    axis.set_xticks(np.arange(len(sites)) + width * (len(methods) - 1) / 2, sites)
+    axis.set_ylabel("soft Dice (test)")
+    axis.set_ylim(0, 1)
+    axis.legend(fontsize=7)
+    axis.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _label_map(masks: np.ndarray) -> np.ndarray:
+    """(K, H, W) nested masks -> one map with 0 background, 1 outer, 2 inner, ..."""
+    return (masks > 0.5).sum(axis=0)
+
+
+def _plot_cases(cases: Sequence[Mapping[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = max(2 + 2 * len(c["raters"]) for c in cases)
+    fig, axes = plt.subplots(
+        len(cases), width, figsize=(1.3 * width, 1.4 * len(cases)), squeeze=False
+    )
+    for row, case in zip(axes, cases):
+        for axis in row:
+            axis.axis("off")
+        image = np.asarray(case["image"], dtype=float)
+        image = image[:3].transpose(1, 2, 0) if image.shape[0] >= 3 else image[0]
+        image = (image - image.min()) / max(1e-6, float(image.max() - image.min()))
+        row[0].imshow(image, cmap="gray")
+        row[0].set_title(case["site"], fontsize=7)
+        raters = len(case["raters"])
+        panels = [(f"rater {m + 1}", case["raters"][m]) for m in range(raters)]
+        panels.append(("calibrated", case["calibrated"]))
+        panels += [(f"head {m + 1}", case["heads"][m]) for m in range(raters)]
+        for axis, (title, mask) in zip(row[1:], panels):
+            axis.imshow(_label_map(np.asarray(mask)), vmin=0, vmax=2, cmap="viridis")
+            axis.set_title(title, fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(
+    out_dir: Path, results: dict[str, Any], cases: Sequence[Mapping[str, Any]] = ()
+) -> None:
+    """Write results.json, results.md and the plots into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "results.json", results)
+    atomic_write_bytes(out_dir / "results.md", _markdown(results).encode())
+    _plot_rounds(results, out_dir / "rounds.png")
+    _plot_methods(results, out_dir / "methods.png")
+    if cases:
+        _plot_cases(cases, out_dir / "cases.png")
+    print(json.dumps({"report": str(out_dir / "results.md")}))
