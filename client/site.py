@@ -23,8 +23,7 @@ from mrprism_core.data.factory import (
     build_dataset,
     dataset_info,
 )
-from mrprism_core.federated import build_site_model
-from mrprism_core.models import SegmentationModel, split_state
+from mrprism_core.models import SegmentationModel, build_model_for_data, split_state
 from mrprism_core.train import evaluate, make_loader, resolve_device, train_epoch
 
 from .state import SiteStore
@@ -196,7 +195,8 @@ class SiteRuntime:
     def build_model(self, spec: Mapping[str, Any]) -> SegmentationModel:
         """The run's architecture with this site's rater heads restored from its snapshot
         (freshly initialised from the site seed before the first round)."""
-        model = build_site_model(spec, self.info, self.seed)
+        torch.manual_seed(self.seed)  # the site's heads start the same way every time
+        model = build_model_for_data(spec, self.info)
         snapshot = self.store.load_snapshot()
         if snapshot is not None:
             _, expected = split_state(model)

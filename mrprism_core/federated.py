@@ -1,5 +1,5 @@
-"""Framework-free pieces of federated training: the model spec every site builds, what a site
-reports, and the checks an update must pass before it is aggregated.
+"""Framework-free pieces of federated training: how shared weights travel (one packed vector),
+what a site reports, and the checks an update must pass before it is aggregated.
 
 ``client`` and ``server`` wrap these in Flower messages; nothing here imports Flower.
 """
@@ -15,22 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data.factory import DatasetInfo
-from .models import SegmentationModel, build_model
-
 __all__ = [
     "PACKED_KEY",
-    "SCALAR_EVAL_METRICS",
     "StateLayout",
-    "build_site_model",
     "split_evaluation",
     "update_problem",
 ]
-
-#: Evaluation metrics every site reports, whatever its data; Flower aggregates them weighted by
-#: ``num-examples``. Site-specific details (one Dice per rater, Dice vs truth) go separately.
-SCALAR_EVAL_METRICS = ("soft-dice", "per-rater-dice", "ged", "ece")
-
 
 #: Name of the one array that carries the shared weights in a message.
 PACKED_KEY = "shared-weights"
@@ -85,41 +75,13 @@ class StateLayout:
         return out
 
 
-def build_site_model(spec: Mapping[str, Any], info: DatasetInfo, seed: int) -> SegmentationModel:
-    """Build the run's architecture for this site's data (its own rater count).
-
-    Args:
-        spec: ``{"name", "preset", "in_channels", "num_classes", "options"}`` from the server.
-        info: channels, classes, raters and image size of the site's data.
-        seed: seeds the site-local modules' initial weights.
-
-    Raises:
-        ValueError: the site's data does not fit the run (channels or classes differ).
-    """
-    for key, have in (("in_channels", info.in_channels), ("num_classes", info.num_classes)):
-        if int(spec[key]) != have:
-            raise ValueError(
-                f"this site's data has {key}={have} but the federation trains a model with "
-                f"{key}={spec[key]}; fix the site's data config or the run config"
-            )
-    torch.manual_seed(seed)
-    return build_model(
-        str(spec["name"]),
-        in_channels=info.in_channels,
-        num_classes=info.num_classes,
-        num_raters=info.num_raters,
-        image_size=info.image_size,
-        preset=str(spec["preset"]),
-        **dict(spec.get("options") or {}),
-    )
-
-
 def split_evaluation(result: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
     """Split :func:`~mrprism_core.train.evaluate` output into aggregatable scalars (same keys
     at every site, NaN-free) and per-site details.
 
     Returns:
-        ``(scalars, details)``; scalars hold :data:`SCALAR_EVAL_METRICS`, with
+        ``(scalars, details)``; scalars (soft-dice, per-rater-dice, ged, ece) are what Flower
+        aggregates weighted by ``num-examples``, the same keys at every site, with
         ``per-rater-dice`` the mean over this site's raters (or the calibrated soft Dice when
         the model has no rater outputs) and ``ged`` 0 when undefined.
     """
@@ -156,8 +118,3 @@ def update_problem(
         if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
             return f"{key} contains NaN or Inf"
     return None
-
-
-def finite_or_none(value: float) -> float | None:
-    """JSON-friendly: NaN/Inf become None."""
-    return value if math.isfinite(value) else None

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
 from .data.factory import build_dataset, dataset_info
 from .metrics import MetricAccumulator
-from .models import SegmentationModel, build_model, model_from_build_args
+from .models import SegmentationModel, build_model_for_data, model_from_build_args
 
 __all__ = [
     "resolve_device",
@@ -219,15 +219,14 @@ def fit(cfg: Mapping[str, Any]) -> dict[str, Any]:
     val_set = build_dataset(data_cfg, "val")
     test_set = build_dataset(data_cfg, "test")
     info = dataset_info(train_set)
-    model = build_model(
-        str(model_cfg["name"]),
-        in_channels=info.in_channels,
-        num_classes=info.num_classes,
-        num_raters=info.num_raters,
-        image_size=info.image_size,
-        preset=str(model_cfg["preset"]),
-        **dict(model_cfg.get("options") or {}),
-    ).to(device)
+    spec = {
+        "name": model_cfg["name"],
+        "preset": model_cfg["preset"],
+        "in_channels": info.in_channels,
+        "num_classes": info.num_classes,
+        "options": model_cfg.get("options") or {},
+    }
+    model = build_model_for_data(spec, info).to(device)
     lr = float(train_cfg.get("lr") or _preset_lr(model))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
 

@@ -27,7 +27,7 @@ from torch.utils.data import ConcatDataset
 from client.site import SiteRuntime
 from client.state import SiteStore
 from mrprism_core.data.factory import build_dataset, dataset_info
-from mrprism_core.federated import build_site_model
+from mrprism_core.models import build_model_for_data
 from mrprism_core.train import evaluate, make_loader, resolve_device, train_epoch
 
 from .partition import VirtualSite
@@ -233,7 +233,8 @@ def _run_centralized(exp: Experiment) -> dict[str, Any]:
     pooled = ConcatDataset([build_dataset(slotted(s), "train") for s in exp.sites])
     tests = {s.name: build_dataset(slotted(s), exp.eval_split) for s in exp.sites}
     info = dataset_info(pooled.datasets[0])
-    model = build_site_model(exp.spec(info), info, exp.seed).to(device)
+    torch.manual_seed(exp.seed)
+    model = build_model_for_data(exp.spec(info), info).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=exp.lr)
     history: dict[str, list[float]] = {s.name: [] for s in exp.sites}
     results: dict[str, Any] = {}

@@ -3,20 +3,19 @@ that federated training shares from those that stay at the site."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
 from ..losses import MrPrismLossConfig
 from .base import SegmentationModel, SegmentationOutput
-from .config import PRESET_IMAGE_SIZE, PRESETS, MrPrismArch, get_preset
+from .config import PRESETS, MrPrismArch, get_preset
 from .mrprism import MrPrism
 from .unet import UNetMV
 
 __all__ = [
     "MODEL_NAMES",
-    "PRESET_IMAGE_SIZE",
     "PRESETS",
     "MrPrism",
     "MrPrismArch",
@@ -24,6 +23,7 @@ __all__ = [
     "SegmentationOutput",
     "UNetMV",
     "build_model",
+    "build_model_for_data",
     "split_state",
     "model_from_build_args",
 ]
@@ -106,6 +106,35 @@ def build_model(
     }
     build_args = {"name": name, "preset": preset, **common, **options}
     return _REGISTRY[name](arch, common, options, build_args)
+
+
+def build_model_for_data(spec: Mapping[str, Any], info: Any) -> SegmentationModel:
+    """Build the model a spec describes for a data set's channels, classes, raters and size.
+
+    Args:
+        spec: ``{"name", "preset", "in_channels", "num_classes", "options"}``; in federated
+            runs it comes from the server, so every site builds the same architecture.
+        info: a :class:`~mrprism_core.data.factory.DatasetInfo` of the data to train on.
+
+    Raises:
+        ValueError: the data does not fit the spec (channels or classes differ).
+    """
+    for key in ("in_channels", "num_classes"):
+        have = getattr(info, key)
+        if int(spec[key]) != have:
+            raise ValueError(
+                f"this site's data has {key}={have} but the federation trains a model with "
+                f"{key}={spec[key]}; fix the site's data config or the run config"
+            )
+    return build_model(
+        str(spec["name"]),
+        in_channels=info.in_channels,
+        num_classes=info.num_classes,
+        num_raters=info.num_raters,
+        image_size=info.image_size,
+        preset=str(spec["preset"]),
+        **dict(spec.get("options") or {}),
+    )
 
 
 def model_from_build_args(build_args: dict[str, Any]) -> SegmentationModel:

@@ -59,9 +59,6 @@ PRESETS: dict[str, MrPrismArch] = {
     ),
 }
 
-#: Default image side of each preset.
-PRESET_IMAGE_SIZE = {"paper": 256, "tiny": 64}
-
 
 def get_preset(name: str, **overrides: object) -> MrPrismArch:
     """The named preset with ``overrides`` applied (unknown names raise with the valid ones)."""
