@@ -1,7 +1,6 @@
 """Data sources. Every reader yields the same sample: ``image`` (C, H, W), ``raters``
 (M, K, H, W) in {0, 1}, ``id``, and, where known, ``truth`` (K, H, W)."""
 
-from .views import CaseSubset, RaterSlots, RaterSubset
 from .synthetic import (
     ImageStyle,
     RaterProfile,
@@ -9,6 +8,7 @@ from .synthetic import (
     default_rater_profiles,
     make_dataset,
 )
+from .views import CaseSubset, RaterSlots, RaterSubset
 
 __all__ = [
     "CaseSubset",

@@ -46,7 +46,9 @@ class RaterSubset(Dataset):
         sample = dict(self.dataset[index])
         masks = sample["raters"]
         if max(self.raters) >= masks.shape[0]:
-            raise IndexError(f"rater {max(self.raters)} requested, case has {masks.shape[0]} raters")
+            raise IndexError(
+                f"rater {max(self.raters)} requested, the case has {masks.shape[0]} raters"
+            )
         sample["raters"] = masks[self.raters]
         return sample
 
@@ -77,9 +79,6 @@ class RaterSlots(Dataset):
         padded = masks.new_zeros((self.total, *masks.shape[1:]))
         padded[self.offset : self.offset + count] = masks
         valid = torch.zeros(self.total, dtype=masks.dtype)
-        if "rater_valid" in sample:
-            valid[self.offset : self.offset + count] = sample["rater_valid"]
-        else:
-            valid[self.offset : self.offset + count] = 1
+        valid[self.offset : self.offset + count] = sample.get("rater_valid", 1)
         sample["raters"], sample["rater_valid"] = padded, valid
         return sample
