@@ -4,7 +4,7 @@ weights and metrics only. Rater heads and data stay in the site's state director
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -21,10 +21,6 @@ __all__ = ["app", "create_client_app", "node_state_dir"]
 def node_state_dir(context: Context) -> Path:
     """Deployment: ``python -m client`` passes the site's state directory as node config."""
     return Path(str(context.node_config["state-dir"]))
-
-
-def _site(context: Context, state_dir_of: Callable[[Context], Path]) -> SiteRuntime:
-    return SiteRuntime.from_state_dir(state_dir_of(context))
 
 
 def _load_global(site: SiteRuntime, msg: Message) -> tuple[SegmentationModel, StateLayout]:
@@ -56,7 +52,7 @@ def create_client_app(state_dirs: Sequence[str] | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         config = msg.content["config"]
-        site = _site(context, state_dir_of)
+        site = SiteRuntime.from_state_dir(state_dir_of(context))
         model, layout = _load_global(site, msg)
         server_round = int(config["server-round"])
         result = site.train(
@@ -84,7 +80,7 @@ def create_client_app(state_dirs: Sequence[str] | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         config = msg.content["config"]
-        site = _site(context, state_dir_of)
+        site = SiteRuntime.from_state_dir(state_dir_of(context))
         model, _ = _load_global(site, msg)
         result = site.evaluate(model, str(config.get("eval-split", "val")))
         scalars, details = split_evaluation(result)
