@@ -31,8 +31,9 @@ from mrprism_core.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from mrprism_core.data.factory import DatasetInfo
 from mrprism_core.federated import PACKED_KEY, StateLayout, update_problem
-from mrprism_core.models import build_model, split_state
+from mrprism_core.models import build_model_for_data, split_state
 
 from .config import RunConfig
 
@@ -49,16 +50,9 @@ def initial_arrays(cfg: RunConfig) -> dict[str, torch.Tensor]:
     """Shared weights of a freshly initialised model. With the rater heads local (the default)
     the rater count does not change them; ``num-raters`` matters only when heads are shared."""
     spec = cfg.model_spec()
+    shape = DatasetInfo(spec["in_channels"], spec["num_classes"], cfg.num_raters, image_size=32)
     torch.manual_seed(cfg.seed)
-    model = build_model(
-        spec["name"],
-        in_channels=spec["in_channels"],
-        num_classes=spec["num_classes"],
-        num_raters=cfg.num_raters,
-        image_size=32,
-        preset=spec["preset"],
-        **spec["options"],
-    )
+    model = build_model_for_data(spec, shape)
     shared, _ = split_state(model)
     return shared
 

@@ -57,13 +57,13 @@ class Experiment:
     client_num_gpus: float = 0.0
     on_progress: Callable[[str], None] | None = None
 
-    def spec(self, info: Any, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def spec(self, info: Any) -> dict[str, Any]:
         return {
             "name": "mrprism",
             "preset": self.preset,
             "in_channels": info.in_channels,
             "num_classes": info.num_classes,
-            "options": {**self.model_options, **dict(options or {})},
+            "options": dict(self.model_options),
         }
 
     def tick(self, text: str) -> None:
