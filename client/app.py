@@ -3,19 +3,54 @@ weights and metrics only. Rater heads and data stay in the site's state director
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
+from mrprism_core.checkpoint import CorruptCheckpointError
 from mrprism_core.federated import PACKED_KEY, StateLayout, split_evaluation
 from mrprism_core.models import SegmentationModel, split_state
 
-from .site import SiteRuntime
+from .site import SiteDataError, SiteRuntime
 
-__all__ = ["app", "create_client_app", "node_state_dir"]
+__all__ = ["SITE_FAULTS", "app", "create_client_app", "node_state_dir"]
+
+log = logging.getLogger("flwr.mrprism")  # printed in the SuperNode's log
+
+# A site that cannot take part (bad data, damaged state, a model that does not fit its data)
+# answers with an error naming the problem; the server leaves it out and the round goes on.
+SITE_FAULTS = (SiteDataError, CorruptCheckpointError, ValueError)
+Handler = Callable[[Message, Context], Message]
+
+
+def _faults_as_error_replies(handler: Handler, state_dir_of: Callable[[Context], Path]) -> Handler:
+    @functools.wraps(handler)
+    def wrapper(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except SITE_FAULTS as err:
+            site = context.node_config.get("site") or state_dir_of(context).name
+            reason = f"site {site} cannot take part: {err}"
+            log.error("%s", reason)
+            return Message(
+                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg
+            )
+
+    return wrapper
 
 
 def node_state_dir(context: Context) -> Path:
@@ -50,10 +85,12 @@ def create_client_app(state_dirs: Sequence[str] | None = None) -> ClientApp:
     app = ClientApp()
 
     @app.train()
+    @functools.partial(_faults_as_error_replies, state_dir_of=state_dir_of)
     def train(msg: Message, context: Context) -> Message:
         config = msg.content["config"]
         site = SiteRuntime.from_state_dir(state_dir_of(context))
         model, layout = _load_global(site, msg)
+        heads_from = site.heads_round  # before this round's save replaces the snapshot
         server_round = int(config["server-round"])
         result = site.train(
             model,
@@ -71,13 +108,20 @@ def create_client_app(state_dirs: Sequence[str] | None = None) -> ClientApp:
                 "num-examples": int(result["num_examples"]),
             }
         )
-        details = ConfigRecord({"name": site.name, "num-raters": site.info.num_raters})
+        details = ConfigRecord(
+            {
+                "name": site.name,
+                "num-raters": site.info.num_raters,
+                "heads-from-round": heads_from,
+            }
+        )
         content = RecordDict(
             {"arrays": ArrayRecord({PACKED_KEY: shared}), "metrics": metrics, "site": details}
         )
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()
+    @functools.partial(_faults_as_error_replies, state_dir_of=state_dir_of)
     def evaluate(msg: Message, context: Context) -> Message:
         config = msg.content["config"]
         site = SiteRuntime.from_state_dir(state_dir_of(context))
@@ -86,7 +130,12 @@ def create_client_app(state_dirs: Sequence[str] | None = None) -> ClientApp:
         scalars, details = split_evaluation(result)
         metrics = MetricRecord({**scalars, "num-examples": int(result["num_examples"])})
         site_record = ConfigRecord(
-            {"name": site.name, "num-raters": site.info.num_raters, **details}
+            {
+                "name": site.name,
+                "num-raters": site.info.num_raters,
+                "heads-from-round": site.heads_round,
+                **details,
+            }
         )
         return Message(content=RecordDict({"metrics": metrics, "site": site_record}), reply_to=msg)
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mrprism_core.checkpoint import CorruptCheckpointError
 from mrprism_core.data.factory import (
     SPLITS,
     DatasetInfo,
@@ -48,6 +49,7 @@ class SiteSummary:
     site: str
     cases: dict[str, int]
     info: DatasetInfo
+    snapshot: str = "none yet (fresh rater heads)"
 
     def lines(self) -> list[str]:
         cases = ", ".join(f"{split} {count}" for split, count in self.cases.items())
@@ -58,6 +60,7 @@ class SiteSummary:
             f"classes:     {self.info.num_classes}",
             f"channels:    {self.info.in_channels}",
             f"image size:  {self.info.image_size} x {self.info.image_size}",
+            f"snapshot:    {self.snapshot}",
         ]
 
 
@@ -189,24 +192,49 @@ class SiteRuntime:
             raise SiteDataError(
                 f"site {self.name}: data config {self.cfg.get('data')}: {err}"
             ) from err
-        return SiteSummary(self.name, cases, self.info)
+        return SiteSummary(self.name, cases, self.info, self._describe_snapshot())
+
+    def _describe_snapshot(self) -> str:
+        try:
+            snapshot = self.snapshot
+        except CorruptCheckpointError as err:
+            raise SiteDataError(f"site {self.name}: {err}") from err
+        if snapshot is None:
+            return SiteSummary.snapshot
+        return (
+            f"round {snapshot['round']} of run {snapshot['run_id']}, saved "
+            f"{snapshot['saved_at']} ({self.store.snapshot_path})"
+        )
 
     # --- model ------------------------------------------------------------------------
+    @functools.cached_property
+    def snapshot(self) -> dict[str, Any] | None:
+        """The site's last saved model (rater heads + shared weights), None before round 1.
+
+        Raises:
+            CorruptCheckpointError: the file is damaged; it is never replaced silently.
+        """
+        return self.store.load_snapshot()
+
+    @property
+    def heads_round(self) -> int:
+        """The round whose rater heads this site starts from (0: fresh heads)."""
+        return int(self.snapshot["round"]) if self.snapshot is not None else 0
+
     def build_model(self, spec: Mapping[str, Any]) -> SegmentationModel:
         """The run's architecture with this site's rater heads restored from its snapshot
         (freshly initialised from the site seed before the first round)."""
         torch.manual_seed(self.seed)  # the site's heads start the same way every time
         model = build_model_for_data(spec, self.info)
-        snapshot = self.store.load_snapshot()
-        if snapshot is not None:
+        if self.snapshot is not None:
             _, expected = split_state(model)
-            local = snapshot["local_state"]
+            local = self.snapshot["local_state"]
             if {k: tuple(v.shape) for k, v in local.items()} != {
                 k: tuple(v.shape) for k, v in expected.items()
             }:
                 raise SiteDataError(
                     f"{self.store.snapshot_path} holds rater heads of another model "
-                    f"({snapshot['build_args']}); move it away to start this site afresh"
+                    f"({self.snapshot['build_args']}); move it away to start this site afresh"
                 )
             model.load_state_dict(local, strict=False)
         return model.to(self.device)
@@ -225,6 +253,7 @@ class SiteRuntime:
 
     def save(self, model: SegmentationModel, *, server_round: int, run_id: int) -> None:
         shared, local = split_state(model)
+        self.__dict__.pop("snapshot", None)  # the cached copy is stale from here on
         self.store.save_snapshot(
             site=self.name,
             build_args=model.build_args,

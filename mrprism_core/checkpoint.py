@@ -11,6 +11,7 @@ import io
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ __all__ = [
 ]
 
 _MAGIC = b"MRPRISM-CKPT-1\n"
+# a temp file this old was left by a writer that was killed (no write takes this long)
+STALE_TEMP_SECONDS = 600.0
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -46,7 +49,33 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_directory(path.parent)  # the rename itself survives a power cut
+    _remove_stale_temps(path)
     return path
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete temp files of ``path`` left behind by writers that were killed mid-write."""
+    cutoff = time.time() - STALE_TEMP_SECONDS
+    for temp in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            if temp.stat().st_mtime < cutoff:
+                temp.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:

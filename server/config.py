@@ -23,6 +23,7 @@ class RunConfig:
     min_train_nodes: int = 2  # a training round waits for at least this many sites
     min_evaluate_nodes: int = 2  # an evaluation round waits for at least this many sites
     min_available_nodes: int = 2  # sites that must be connected before round 1 starts
+    min_train_replies: int = 1  # usable updates a round needs to change the global model
     proximal_mu: float = 0.01  # FedProx proximal weight
     server_lr: float = 0.01  # FedAdam/FedYogi server learning rate (eta)
     trim_beta: float = 0.2  # FedTrimmedAvg: fraction trimmed at each end

@@ -3,6 +3,9 @@ loop adds what a hospital federation needs around it.
 
 * resume: the global weights, the round reached and the metrics log are checkpointed
   atomically after every round; a restarted ServerApp continues from the next round;
+* dropout: a site that fails, disappears or does not answer within ``round-timeout`` is
+  logged by name and left out of that phase; the round aggregates when at least
+  ``min-train-replies`` usable updates arrived, and keeps the global model otherwise;
 * update hygiene: a reply whose arrays are non-finite or do not match the global model is
   dropped (and logged) before aggregation, so one broken site cannot poison the round;
 * per-site metrics in ``metrics.jsonl`` beside Flower's weighted aggregates.
@@ -57,22 +60,64 @@ def initial_arrays(cfg: RunConfig) -> dict[str, torch.Tensor]:
     return shared
 
 
-def _site_name(msg: Message) -> str:
-    if "site" in msg.content.config_records:
-        return str(msg.content.config_records["site"].get("name", msg.metadata.src_node_id))
-    return f"node-{msg.metadata.src_node_id}"
+class _SiteDirectory:
+    """Which site sits behind which SuperNode id, learnt from the sites' replies, so that a
+    failure is reported by site name (a site that restarts comes back under a new node id)."""
+
+    def __init__(self) -> None:
+        self.by_node: dict[int, str] = {}
+
+    def learn(self, msg: Message) -> str:
+        name = f"node-{msg.metadata.src_node_id}"
+        if "site" in msg.content.config_records:
+            name = str(msg.content.config_records["site"].get("name", name))
+            self.by_node[msg.metadata.src_node_id] = name
+        return name
+
+    def name(self, node_id: int) -> str:
+        return self.by_node.get(node_id, f"node-{node_id}")
 
 
-def _clean_replies(
+def _exchange(
+    grid: Grid,
+    instructions: Iterable[Message],
+    timeout: float,
+    sites: _SiteDirectory,
+    dropped: list[dict[str, str]],
+) -> list[Message]:
+    """Send one phase's messages; return the replies without errors. Every site that failed
+    (error reply, node gone, no answer before ``timeout``) is logged and added to
+    ``dropped``: the phase goes on with the others."""
+    sent = list(instructions)
+    replies = list(grid.send_and_receive(sent, timeout=timeout))
+    node_of = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in sent}
+    answered = set()
+    ok = []
+    for msg in replies:
+        node = node_of.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+        answered.add(node)
+        if msg.has_error():
+            _drop(dropped, sites.name(node), msg.error.reason)
+        else:
+            sites.learn(msg)
+            ok.append(msg)
+    for node in sorted(set(node_of.values()) - answered):
+        _drop(dropped, sites.name(node), f"no reply within round-timeout={timeout:g} s")
+    return ok
+
+
+def _drop(dropped: list[dict[str, str]], site: str, reason: str) -> None:
+    dropped.append({"site": site, "reason": reason})
+    log.warning("leaving %s out of this phase: %s", site, reason)
+
+
+def _usable_updates(
     replies: Iterable[Message], reference: ArrayRecord, dropped: list[dict[str, str]]
 ) -> list[Message]:
-    """Replies without errors whose arrays pass :func:`update_problem`."""
+    """Train replies whose arrays pass :func:`update_problem` (finite, right keys/shapes)."""
     ref = {k: v.numpy() for k, v in reference.items()}
     kept = []
     for msg in replies:
-        if msg.has_error():
-            dropped.append({"node": str(msg.metadata.src_node_id), "reason": msg.error.reason})
-            continue
         records = list(msg.content.array_records.values())
         problem = (
             "no weights in the reply"
@@ -80,18 +125,21 @@ def _clean_replies(
             else update_problem({k: v.numpy() for k, v in records[0].items()}, ref)
         )
         if problem:
-            dropped.append({"site": _site_name(msg), "reason": problem})
-            log.warning("dropping the update of %s: %s", _site_name(msg), problem)
+            _drop(dropped, _site_name(msg), f"update rejected: {problem}")
             continue
         kept.append(msg)
     return kept
 
 
+def _site_name(msg: Message) -> str:
+    if "site" in msg.content.config_records:
+        return str(msg.content.config_records["site"].get("name", msg.metadata.src_node_id))
+    return f"node-{msg.metadata.src_node_id}"
+
+
 def _site_rows(replies: Iterable[Message]) -> dict[str, dict[str, Any]]:
     rows = {}
     for msg in replies:
-        if msg.has_error():
-            continue
         row: dict[str, Any] = {}
         for record in msg.content.metric_records.values():
             row.update(dict(record))
@@ -183,41 +231,64 @@ def run_federation(
         "lr": cfg.lr,
         "seed": cfg.seed,
     }
+    sites = _SiteDirectory()
     for server_round in range(done + 1, cfg.num_server_rounds + 1):
         started = time.time()
         log.info("round %d/%d", server_round, cfg.num_server_rounds)
         train_config = ConfigRecord({**base_config, "local-epochs": cfg.local_epochs})
-        replies = list(
-            grid.send_and_receive(
-                strategy.configure_train(server_round, arrays, train_config, grid),
-                timeout=cfg.round_timeout,
-            )
-        )
         dropped: list[dict[str, str]] = []
-        clean = _clean_replies(replies, arrays, dropped)
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, clean)
-        if new_arrays is not None:
-            arrays = new_arrays
-        else:
-            log.warning("round %d: no usable update, the global model is unchanged", server_round)
+        replies = _exchange(
+            grid,
+            strategy.configure_train(server_round, arrays, train_config, grid),
+            cfg.round_timeout,
+            sites,
+            dropped,
+        )
+        updates = _usable_updates(replies, arrays, dropped)
+        aggregated = len(updates) >= cfg.min_train_replies
+        train_metrics = None
+        if aggregated:
+            new_arrays, train_metrics = strategy.aggregate_train(server_round, updates)
+            aggregated = new_arrays is not None
+            arrays = new_arrays if new_arrays is not None else arrays
+        if not aggregated:
+            log.warning(
+                "round %d: %d usable update(s), fewer than min-train-replies=%d; the global "
+                "model is unchanged",
+                server_round,
+                len(updates),
+                cfg.min_train_replies,
+            )
+        for msg in updates:
+            skipped = int(msg.content.metric_records["metrics"].get("skipped-steps", 0))
+            if skipped:
+                log.warning(
+                    "%s skipped %d optimizer step(s) with a non-finite loss",
+                    _site_name(msg),
+                    skipped,
+                )
 
         eval_config = ConfigRecord({**base_config, "eval-split": cfg.eval_split})
-        eval_replies = list(
-            grid.send_and_receive(
-                strategy.configure_evaluate(server_round, arrays, eval_config, grid),
-                timeout=cfg.round_timeout,
-            )
+        eval_dropped: list[dict[str, str]] = []
+        eval_replies = _exchange(
+            grid,
+            strategy.configure_evaluate(server_round, arrays, eval_config, grid),
+            cfg.round_timeout,
+            sites,
+            eval_dropped,
         )
         eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
         record = {
             "round": server_round,
             "run_id": run_id,
             "seconds": round(time.time() - started, 3),
+            "aggregated": aggregated,
             "train": dict(train_metrics or MetricRecord()),
             "evaluate": dict(eval_metrics or MetricRecord()),
-            "train_sites": _site_rows(clean),
+            "train_sites": _site_rows(updates),
             "evaluate_sites": _site_rows(eval_replies),
             "dropped": dropped,
+            "evaluate_dropped": eval_dropped,
         }
         history.append(record)
         files.save_round(cfg, layout, arrays, server_round, run_id, history)

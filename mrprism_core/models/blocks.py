@@ -40,7 +40,7 @@ class ConvNormAct(nn.Sequential):
         super().__init__(
             nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2, bias=False),
             group_norm(cout),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
         )
 
 
@@ -56,7 +56,7 @@ class UpBlock(nn.Module):
     def forward(self, x: Tensor, skip: Tensor | None = None) -> Tensor:
         if skip is not None:
             x = torch.cat([x, skip], dim=1)
-        return self.refine(F.relu(self.norm(self.deconv(x)), inplace=True))
+        return self.refine(F.relu(self.norm(self.deconv(x))))
 
 
 class PatchEmbed(nn.Module):

@@ -28,9 +28,9 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.norm1(self.conv1(x)), inplace=True)
+        out = F.relu(self.norm1(self.conv1(x)))
         out = self.norm2(self.conv2(out))
-        return F.relu(out + self.shortcut(x), inplace=True)
+        return F.relu(out + self.shortcut(x))
 
 
 class ResNetEncoder(nn.Module):

@@ -19,17 +19,27 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port free now and not handed out before in this test session (the OS may offer a
+    just-closed port again before the process it was meant for has bound it)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return json.dumps(value)
+        # flwr's -c parser does not allow escaped quotes: JSON goes in a TOML literal string
+        return f"'{value}'" if '"' in value else json.dumps(value)
     return repr(value)
 
 
@@ -66,7 +76,7 @@ class Deployment:
         return env
 
     def _spawn(self, name: str, command: list[str], home: str, limit: float) -> subprocess.Popen:
-        log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        log = open(self.root / f"{name}.log", "a")  # noqa: SIM115 - closed with the process
         process = subprocess.Popen(
             ["timeout", str(int(limit)), *command],
             cwd=self.root,
@@ -102,15 +112,21 @@ class Deployment:
             time.sleep(0.3)
         raise TimeoutError(f"SuperLink did not open port {self.port}:\n{self.log('superlink')}")
 
-    def start_site(self, site: str, *overrides: str, limit: float = 900) -> subprocess.Popen:
+    def start_site(
+        self, site: str, *overrides: str, name: str | None = None, limit: float = 900
+    ) -> subprocess.Popen:
+        """``python -m client --site SITE`` as its own SuperNode; ``name`` runs the same config
+        as another hospital (its own name, state dir and log)."""
+        name = name or site
         command = [sys.executable, "-m", "client", "--site", site]
         command += [
+            f"site={name}",
             f"superlink=127.0.0.1:{self.port}",
             f"supernode.port={free_port()}",
-            f"state_dir={self.site_dir(site)}",
+            f"state_dir={self.site_dir(name)}",
             *overrides,
         ]
-        return self._spawn(site, command, site, limit)
+        return self._spawn(name, command, name, limit)
 
     def site_dir(self, site: str) -> Path:
         return self.root / "sites" / site
@@ -147,6 +163,20 @@ class Deployment:
         return self.flwr(
             "run", str(PROJECT_ROOT), "test", "--stream", "-c", overrides, timeout=timeout
         )
+
+    def submit(self, run_config: dict[str, Any], limit: float = 900) -> subprocess.Popen:
+        """``flwr run`` in the background (to be interrupted by a test)."""
+        overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
+        command = [str(BIN / "flwr"), "run", str(PROJECT_ROOT), "test", "--stream"]
+        return self._spawn("flwr-run", [*command, "-c", overrides], "cli", limit)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a process and its children, as a power cut would."""
+        for entry in [e for e in self.processes if e[0] == name]:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(entry[1].pid, signal.SIGKILL)
+            entry[1].wait(timeout=30)
+            self.processes.remove(entry)
 
     def log(self, name: str) -> str:
         path = self.root / f"{name}.log"

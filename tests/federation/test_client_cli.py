@@ -60,3 +60,21 @@ def test_help_explains(tmp_path):
     assert result.returncode == 0
     for text in ("--site", "--check", "key=value", "flower-supernode"):
         assert text in result.stdout
+
+
+def test_check_reports_the_snapshot_and_refuses_a_damaged_one(tmp_path):
+    from client.state import SiteStore
+
+    state = tmp_path / "state"
+    fresh = _client("--site", "synthetic_a", "--check", f"state_dir={state}")
+    assert fresh.returncode == 0 and "snapshot:    none yet" in fresh.stdout
+    store = SiteStore(state)
+    store.save_snapshot(
+        site="synthetic_a", build_args={}, local_state={}, shared_state={}, server_round=4, run_id=9
+    )
+    saved = _client("--site", "synthetic_a", "--check", f"state_dir={state}")
+    assert saved.returncode == 0 and "snapshot:    round 4 of run 9" in saved.stdout
+    store.snapshot_path.write_bytes(store.snapshot_path.read_bytes()[:-3])  # torn by a crash
+    damaged = _client("--site", "synthetic_a", "--check", f"state_dir={state}")
+    assert damaged.returncode == 2 and "Traceback" not in damaged.stderr
+    assert f"{store.snapshot_path}: checksum mismatch" in damaged.stderr

@@ -47,12 +47,14 @@ def test_reply_holds_only_shared_weights_whatever_the_rater_count(make_site, tas
     assert sizes["synthetic_a"] == sizes["synthetic_c"]
 
 
-def test_a_site_with_the_wrong_channel_count_fails_clearly(make_site, task_identity):
-    # in deployment Flower turns the exception into an error reply carrying this message
+def test_a_site_with_the_wrong_channel_count_answers_with_a_clear_error(make_site, task_identity):
+    # the server logs this reason and leaves the site out; the round goes on without it
     state_dir = make_site("synthetic_a", "data.style.channels=1")
     message, _ = train_message()
-    with pytest.raises(ValueError, match="in_channels=1 but the federation trains"):
-        create_client_app()(message, node_context(state_dir))
+    reply = create_client_app()(message, node_context(state_dir))
+    assert reply.has_error()
+    assert "in_channels=1 but the federation trains" in reply.error.reason
+    assert not (Path(state_dir) / "site_model.pt").exists()  # nothing was trained or saved
 
 
 def test_heads_persist_between_rounds(make_site, task_identity):
@@ -81,6 +83,10 @@ def test_a_corrupt_site_state_is_reported_not_replaced(make_site, task_identity)
     raw = bytearray(path.read_bytes())
     raw[-10] ^= 0xFF  # one flipped byte, as a failing disk would leave it
     path.write_bytes(bytes(raw))
-    with pytest.raises(CorruptCheckpointError, match="site_model.pt: checksum mismatch"):
-        app(train_message()[0], node_context(state_dir))
+    for message in (train_message()[0], train_message()[0]):
+        reply = app(message, node_context(state_dir))
+        assert reply.has_error()
+        assert f"{path}: checksum mismatch" in reply.error.reason
     assert path.read_bytes() == bytes(raw)  # left for the operator, not overwritten
+    with pytest.raises(CorruptCheckpointError, match="checksum mismatch"):
+        load_checkpoint(path)
