@@ -25,8 +25,12 @@ examples:
   python -m client --list
   python -m client --site synthetic_a --check
   python -m client --site synthetic_a superlink=127.0.0.1:9092
-  python -m client --site refuge data.root=/mnt/refuge \\
-      supernode.root_certificates=/etc/mrprism/ca.crt
+  python -m client --site synthetic_a privacy=dp_sgd privacy.target_epsilon=4
+  python -m client --site refuge data.root=/mnt/refuge supernode.insecure=false \\
+      supernode.root_certificates=/etc/mrprism/ca.crt \\
+      supernode.auth_private_key=/etc/mrprism/keys/refuge
+
+a site's key pair for SuperNode authentication: python -m client.keys DIR --site NAME
 """
 
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+import torch
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -58,9 +60,10 @@ def node_state_dir(context: Context) -> Path:
     return Path(str(context.node_config["state-dir"]))
 
 
-def _load_global(site: SiteRuntime, msg: Message) -> tuple[SegmentationModel, StateLayout]:
+def _site_model(
+    site: SiteRuntime, config: Mapping[str, Any], packed: torch.Tensor
+) -> tuple[SegmentationModel, StateLayout]:
     """The site's model with the server's shared weights and its own rater heads."""
-    config = msg.content["config"]
     model = site.build_model(json.loads(str(config["model-spec"])))
     layout = StateLayout.of(split_state(model)[0])
     if layout.fingerprint != str(config["layout"]):
@@ -68,9 +71,58 @@ def _load_global(site: SiteRuntime, msg: Message) -> tuple[SegmentationModel, St
             f"site {site.name}: shared-weight layout {layout.fingerprint} differs from the "
             f"server's {config['layout']}; both sides must run the same code and model spec"
         )
-    packed = msg.content["arrays"].to_torch_state_dict()[PACKED_KEY]
     site.load_shared(model, layout.unpack(packed))
     return model, layout
+
+
+def _train_round(
+    site: SiteRuntime, config: Mapping[str, Any], packed: torch.Tensor, run_id: int
+) -> tuple[torch.Tensor, dict[str, Any], dict[str, Any]]:
+    """One round at the site: (packed shared weights to send, metrics, site details)."""
+    model, layout = _site_model(site, config, packed)
+    heads_from = site.heads_round  # before this round's save replaces the snapshot
+    server_round = int(config["server-round"])
+    result = site.train(
+        model,
+        local_epochs=int(config["local-epochs"]),
+        lr=float(config["lr"]),
+        seed=site.round_seed(int(config["seed"]), server_round),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        planned_rounds=int(config.get("num-server-rounds", server_round)),
+    )
+    site.save(model, server_round=server_round, run_id=run_id)
+    metrics = {
+        "train-loss": float(result["loss"]),
+        "skipped-steps": int(result["skipped_steps"]),
+        "num-examples": int(result["num_examples"]),
+        **{k: float(v) for k, v in result.items() if k.startswith("dp-")},
+    }
+    details = {
+        "name": site.name,
+        "num-raters": site.info.num_raters,
+        "heads-from-round": heads_from,
+    }
+    return layout.pack(split_state(model)[0]), metrics, details  # rater heads stay here
+
+
+def _secure_aggregation_when_asked(msg: Message, context: Context, call_next: Any) -> Message:
+    """Flower's SecAgg+ client mod, for the messages of a SecAgg+ round only."""
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def _update_clipping_when_asked(msg: Message, context: Context, call_next: Any) -> Message:
+    """Flower's client-side fixed clipping (user-level DP), when the server's DP strategy
+    sends a clipping norm."""
+    from flwr.clientapp.mod import fixedclipping_mod
+
+    if "clipping_norm" in msg.content.config_records.get("config", {}):
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
 
 
 def create_client_app(state_dirs: Sequence[str] | None = None) -> ClientApp:
@@ -82,41 +134,23 @@ def create_client_app(state_dirs: Sequence[str] | None = None) -> ClientApp:
             return node_state_dir(context)
         return Path(state_dirs[int(context.node_config["partition-id"])])
 
-    app = ClientApp()
+    app = ClientApp(mods=[_secure_aggregation_when_asked])
 
-    @app.train()
+    @app.train(mods=[_update_clipping_when_asked])
     @functools.partial(_faults_as_error_replies, state_dir_of=state_dir_of)
     def train(msg: Message, context: Context) -> Message:
-        config = msg.content["config"]
         site = SiteRuntime.from_state_dir(state_dir_of(context))
-        model, layout = _load_global(site, msg)
-        heads_from = site.heads_round  # before this round's save replaces the snapshot
-        server_round = int(config["server-round"])
-        result = site.train(
-            model,
-            local_epochs=int(config["local-epochs"]),
-            lr=float(config["lr"]),
-            seed=site.round_seed(int(config["seed"]), server_round),
-            proximal_mu=float(config.get("proximal-mu", 0.0)),
-        )
-        site.save(model, server_round=server_round, run_id=context.run_id)
-        shared = layout.pack(split_state(model)[0])  # rater heads never leave the site
-        metrics = MetricRecord(
-            {
-                "train-loss": float(result["loss"]),
-                "skipped-steps": int(result["skipped_steps"]),
-                "num-examples": int(result["num_examples"]),
-            }
-        )
-        details = ConfigRecord(
-            {
-                "name": site.name,
-                "num-raters": site.info.num_raters,
-                "heads-from-round": heads_from,
-            }
-        )
+        if "config" not in msg.content.config_records:  # SecAgg+ speaks the legacy records
+            return _legacy_train(site, msg, context)
+        config = msg.content["config"]
+        packed = msg.content["arrays"].to_torch_state_dict()[PACKED_KEY]
+        shared, metrics, details = _train_round(site, config, packed, context.run_id)
         content = RecordDict(
-            {"arrays": ArrayRecord({PACKED_KEY: shared}), "metrics": metrics, "site": details}
+            {
+                "arrays": ArrayRecord({PACKED_KEY: shared}),
+                "metrics": MetricRecord(metrics),
+                "site": ConfigRecord(details),
+            }
         )
         return Message(content=content, reply_to=msg)
 
@@ -125,7 +159,8 @@ def create_client_app(state_dirs: Sequence[str] | None = None) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         config = msg.content["config"]
         site = SiteRuntime.from_state_dir(state_dir_of(context))
-        model, _ = _load_global(site, msg)
+        packed = msg.content["arrays"].to_torch_state_dict()[PACKED_KEY]
+        model, _ = _site_model(site, config, packed)
         result = site.evaluate(model, str(config.get("eval-split", "val")))
         scalars, details = split_evaluation(result)
         metrics = MetricRecord({**scalars, "num-examples": int(result["num_examples"])})
@@ -140,6 +175,24 @@ def create_client_app(state_dirs: Sequence[str] | None = None) -> ClientApp:
         return Message(content=RecordDict({"metrics": metrics, "site": site_record}), reply_to=msg)
 
     return app
+
+
+def _legacy_train(site: SiteRuntime, msg: Message, context: Context) -> Message:
+    """A SecAgg+ round's training: the same round, in Flower's legacy ``fitins``/``fitres``
+    records that ``secaggplus_mod`` masks before anything leaves the site."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
+
+    instruction = recorddict_to_fitins(msg.content, keep_input=True)
+    packed = torch.from_numpy(parameters_to_ndarrays(instruction.parameters)[0])
+    shared, metrics, details = _train_round(site, instruction.config, packed, context.run_id)
+    result = FitRes(
+        status=Status(Code.OK, ""),
+        parameters=ndarrays_to_parameters([shared.numpy()]),
+        num_examples=int(metrics["num-examples"]),
+        metrics={**metrics, "site": site.name, "heads-from-round": details["heads-from-round"]},
+    )
+    return Message(fitres_to_recorddict(result, keep_input=True), reply_to=msg)
 
 
 app = create_client_app()

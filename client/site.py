@@ -27,7 +27,8 @@ from mrprism_core.data.factory import (
 from mrprism_core.models import SegmentationModel, build_model_for_data, split_state
 from mrprism_core.train import evaluate, make_loader, resolve_device, train_epoch
 
-from .state import SiteStore
+from .privacy import PrivacyConfig, PrivacyLedger, PrivateRound
+from .state import PRIVACY_LEDGER, SiteStore
 
 __all__ = [
     "SiteDataError",
@@ -50,6 +51,7 @@ class SiteSummary:
     cases: dict[str, int]
     info: DatasetInfo
     snapshot: str = "none yet (fresh rater heads)"
+    privacy: str = "off"
 
     def lines(self) -> list[str]:
         cases = ", ".join(f"{split} {count}" for split, count in self.cases.items())
@@ -61,6 +63,7 @@ class SiteSummary:
             f"channels:    {self.info.in_channels}",
             f"image size:  {self.info.image_size} x {self.info.image_size}",
             f"snapshot:    {self.snapshot}",
+            f"privacy:     {self.privacy}",
         ]
 
 
@@ -105,7 +108,7 @@ def compose_site_config(
     try:
         with initialize_config_dir(config_dir=str(root), version_base="1.3"):
             cfg = compose(config_name=site, overrides=list(overrides))
-    except HydraException as err:
+    except (HydraException, ValueError) as err:  # bad override, bad YAML, unknown group
         raise SiteDataError(f"site {site!r}: {err}") from err
     finally:
         if outer is not None:
@@ -192,7 +195,24 @@ class SiteRuntime:
             raise SiteDataError(
                 f"site {self.name}: data config {self.cfg.get('data')}: {err}"
             ) from err
-        return SiteSummary(self.name, cases, self.info, self._describe_snapshot())
+        return SiteSummary(
+            self.name, cases, self.info, self._describe_snapshot(), self._describe_privacy()
+        )
+
+    def _describe_privacy(self) -> str:
+        try:
+            cfg = PrivacyConfig.from_mapping(self.cfg.get("privacy"))
+        except (TypeError, ValueError) as err:
+            raise SiteDataError(f"site {self.name}: {err}") from err
+        if not cfg.enabled:
+            return "off"
+        budget = (
+            f"target epsilon {cfg.target_epsilon}"
+            if cfg.target_epsilon is not None
+            else f"noise multiplier {cfg.noise_multiplier}"
+        )
+        spent = PrivateRound(cfg, PrivacyLedger(self.store.root / PRIVACY_LEDGER), 1).spent()
+        return f"DP-SGD, {budget} at delta {cfg.delta}; epsilon spent so far {spent:.3f}"
 
     def _describe_snapshot(self) -> str:
         try:
@@ -275,28 +295,51 @@ class SiteRuntime:
         lr: float,
         seed: int,
         proximal_mu: float = 0.0,
+        planned_rounds: int = 1,
     ) -> dict[str, float]:
-        """``local_epochs`` passes of :func:`~mrprism_core.train.train_epoch`."""
+        """``local_epochs`` passes of :func:`~mrprism_core.train.train_epoch`; with the site's
+        ``privacy.enabled``, as DP-SGD, and the spent epsilon is in the result."""
         torch.manual_seed(seed)
         reference = None
         if proximal_mu:
             shared, _ = split_state(model)
             reference = {k: v.detach().clone() for k, v in shared.items()}
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-        totals = {"loss": 0.0, "num_examples": 0, "skipped_steps": 0}
-        for epoch in range(local_epochs):
-            result = train_epoch(
-                model,
-                self.loader("train", shuffle=True, seed=seed + epoch),
-                optimizer,
-                self.device,
-                proximal_mu=proximal_mu,
-                proximal_reference=reference,
+        private = self._private_round(planned_rounds * local_epochs)
+        if private is not None:
+            if proximal_mu:
+                raise SiteDataError(
+                    f"site {self.name}: DP-SGD and FedProx's proximal term cannot be combined "
+                    "(the proximal gradient would bypass the clipping); use strategy=fedavg"
+                )
+            optimizer, dp_loader = private.wrap(
+                model, optimizer, self.loader("train", shuffle=True, seed=seed), local_epochs
             )
-            totals["loss"] += result["loss"] / local_epochs
-            totals["num_examples"] = result["num_examples"]
-            totals["skipped_steps"] += result["skipped_steps"]
+        totals: dict[str, float] = {"loss": 0.0, "num_examples": 0, "skipped_steps": 0}
+        try:
+            for epoch in range(local_epochs):
+                result = train_epoch(
+                    model,
+                    dp_loader if private else self.loader("train", shuffle=True, seed=seed + epoch),
+                    optimizer,
+                    self.device,
+                    proximal_mu=proximal_mu,
+                    proximal_reference=reference,
+                    backward_once=private is not None,
+                )
+                totals["loss"] += result["loss"] / local_epochs
+                totals["num_examples"] = len(self.dataset("train"))
+                totals["skipped_steps"] += result["skipped_steps"]
+        finally:
+            if private is not None:
+                totals.update(private.finish())
         return totals
+
+    def _private_round(self, planned_epochs: int) -> PrivateRound | None:
+        cfg = PrivacyConfig.from_mapping(self.cfg.get("privacy"))
+        if not cfg.enabled:
+            return None
+        return PrivateRound(cfg, PrivacyLedger(self.store.root / PRIVACY_LEDGER), planned_epochs)
 
     def evaluate(self, model: SegmentationModel, split: str = "val") -> dict[str, Any]:
         return evaluate(model, self.loader(split, shuffle=False), self.device)

@@ -11,10 +11,11 @@ from torch import Tensor
 
 from mrprism_core.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 
-__all__ = ["SITE_CONFIG_FILE", "SNAPSHOT_FILE", "SiteStore"]
+__all__ = ["PRIVACY_LEDGER", "SITE_CONFIG_FILE", "SNAPSHOT_FILE", "SiteStore"]
 
 SITE_CONFIG_FILE = "site_config.yaml"
 SNAPSHOT_FILE = "site_model.pt"
+PRIVACY_LEDGER = "privacy_ledger.json"  # the DP accountant's history of noisy steps
 
 
 class SiteStore:

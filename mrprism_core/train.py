@@ -91,6 +91,7 @@ def train_epoch(
     max_grad_norm: float | None = None,
     proximal_mu: float = 0.0,
     proximal_reference: Mapping[str, torch.Tensor] | None = None,
+    backward_once: bool = False,
     progress: bool = False,
     description: str = "train",
 ) -> dict[str, float]:
@@ -103,6 +104,8 @@ def train_epoch(
         proximal_mu, proximal_reference: FedProx. Adds ``mu/2 * ||w - w_ref||^2`` for every
             parameter named in the reference (the global weights received this round), applied
             as its gradient ``mu * (w - w_ref)``.
+        backward_once: one backward pass through the whole loss instead of the model's
+            memory-saving :meth:`backward`; Opacus' per-sample gradients (DP-SGD) need it.
 
     Returns:
         ``loss`` (mean over examples of the applied steps), ``num_examples`` (samples seen),
@@ -118,7 +121,14 @@ def train_epoch(
         size = int(batch["image"].shape[0])
         examples += size
         optimizer.zero_grad(set_to_none=True)
-        loss, parts = model.backward(batch)
+        if size == 0:
+            _empty_step(model, optimizer)
+            continue
+        if backward_once:
+            loss, parts = model.loss(batch)
+            loss.backward()
+        else:
+            loss, parts = model.backward(batch)
         value = loss.item()
         if not math.isfinite(value):
             skipped += 1
@@ -142,6 +152,19 @@ def train_epoch(
     }
     result.update({f"loss_{k}": v / applied for k, v in parts_sum.items() if applied})
     return result
+
+
+def _empty_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Poisson sampling (DP-SGD) can draw an empty batch. The step still happens, as pure
+    noise: skipping it would reveal that the batch was empty, and the accountant counts it.
+    A plain optimizer has no gradients then and leaves the weights alone."""
+    for param in model.parameters():
+        if param.requires_grad:
+            param.grad_sample = param.new_zeros((0, *param.shape))
+    optimizer.step()
+    for param in model.parameters():
+        param.grad_sample = None
+    optimizer.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()

@@ -10,9 +10,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from .config import RunConfig
 from .federation import run_federation
+from .secure_aggregation import run_secure_federation
 from .strategies import build_strategy
 
-__all__ = ["app", "create_server_app"]
+__all__ = ["app", "create_server_app", "run_rounds"]
 
 
 def create_server_app(
@@ -26,9 +27,21 @@ def create_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = RunConfig.from_mapping({**dict(context.run_config), **dict(run_config or {})})
-        run_federation(grid, build_strategy(cfg), cfg, run_id=context.run_id, on_round=on_round)
+        run_rounds(grid, context, cfg, on_round)
 
     return app
+
+
+def run_rounds(
+    grid: Grid,
+    context: Context,
+    cfg: RunConfig,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> dict:
+    """The run's rounds: under SecAgg+ when configured, else the plain round loop."""
+    if cfg.secure_aggregation:
+        return run_secure_federation(grid, context, cfg, on_round=on_round)
+    return run_federation(grid, build_strategy(cfg), cfg, run_id=context.run_id, on_round=on_round)
 
 
 app = create_server_app()

@@ -28,6 +28,16 @@ class RunConfig:
     server_lr: float = 0.01  # FedAdam/FedYogi server learning rate (eta)
     trim_beta: float = 0.2  # FedTrimmedAvg: fraction trimmed at each end
     krum_malicious: int = 0  # Krum: number of malicious sites tolerated
+    dp_mode: str = "none"  # user-level DP: none, server-fixed, client-fixed, server-adaptive
+    dp_noise_multiplier: float = 0.1  # user-level DP: noise std = this x clipping norm / sites
+    dp_clipping_norm: float = 1.0  # user-level DP: bound on a site's update norm (adaptive: start)
+    dp_sampled_sites: int = 2  # user-level DP: sites sampled per round (sets the noise scale)
+    dp_delta: float = 1e-5  # user-level DP: the delta the reported epsilon is stated with
+    secure_aggregation: bool = False  # SecAgg+: the server sees only the sum of the updates
+    secagg_num_shares: float = 3  # SecAgg+: key shares per site (int > 2, or a share of the sites)
+    secagg_reconstruction_threshold: float = 2  # SecAgg+: shares needed to unmask a dropped site
+    secagg_clipping_range: float = 8.0  # SecAgg+: weights are clipped to +-this before quantization
+    secagg_max_weight: float = 1000.0  # SecAgg+: most examples a site weighs in with (lower=finer)
     model: str = "mrprism"  # registered model name
     preset: str = "tiny"  # architecture preset
     model_options: str = "{}"  # JSON object of preset/loss overrides

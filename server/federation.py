@@ -40,7 +40,15 @@ from mrprism_core.models import build_model_for_data, split_state
 
 from .config import RunConfig
 
-__all__ = ["GLOBAL_CHECKPOINT", "initial_arrays", "run_federation"]
+__all__ = [
+    "GLOBAL_CHECKPOINT",
+    "RunFiles",
+    "initial_arrays",
+    "log_site_privacy",
+    "round_config",
+    "run_federation",
+    "user_level_privacy",
+]
 
 log = logging.getLogger("flwr.mrprism")  # shown through Flower's log handler
 
@@ -131,6 +139,62 @@ def _usable_updates(
     return kept
 
 
+def round_config(cfg: RunConfig, layout: StateLayout) -> dict[str, Any]:
+    """What every site needs to build the run's model and train a round."""
+    return {
+        "model-spec": json.dumps(cfg.model_spec(), sort_keys=True),
+        "layout": layout.fingerprint,
+        "lr": cfg.lr,
+        "seed": cfg.seed,
+        "num-server-rounds": cfg.num_server_rounds,  # sites calibrate DP-SGD noise on it
+    }
+
+
+def log_site_privacy(rows: dict[str, dict[str, Any]]) -> None:
+    """Every site's spent DP-SGD epsilon, as the site reported it."""
+    for site, row in rows.items():
+        if "dp-epsilon" in row:
+            log.info(
+                "%s: DP-SGD epsilon %.3f spent so far (delta %g, noise multiplier %.3f)",
+                site,
+                row["dp-epsilon"],
+                row["dp-delta"],
+                row["dp-noise-multiplier"],
+            )
+
+
+def user_level_epsilon(
+    noise_multiplier: float, sample_rate: float, rounds: int, delta: float
+) -> float:
+    """Epsilon of site-level DP-FedAvg with fixed clipping after ``rounds`` rounds, each
+    sampling sites at ``sample_rate`` and adding Gaussian noise of std ``noise_multiplier x
+    clipping norm`` to the sum: Opacus' RDP accountant on those steps."""
+    from opacus.accountants import RDPAccountant
+
+    if rounds <= 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return float("inf")
+    accountant = RDPAccountant()
+    accountant.history = [(noise_multiplier, min(1.0, sample_rate), rounds)]
+    return float(accountant.get_epsilon(delta))
+
+
+def user_level_privacy(cfg: RunConfig, server_round: int) -> dict[str, Any]:
+    """The user-level (site-level) DP guarantee of Flower's DP strategy after this round."""
+    if cfg.dp_mode == "none":
+        return {}
+    report: dict[str, Any] = {"mode": cfg.dp_mode, "delta": cfg.dp_delta}
+    if cfg.dp_mode.endswith("fixed"):
+        # every round samples fraction-train of the sites; the noise is on their sum
+        report["epsilon"] = user_level_epsilon(
+            cfg.dp_noise_multiplier, cfg.fraction_train, server_round, cfg.dp_delta
+        )
+    else:
+        report["epsilon"] = None  # adaptive clipping: no accountant here, none claimed
+    return report
+
+
 def _site_name(msg: Message) -> str:
     if "site" in msg.content.config_records:
         return str(msg.content.config_records["site"].get("name", msg.metadata.src_node_id))
@@ -152,7 +216,7 @@ def _site_rows(replies: Iterable[Message]) -> dict[str, dict[str, Any]]:
     return rows
 
 
-class _RunFiles:
+class RunFiles:
     """The run's checkpoint, metrics log and summary under ``out_dir``."""
 
     def __init__(self, out_dir: str | Path) -> None:
@@ -218,19 +282,13 @@ def run_federation(
 
     ``on_round`` receives each round's record once it is saved (progress bars, tests).
     """
-    files = _RunFiles(cfg.out_dir)
+    files = RunFiles(cfg.out_dir)
     initial = initial_arrays(cfg)
     layout = StateLayout.of(initial)
     done, arrays, history = files.resume_point(cfg, layout)
     if arrays is None:
         arrays = ArrayRecord({PACKED_KEY: layout.pack(initial)})
-    spec = json.dumps(cfg.model_spec(), sort_keys=True)
-    base_config = {
-        "model-spec": spec,
-        "layout": layout.fingerprint,
-        "lr": cfg.lr,
-        "seed": cfg.seed,
-    }
+    base_config = round_config(cfg, layout)
     sites = _SiteDirectory()
     for server_round in range(done + 1, cfg.num_server_rounds + 1):
         started = time.time()
@@ -283,6 +341,7 @@ def run_federation(
             "run_id": run_id,
             "seconds": round(time.time() - started, 3),
             "aggregated": aggregated,
+            "user_level_dp": user_level_privacy(cfg, server_round),
             "train": dict(train_metrics or MetricRecord()),
             "evaluate": dict(eval_metrics or MetricRecord()),
             "train_sites": _site_rows(updates),
@@ -290,6 +349,7 @@ def run_federation(
             "dropped": dropped,
             "evaluate_dropped": eval_dropped,
         }
+        log_site_privacy(record["train_sites"])
         history.append(record)
         files.save_round(cfg, layout, arrays, server_round, run_id, history)
         log.info("round %d done: %s", server_round, record["evaluate"])

@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
     FedMedian,
@@ -17,16 +20,35 @@ from flwr.serverapp.strategy import (
 
 from .config import RunConfig
 
-__all__ = ["STRATEGY_NAMES", "build_strategy"]
+__all__ = ["DP_MODES", "STRATEGY_NAMES", "build_strategy"]
 
 STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+DP_MODES = ("none", "server-fixed", "client-fixed", "server-adaptive")
 
 
 def build_strategy(cfg: RunConfig) -> Strategy:
-    """The strategy named by ``cfg.strategy``, sampling and weighting as configured.
+    """The strategy named by ``cfg.strategy``, wrapped in Flower's user-level DP strategy
+    named by ``cfg.dp_mode`` (clipping each site's update, Gaussian noise on the aggregate).
 
     Aggregation is weighted by ``num-examples`` (samples, never batches).
     """
+    strategy = _base_strategy(cfg)
+    mode = cfg.dp_mode.lower()
+    noise, clip, sites = cfg.dp_noise_multiplier, cfg.dp_clipping_norm, cfg.dp_sampled_sites
+    if mode == "none":
+        return strategy
+    if mode == "server-fixed":
+        return DifferentialPrivacyServerSideFixedClipping(strategy, noise, clip, sites)
+    if mode == "client-fixed":  # the ClientApp clips with Flower's fixedclipping_mod
+        return DifferentialPrivacyClientSideFixedClipping(strategy, noise, clip, sites)
+    if mode == "server-adaptive":
+        return DifferentialPrivacyServerSideAdaptiveClipping(
+            strategy, noise, sites, initial_clipping_norm=clip
+        )
+    raise ValueError(f"unknown dp-mode {cfg.dp_mode!r}; choose one of {list(DP_MODES)}")
+
+
+def _base_strategy(cfg: RunConfig) -> Strategy:
     common: dict[str, Any] = {
         "fraction_train": cfg.fraction_train,
         "fraction_evaluate": cfg.fraction_evaluate,

@@ -1,6 +1,10 @@
 """The methods of the experiment grid, all on the same virtual sites and the same training code:
 
 federated         the ServerApp and ClientApp in Flower's simulation engine; rater heads local
+federated_dp_epsE the same with DP-SGD at every site (Opacus), each site's total budget epsilon
+                  E (delta 1e-5) over the run, e.g. federated_dp_eps8
+federated_secagg  the same under SecAgg+ (the server sees only the sum of the updates); scored
+                  once at the end, from the global checkpoint and each site's own heads
 federated_shared  the same, but every site has the largest site's number of rater slots and
                   *everything* is aggregated (head m of every site averaged): no personalisation
 local             each site alone, same epochs, same ``SiteRuntime.train`` as the ClientApp
@@ -14,6 +18,7 @@ passes over the site's data), with the same ``evaluate``.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -32,9 +37,20 @@ from mrprism_core.train import evaluate, make_loader, resolve_device, train_epoc
 
 from .partition import VirtualSite
 
-__all__ = ["METHODS", "Experiment", "run_method"]
+__all__ = ["METHODS", "Experiment", "check_methods", "run_method"]
 
-METHODS = ("federated", "federated_shared", "local", "centralized")
+METHODS = ("federated", "federated_shared", "local", "centralized", "federated_secagg")
+DP_METHOD = re.compile(r"federated_dp_eps(\d+(?:\.\d+)?)")  # federated_dp_eps<epsilon>
+DP_DELTA = 1e-5
+
+
+def check_methods(names: list[str]) -> None:
+    """Raise naming the unknown methods."""
+    unknown = [m for m in names if m not in METHODS and not DP_METHOD.fullmatch(m)]
+    if unknown:
+        raise ValueError(
+            f"unknown method(s) {unknown}; choose from {list(METHODS)} or federated_dp_eps<E>"
+        )
 
 
 @dataclass
@@ -88,7 +104,9 @@ def _row(result: Mapping[str, Any], slots: slice | None = None) -> dict[str, Any
     }
 
 
-def _site_config(exp: Experiment, site: VirtualSite, state_dir: Path, data: Mapping) -> dict:
+def _site_config(
+    exp: Experiment, site: VirtualSite, state_dir: Path, data: Mapping, privacy: Mapping
+) -> dict:
     train = {"batch_size": exp.batch_size, "num_workers": 0, **dict(site.settings.get("train", {}))}
     return {
         "site": site.name,
@@ -97,14 +115,17 @@ def _site_config(exp: Experiment, site: VirtualSite, state_dir: Path, data: Mapp
         "seed": site.seed,
         "train": train,
         "data": dict(data),
+        "privacy": dict(privacy),
     }
 
 
-def _write_sites(exp: Experiment, method: str, data_of=lambda s: s.data) -> list[Path]:
+def _write_sites(
+    exp: Experiment, method: str, data_of=lambda s: s.data, privacy: Mapping | None = None
+) -> list[Path]:
     dirs = []
     for site in exp.sites:
         state_dir = exp.work_dir / method / "sites" / site.name
-        cfg = _site_config(exp, site, state_dir, data_of(site))
+        cfg = _site_config(exp, site, state_dir, data_of(site), privacy or {})
         SiteStore(state_dir).write_config(OmegaConf.to_yaml(OmegaConf.create(cfg)))
         dirs.append(state_dir)
     return dirs
@@ -114,7 +135,13 @@ def _site_infos(exp: Experiment) -> dict[str, Any]:
     return {s.name: dataset_info(build_dataset(s.data, "train")) for s in exp.sites}
 
 
-def _run_federated(exp: Experiment, method: str, shared_everything: bool) -> dict[str, Any]:
+def _run_federated(
+    exp: Experiment,
+    method: str,
+    shared_everything: bool = False,
+    privacy: Mapping[str, Any] | None = None,
+    secure: bool = False,
+) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
     from client.app import create_client_app
@@ -128,9 +155,11 @@ def _run_federated(exp: Experiment, method: str, shared_everything: bool) -> dic
     if shared_everything:
         options = {"local_modules": []}
         data_of = lambda s: {**s.data, "rater_slots": {"total": most, "offset": 0}}  # noqa: E731
-    dirs = _write_sites(exp, method, data_of)
+    dirs = _write_sites(exp, method, data_of, privacy)
     out_dir = exp.work_dir / method / "server"
     count = len(exp.sites)
+    if secure and count < 3:
+        raise ValueError(f"{method}: SecAgg+ needs at least 3 sites, the partition has {count}")
     run_config = {
         "num-server-rounds": exp.rounds,
         "local-epochs": exp.local_epochs,
@@ -148,14 +177,21 @@ def _run_federated(exp: Experiment, method: str, shared_everything: bool) -> dic
         "out-dir": str(out_dir),
         "resume": False,
         "eval-split": exp.eval_split,
+        "secure-aggregation": secure,
+        # the largest site weighs in with its example count: the finest SecAgg+ quantization
+        "secagg-max-weight": float(max(len(build_dataset(s.data, "train")) for s in exp.sites)),
     }
     history: dict[str, list[float]] = {s.name: [] for s in exp.sites}
     finals: dict[str, dict[str, Any]] = {}
+    spent: dict[str, dict[str, float]] = {}
 
     def on_round(record: dict[str, Any]) -> None:
         for name, row in record["evaluate_sites"].items():
             history[name].append(float(row["soft-dice"]))
             finals[name] = row
+        for name, row in record["train_sites"].items():
+            if "dp-epsilon" in row:
+                spent[name] = {"epsilon": float(row["dp-epsilon"]), "delta": row["dp-delta"]}
         exp.tick(f"{method}: round {record['round']}/{exp.rounds}")
 
     backend = {
@@ -168,6 +204,10 @@ def _run_federated(exp: Experiment, method: str, shared_everything: bool) -> dic
         num_supernodes=count,
         backend_config=backend,
     )
+    if secure:  # no federated evaluation under SecAgg+: each site scores the final model
+        finals = _evaluate_at_sites(exp, dirs, out_dir)
+        for name, row in finals.items():
+            history[name].append(float(row["soft-dice"]))
     missing = [s.name for s in exp.sites if s.name not in finals]
     if missing:
         raise RuntimeError(f"{method}: no evaluation came back from {missing}; see the log above")
@@ -181,11 +221,31 @@ def _run_federated(exp: Experiment, method: str, shared_everything: bool) -> dic
             "ece": row.get("ece"),
             "soft_dice_rec": [float(x) for x in row.get("soft-dice-rec", [])],
         }
-    return {
+    result: dict[str, Any] = {
         "sites": sites,
         "history": history,
         "state_dirs": {s.name: str(d) for s, d in zip(exp.sites, dirs)},
     }
+    if privacy:
+        result["privacy"] = spent
+    return result
+
+
+def _evaluate_at_sites(exp: Experiment, dirs: list[Path], out_dir: Path) -> dict[str, Any]:
+    """Each site's final personalised model (global shared weights + its own heads) on its
+    evaluation split, as the site itself would score it."""
+    from mrprism_core.checkpoint import load_checkpoint
+    from mrprism_core.federated import split_evaluation
+
+    shared = load_checkpoint(out_dir / "global_model.pt")["shared_state"]
+    rows = {}
+    for state_dir in dirs:
+        runtime = SiteRuntime.from_state_dir(state_dir)
+        model = runtime.build_model(exp.spec(runtime.info))
+        runtime.load_shared(model, shared)
+        scalars, details = split_evaluation(runtime.evaluate(model, exp.eval_split))
+        rows[runtime.name] = {**scalars, **details}
+    return rows
 
 
 def _run_local(exp: Experiment) -> dict[str, Any]:
@@ -263,8 +323,14 @@ def _run_centralized(exp: Experiment) -> dict[str, Any]:
 def run_method(name: str, exp: Experiment) -> dict[str, Any]:
     """Run one method of the grid; returns ``{"sites", "history", "seconds", ...}``."""
     started = time.perf_counter()
+    dp = DP_METHOD.fullmatch(name)
     if name == "federated":
-        result = _run_federated(exp, name, shared_everything=False)
+        result = _run_federated(exp, name)
+    elif dp:
+        budget = {"enabled": True, "target_epsilon": float(dp.group(1)), "delta": DP_DELTA}
+        result = _run_federated(exp, name, privacy=budget)
+    elif name == "federated_secagg":
+        result = _run_federated(exp, name, secure=True)
     elif name == "federated_shared":
         result = _run_federated(exp, name, shared_everything=True)
     elif name == "local":

@@ -108,6 +108,29 @@ def _markdown(results: Mapping[str, Any]) -> str:
             f"| {target['target']} | {target['measured_points']:+.2f} | "
             f"{'yes' if target['met'] else '**no**'} |"
         )
+    private = {name: m["privacy"] for name, m in methods.items() if m.get("privacy")}
+    if private:
+        lines += [
+            "",
+            "## Privacy spent (DP-SGD at the sites, Opacus RDP accountant)",
+            "",
+            "Record-level epsilon each site reported after its last round; the budget was "
+            "calibrated for all planned rounds.",
+            "",
+            "| method | " + " | ".join(sites) + " | delta |",
+            "|---" * (len(sites) + 2) + "|",
+        ]
+        for name, spent in private.items():
+            cells = [f"{spent[s]['epsilon']:.2f}" if s in spent else "-" for s in sites]
+            delta = next(iter(spent.values()))["delta"] if spent else "-"
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {delta} |")
+    if "federated_secagg" in methods:
+        lines += [
+            "",
+            "`federated_secagg` ran every round under SecAgg+ (the server saw only the sum of "
+            "the updates) and was scored once, after the last round.",
+        ]
+
     lines += ["", "## Time", "", "| method | seconds |", "|---|---|"]
     for name, method in methods.items():
         lines.append(f"| {name} | {method['seconds']:.0f} |")

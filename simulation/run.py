@@ -21,7 +21,7 @@ from mrprism_core.data.factory import EmptySplitError, build_dataset, dataset_in
 from mrprism_core.models import model_from_build_args
 from mrprism_core.train import seed_everything
 
-from .methods import METHODS, Experiment, mean_row, run_method
+from .methods import Experiment, check_methods, mean_row, run_method
 from .partition import VirtualSite, partition
 from .report import targets, write_report
 
@@ -81,9 +81,7 @@ def run_experiment(cfg: dict[str, Any]) -> dict[str, Any]:
     seed_everything(seed)
     out_dir = Path(str(cfg["out_dir"]))
     methods = list(cfg["methods"])
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    check_methods(methods)
     sites = resolve_sites(cfg)
     fed = dict(cfg["federation"])
     exp = Experiment(
@@ -102,14 +100,8 @@ def run_experiment(cfg: dict[str, Any]) -> dict[str, Any]:
         ray_num_cpus=fed.get("ray_num_cpus"),
         client_num_gpus=float(fed.get("client_num_gpus") or 0.0),
     )
-    steps = {
-        "federated": exp.rounds,
-        "federated_shared": exp.rounds,
-        "local": exp.rounds * len(sites),
-        "centralized": exp.rounds,
-    }
     bar = tqdm(
-        total=sum(steps[m] for m in methods),
+        total=sum(exp.rounds * (len(sites) if m == "local" else 1) for m in methods),
         desc="simulation",
         unit="step",
         disable=not cfg.get("progress", True),

@@ -50,23 +50,26 @@ class ConfidenceEmbedding(nn.Module):
     def __init__(self, num_classes: int, num_raters: int, width: int, levels: int = 5) -> None:
         super().__init__()
         self.num_raters = num_raters
-        self.embed = nn.Conv2d(num_classes, width, kernel_size=2, stride=2)
+        # raters ride along as the depth axis of 3-D convolutions with depth-1 kernels: one set
+        # of weights for every rater, and the batch axis stays the batch (per-sample gradients
+        # for DP-SGD need that)
+        self.embed = nn.Conv3d(num_classes, width, kernel_size=(1, 2, 2), stride=(1, 2, 2))
         self.rater_identity = nn.Embedding(num_raters, width)
-        self.pointwise_mix = nn.Conv2d(width, width, 1)
+        self.pointwise_mix = nn.Conv3d(width, width, 1)
         self.down = nn.ModuleList(_SeparableDown(width) for _ in range(levels - 1))
 
     def forward(self, confidence: Tensor) -> list[Tensor]:
         """Returns ``levels`` maps (B, E, H/2^s, W/2^s), deepest first."""
-        batch, raters, classes, height, width = confidence.shape
+        batch, raters = confidence.shape[:2]
         if raters != self.num_raters:
             raise ValueError(
                 f"got {raters} confidence maps for a model of {self.num_raters} raters"
             )
-        x = self.embed(confidence.reshape(batch * raters, classes, height, width))
-        identity = self.rater_identity(torch.arange(raters, device=confidence.device))
-        x = x.unflatten(0, (batch, raters)) + identity.view(1, raters, -1, 1, 1)
-        x = self.pointwise_mix(F.gelu(x).flatten(0, 1))
-        x = x.unflatten(0, (batch, raters)).mean(dim=1)
+        x = self.embed(confidence.transpose(1, 2))  # (B, E, M, H/2, W/2)
+        rater_ids = torch.arange(raters, device=confidence.device).expand(batch, raters)
+        identity = self.rater_identity(rater_ids)  # (B, M, E)
+        x = x + identity.transpose(1, 2)[..., None, None]
+        x = self.pointwise_mix(F.gelu(x)).mean(dim=2)
         pyramid = [x]
         for down in self.down:
             x = down(x)

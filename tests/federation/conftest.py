@@ -31,9 +31,11 @@ def task_identity():
 def make_site(tmp_path):
     """Write a site's resolved config into its own state dir, as `python -m client` does."""
 
-    def make(site: str, *overrides: str) -> str:
-        cfg = compose_site_config(site, [*SMALL, *overrides])
-        state_dir = tmp_path / "sites" / site
+    def make(site: str, *overrides: str, name: str | None = None) -> str:
+        """``name``: another site on the same config, in its own state dir."""
+        name = name or site
+        cfg = compose_site_config(site, [*SMALL, f"site={name}", *overrides])
+        state_dir = tmp_path / "sites" / name
         SiteStore(state_dir).write_config(OmegaConf.to_yaml(OmegaConf.create(cfg)))
         return str(state_dir)
 

@@ -99,3 +99,21 @@ def test_same_seed_same_partition_and_round_one_metrics(tmp_path):
         assert row["per_rater_dice"] == pytest.approx(
             second_sites[site]["per_rater_dice"], rel=1e-4, abs=1e-6
         )
+
+
+def test_privacy_methods_report_their_cost_and_budget(tmp_path):
+    cfg = _tiny_config(tmp_path / "private")
+    cfg["partition"]["num_sites"] = 3  # SecAgg+ needs three sites
+    cfg["federation"]["rounds"] = 2
+    cfg["methods"] = ["federated_dp_eps4", "federated_secagg"]
+    results = run_experiment(cfg)
+    dp = results["methods"]["federated_dp_eps4"]
+    assert set(dp["privacy"]) == set(dp["sites"])
+    for spent in dp["privacy"].values():
+        # calibrated to the budget over both rounds, and never over it
+        assert 3.0 < spent["epsilon"] <= 4.0 + 1e-6 and spent["delta"] == 1e-5
+    secure = results["methods"]["federated_secagg"]
+    for row in secure["sites"].values():
+        assert 0.0 < row["soft_dice"] <= 1.0
+    markdown = (tmp_path / "private" / "results.md").read_text()
+    assert "## Privacy spent" in markdown and "| federated_dp_eps4 |" in markdown

@@ -1,0 +1,158 @@
+"""Rounds under secure aggregation: Flower's SecAgg+ protocol, so the server learns only the
+(example-weighted) sum of the sites' shared weights, never one site's update.
+
+In Flower 1.41 SecAgg+ exists only as the legacy ``SecAggPlusWorkflow`` inside
+``DefaultWorkflow`` with a legacy strategy; the ClientApp answers it through
+``secaggplus_mod`` (see ``client/app.py``). This module wires that workflow to the same run
+files as the plain loop: one global checkpoint and one ``metrics.jsonl`` line per round, resume
+after the last completed round. Per-site weights are masked; the sites' metrics (loss, example
+count, DP epsilon) are not secret and are logged as usual. Federated evaluation is not part of
+a SecAgg+ run: evaluate the checkpoint afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid
+
+from mrprism_core.checkpoint import atomic_write_json
+from mrprism_core.federated import PACKED_KEY, StateLayout
+
+from .config import RunConfig
+from .federation import (
+    SUMMARY,
+    RunFiles,
+    initial_arrays,
+    log,
+    log_site_privacy,
+    round_config,
+    user_level_privacy,
+)
+
+__all__ = ["run_secure_federation"]
+
+
+def run_secure_federation(
+    grid: Grid,
+    context: Context,
+    cfg: RunConfig,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> dict:
+    """Run (or resume) ``cfg.num_server_rounds`` rounds with SecAgg+; returns the summary."""
+    from flwr.common import ndarrays_to_parameters
+    from flwr.server import LegacyContext, ServerConfig
+    from flwr.server.strategy import FedAvg as LegacyFedAvg
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+
+    if cfg.dp_mode != "none" or cfg.strategy != "fedavg":
+        raise ValueError(
+            "secure-aggregation runs FedAvg on the masked sum; it cannot be combined with "
+            f"strategy={cfg.strategy!r} or dp-mode={cfg.dp_mode!r} (use DP-SGD at the sites)"
+        )
+    files = RunFiles(cfg.out_dir)
+    initial = initial_arrays(cfg)
+    layout = StateLayout.of(initial)
+    done, arrays, history = files.resume_point(cfg, layout)
+    packed = arrays[PACKED_KEY].numpy() if arrays is not None else layout.pack(initial).numpy()
+    if done >= cfg.num_server_rounds:
+        return _summary(cfg, files, history)
+    base_config = round_config(cfg, layout)
+    round_sites: dict[int, dict[str, dict[str, Any]]] = {}
+    started = [time.time()]
+
+    def fit_config(local_round: int) -> dict[str, Any]:
+        started[0] = time.time()
+        return {
+            **base_config,
+            "local-epochs": cfg.local_epochs,
+            "server-round": done + local_round,
+        }
+
+    def site_metrics(results: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+        rows = {str(m.get("site", f"site-{i}")): dict(m) for i, (_, m) in enumerate(results)}
+        round_sites[len(round_sites) + 1] = rows
+        total = sum(n for n, _ in results) or 1
+        return {"train-loss": sum(n * float(m["train-loss"]) for n, m in results) / total}
+
+    def after_round(local_round: int, weights: list[np.ndarray], _config: dict) -> None:
+        # Flower calls this with the new global weights after every round (0 = initial)
+        if local_round == 0:
+            return None
+        server_round = done + local_round
+        # dequantization yields float64: back to the model's dtype
+        vector = np.asarray(weights[0], dtype=packed.dtype).copy()
+        new = ArrayRecord({PACKED_KEY: torch.from_numpy(vector)})
+        sites = round_sites.get(local_round, {})
+        record = {
+            "round": server_round,
+            "run_id": context.run_id,
+            "seconds": round(time.time() - started[0], 3),
+            "aggregated": True,
+            "secure_aggregation": True,
+            "user_level_dp": user_level_privacy(cfg, server_round),
+            "train": {},
+            "evaluate": {},
+            "train_sites": sites,
+            "evaluate_sites": {},
+            "dropped": [],
+            "evaluate_dropped": [],
+        }
+        log_site_privacy(sites)
+        history.append(record)
+        files.save_round(cfg, layout, new, server_round, context.run_id, history)
+        log.info("round %d done under SecAgg+ (%d sites)", server_round, len(sites))
+        if on_round is not None:
+            on_round(record)
+        return None
+
+    strategy = LegacyFedAvg(
+        fraction_fit=cfg.fraction_train,
+        fraction_evaluate=0.0,
+        min_fit_clients=cfg.min_train_nodes,
+        min_available_clients=cfg.min_available_nodes,
+        initial_parameters=ndarrays_to_parameters([packed]),
+        on_fit_config_fn=fit_config,
+        evaluate_fn=after_round,
+        fit_metrics_aggregation_fn=site_metrics,
+    )
+    workflow = DefaultWorkflow(
+        fit_workflow=SecAggPlusWorkflow(
+            num_shares=_count(cfg.secagg_num_shares),
+            reconstruction_threshold=_count(cfg.secagg_reconstruction_threshold),
+            clipping_range=cfg.secagg_clipping_range,
+            max_weight=cfg.secagg_max_weight,
+            timeout=cfg.round_timeout,
+        )
+    )
+    legacy = LegacyContext(
+        context=context,
+        config=ServerConfig(
+            num_rounds=cfg.num_server_rounds - done, round_timeout=cfg.round_timeout
+        ),
+        strategy=strategy,
+    )
+    workflow(grid, legacy)
+    return _summary(cfg, files, history)
+
+
+def _count(value: float) -> int | float:
+    """Flower takes an int (a number of sites) or a float in (0, 1] (a share of them)."""
+    return int(value) if float(value).is_integer() and value > 1 else float(value)
+
+
+def _summary(cfg: RunConfig, files: RunFiles, history: list[dict]) -> dict:
+    summary = {
+        "rounds": cfg.num_server_rounds,
+        "run_config": cfg.as_run_config(),
+        "secure_aggregation": True,
+        "final_train_sites": history[-1]["train_sites"] if history else None,
+        "checkpoint": str(files.checkpoint),
+    }
+    atomic_write_json(files.root / SUMMARY, summary)
+    return summary

@@ -1,0 +1,92 @@
+"""The documented secure deployment on 127.0.0.1: TLS with certificates made by
+``python -m server.certs`` and SuperNode authentication with keys made by
+``python -m client.keys``. Registered sites train; an unregistered key and a SuperNode that does
+not trust the federation's CA are refused."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from cryptography import x509
+
+from client.keys import make_site_keys
+from server.certs import make_certificates
+
+from .deploy import PROJECT_ROOT, Deployment
+
+TINY = ["data.splits.train=4", "data.splits.val=2", "data.splits.test=2", "data.image_size=32"]
+
+
+def test_certificate_helper_names_loopback_and_refuses_to_replace_a_ca(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "server.certs", str(tmp_path), "--host", "fl.example.org"],
+        capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    cert = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "fl.example.org" in names.get_values_for_type(x509.DNSName)
+    assert "127.0.0.1" in [str(ip) for ip in names.get_values_for_type(x509.IPAddress)]
+    assert (tmp_path / "ca.key").stat().st_mode & 0o077 == 0  # private keys: owner only
+    again = subprocess.run(
+        [sys.executable, "-m", "server.certs", str(tmp_path)],
+        capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60,
+    )  # fmt: skip
+    assert again.returncode == 2 and "ca.crt exists" in again.stderr
+
+
+@pytest.fixture
+def secure(tmp_path):
+    certs = make_certificates(tmp_path / "certs", ["127.0.0.1"])
+    deploy = Deployment(tmp_path, tls_dir=certs)
+    yield deploy
+    deploy.stop()
+
+
+def _site_options(ca, key) -> list[str]:
+    return [
+        "supernode.insecure=false",
+        f"supernode.root_certificates={ca}",
+        f"supernode.auth_private_key={key}",
+        "supernode.max_retries=2",
+        *TINY,
+    ]
+
+
+def test_tls_and_authentication_admit_registered_sites_only(secure, tmp_path):
+    keys = tmp_path / "keys"
+    site_keys = {site: make_site_keys(keys, site) for site in ("synthetic_a", "synthetic_b")}
+    rogue_key, _ = make_site_keys(keys, "rogue")  # made, never registered
+    secure.start_superlink("--enable-supernode-auth", "--database", str(tmp_path / "link.db"))
+    for _, public in site_keys.values():
+        registered = secure.flwr("supernode", "register", str(public), "test")
+        assert registered.returncode == 0, registered.stdout + registered.stderr
+
+    ca = secure.tls_dir / "ca.crt"
+    for site, (private, _) in site_keys.items():
+        secure.start_site(site, *_site_options(ca, private))
+    rogue = secure.start_site("synthetic_c", *_site_options(ca, rogue_key), name="rogue")
+    other_ca = make_certificates(tmp_path / "other-ca")
+    stranger = secure.start_site(
+        "synthetic_c", *_site_options(other_ca / "ca.crt", site_keys["synthetic_a"][0]),
+        name="stranger",
+    )  # fmt: skip
+
+    # refused at once, with Flower's reason in the site's log
+    assert rogue.wait(timeout=120) != 0
+    assert "Failed to activate SuperNode" in secure.log("rogue"), secure.log("rogue")[-2000:]
+    assert stranger.wait(timeout=120) != 0
+    assert "CERTIFICATE_VERIFY_FAILED" in secure.log("stranger"), secure.log("stranger")[-2000:]
+
+    secure.wait_online(2)
+    out_dir = tmp_path / "out"
+    result = secure.run(
+        {"num-server-rounds": 1, "fraction-evaluate": 0.0, "out-dir": str(out_dir)}, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    record = json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert set(record["train_sites"]) == {"synthetic_a", "synthetic_b"}
+    assert record["aggregated"] is True
