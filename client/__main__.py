@@ -26,6 +26,8 @@ examples:
   python -m client --site synthetic_a --check
   python -m client --site synthetic_a superlink=127.0.0.1:9092
   python -m client --site synthetic_a privacy=dp_sgd privacy.target_epsilon=4
+  python -m client --site synthetic_a --info
+  python -m client --site synthetic_a --predict new_cases/ --out predictions/
   python -m client --site refuge data.root=/mnt/refuge supernode.insecure=false \\
       supernode.root_certificates=/etc/mrprism/ca.crt \\
       supernode.auth_private_key=/etc/mrprism/keys/refuge
@@ -58,6 +60,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="check, write the resolved config, print the SuperNode command, do not start it",
     )
     parser.add_argument(
+        "--info",
+        action="store_true",
+        help="print what the site holds: its model snapshot (round, run, raters, classes, date)",
+    )
+    parser.add_argument(
+        "--predict",
+        metavar="INPUT",
+        help="segment new cases with the site's own model: an image, NIfTI file, DICOM series "
+        "folder or a folder of them (needs --out; no coordinator needed)",
+    )
+    parser.add_argument("--out", help="output folder for --predict")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="--predict: slices per forward pass"
+    )
+    parser.add_argument(
         "overrides",
         nargs="*",
         metavar="key=value",
@@ -66,6 +83,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.list and not args.site:
         parser.error("--site is required (use --list to see the known sites)")
+    if args.predict and not args.out:
+        parser.error("--predict needs --out OUTPUT_FOLDER")
     return args
 
 
@@ -105,6 +124,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = compose_site_config(args.site, args.overrides, args.config_dir)
         site = SiteRuntime(cfg)
+        if args.info:
+            print("\n".join(site.describe()))
+            return 0
+        if args.predict:
+            from mrprism_core.predict import run_cli
+
+            model = site.personal_model()
+            return run_cli(model, args.predict, args.out, str(site.device), args.batch_size)
         summary = site.check()
     except SiteDataError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -24,7 +24,12 @@ from mrprism_core.data.factory import (
     build_dataset,
     dataset_info,
 )
-from mrprism_core.models import SegmentationModel, build_model_for_data, split_state
+from mrprism_core.models import (
+    SegmentationModel,
+    build_model_for_data,
+    model_from_build_args,
+    split_state,
+)
 from mrprism_core.train import evaluate, make_loader, resolve_device, train_epoch
 
 from .privacy import PrivacyConfig, PrivacyLedger, PrivateRound
@@ -215,10 +220,7 @@ class SiteRuntime:
         return f"DP-SGD, {budget} at delta {cfg.delta}; epsilon spent so far {spent:.3f}"
 
     def _describe_snapshot(self) -> str:
-        try:
-            snapshot = self.snapshot
-        except CorruptCheckpointError as err:
-            raise SiteDataError(f"site {self.name}: {err}") from err
+        snapshot = self._snapshot_or_error()
         if snapshot is None:
             return SiteSummary.snapshot
         return (
@@ -240,6 +242,45 @@ class SiteRuntime:
     def heads_round(self) -> int:
         """The round whose rater heads this site starts from (0: fresh heads)."""
         return int(self.snapshot["round"]) if self.snapshot is not None else 0
+
+    def personal_model(self) -> SegmentationModel:
+        """The site's complete personalised model from its snapshot: the last shared weights
+        it received plus its own rater heads; what it predicts new cases with."""
+        snapshot = self._snapshot_or_error()
+        if snapshot is None:
+            raise SiteDataError(
+                f"site {self.name}: no model yet ({self.store.snapshot_path} does not exist); "
+                "the site gets one when it has trained in at least one federated round"
+            )
+        model = model_from_build_args(snapshot["build_args"])
+        model.load_state_dict({**snapshot["shared_state"], **snapshot["local_state"]})
+        return model.to(self.device)
+
+    def describe(self) -> list[str]:
+        """What ``python -m client --site X --info`` prints."""
+        snapshot = self._snapshot_or_error()
+        lines = [f"site:        {self.name}", f"state dir:   {self.store.root}"]
+        if snapshot is None:
+            return [*lines, "snapshot:    none yet (the site has not trained a round)"]
+        args = snapshot["build_args"]
+        return [
+            *lines,
+            f"snapshot:    {self.store.snapshot_path}",
+            f"round:       {snapshot['round']}",
+            f"run:         {snapshot['run_id']}",
+            f"saved:       {snapshot['saved_at']}",
+            f"model:       {args.get('name')} ({args.get('preset')} preset, "
+            f"{args.get('image_size')} px, {args.get('in_channels')} channel(s))",
+            f"raters:      {args.get('num_raters')}",
+            f"classes:     {args.get('num_classes')}",
+            f"privacy:     {self._describe_privacy()}",
+        ]
+
+    def _snapshot_or_error(self) -> dict[str, Any] | None:
+        try:
+            return self.snapshot
+        except CorruptCheckpointError as err:
+            raise SiteDataError(f"site {self.name}: {err}") from err
 
     def build_model(self, spec: Mapping[str, Any]) -> SegmentationModel:
         """The run's architecture with this site's rater heads restored from its snapshot

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -62,12 +63,14 @@ class InputCase:
     spacing: tuple[float, ...] = field(default_factory=tuple)
 
 
-def standardize(image: np.ndarray) -> np.ndarray:
-    """Per-channel zero mean and unit variance of a (C, H, W) or (N, C, H, W) array."""
-    axes = (-2, -1)
-    mean = image.mean(axis=axes, keepdims=True)
-    std = np.maximum(image.std(axis=axes, keepdims=True), 1e-6)
-    return ((image - mean) / std).astype(np.float32)
+def standardize(image: np.ndarray | torch.Tensor) -> Any:
+    """Per-channel zero mean and unit variance of a (C, H, W) or (N, C, H, W) image; every
+    image the models see (synthetic or read from disk) goes through this."""
+    tensor = torch.as_tensor(image, dtype=torch.float32)
+    mean = tensor.mean(dim=(-2, -1), keepdim=True)
+    std = tensor.std(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+    result = (tensor - mean) / std
+    return result.numpy() if isinstance(image, np.ndarray) else result
 
 
 def _is_nifti(path: Path) -> bool:
@@ -86,9 +89,9 @@ def find_inputs(path: str | Path) -> list[Path]:
     if any(path.glob("*.dcm")):
         found.append(path)
     for child in sorted(path.iterdir()):
-        if child.is_file() and (child.suffix.lower() in IMAGE_SUFFIXES or _is_nifti(child)):
-            found.append(child)
-        elif child.is_dir() and any(child.glob("*.dcm")):
+        image = child.is_file() and (child.suffix.lower() in IMAGE_SUFFIXES or _is_nifti(child))
+        series = child.is_dir() and any(child.glob("*.dcm"))
+        if image or series:
             found.append(child)
     if not found:
         raise ImageReadError(
@@ -144,7 +147,9 @@ def _read_nifti(path: Path) -> InputCase:
     if data.ndim == 3:
         data = data[..., None]
     if data.ndim != 4:
-        raise ImageReadError(f"{path}: expected a 3-D volume (or 4-D with modalities last), got {data.shape}")
+        raise ImageReadError(
+            f"{path}: expected a 3-D volume (or 4-D with modalities last), got {data.shape}"
+        )
     # (X, Y, Z, C) -> slices along Z: (Z, C, X, Y)
     slices = standardize(data.transpose(2, 3, 0, 1))
     spacing = tuple(float(s) for s in image.header.get_zooms()[:3])

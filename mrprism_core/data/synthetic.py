@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .images import standardize
+
 __all__ = [
     "ImageStyle",
     "RaterProfile",
@@ -178,9 +180,7 @@ class SyntheticMultiRaterDataset(Dataset):
             raise ValueError(f"style.tint has {gains.numel()} gains for {style.channels} channels")
         image = intensity.unsqueeze(0) * gains.view(-1, 1, 1)
         image = image + torch.randn(image.shape, generator=generator) * style.noise
-        mean = image.mean(dim=(1, 2), keepdim=True)
-        std = image.std(dim=(1, 2), keepdim=True).clamp_min(1e-6)
-        return (image - mean) / std
+        return standardize(image)
 
     def _rater_masks(self, radii: list[Tensor], generator: torch.Generator) -> Tensor:
         masks = []

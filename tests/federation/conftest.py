@@ -55,7 +55,7 @@ def train_message(cfg: RunConfig | None = None, server_round: int = 1):
             "layout": layout.fingerprint,
             "lr": cfg.lr,
             "seed": cfg.seed,
-            "local-epochs": 1,
+            "local-epochs": cfg.local_epochs,
             "server-round": server_round,
         }
     )
