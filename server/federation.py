@@ -75,27 +75,21 @@ class _SiteDirectory:
     def __init__(self) -> None:
         self.by_node: dict[int, str] = {}
 
-    def learn(self, msg: Message) -> str:
-        name = f"node-{msg.metadata.src_node_id}"
+    def learn(self, msg: Message) -> None:
         if "site" in msg.content.config_records:
-            name = str(msg.content.config_records["site"].get("name", name))
-            self.by_node[msg.metadata.src_node_id] = name
-        return name
+            self.by_node[msg.metadata.src_node_id] = _site_name(msg)
 
     def name(self, node_id: int) -> str:
         return self.by_node.get(node_id, f"node-{node_id}")
 
 
 def _exchange(
-    grid: Grid,
-    instructions: Iterable[Message],
-    timeout: float,
-    sites: _SiteDirectory,
-    dropped: list[dict[str, str]],
-) -> list[Message]:
-    """Send one phase's messages; return the replies without errors. Every site that failed
-    (error reply, node gone, no answer before ``timeout``) is logged and added to
-    ``dropped``: the phase goes on with the others."""
+    grid: Grid, instructions: Iterable[Message], timeout: float, sites: _SiteDirectory
+) -> tuple[list[Message], list[dict[str, str]]]:
+    """Send one phase's messages; return the replies without errors, and the sites that
+    failed (error reply, node gone, no answer before ``timeout``), each logged: the phase goes
+    on with the others."""
+    dropped: list[dict[str, str]] = []
     sent = list(instructions)
     replies = list(grid.send_and_receive(sent, timeout=timeout))
     node_of = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in sent}
@@ -111,7 +105,7 @@ def _exchange(
             ok.append(msg)
     for node in sorted(set(node_of.values()) - answered):
         _drop(dropped, sites.name(node), f"no reply within round-timeout={timeout:g} s")
-    return ok
+    return ok, dropped
 
 
 def _drop(dropped: list[dict[str, str]], site: str, reason: str) -> None:
@@ -294,14 +288,8 @@ def run_federation(
         started = time.time()
         log.info("round %d/%d", server_round, cfg.num_server_rounds)
         train_config = ConfigRecord({**base_config, "local-epochs": cfg.local_epochs})
-        dropped: list[dict[str, str]] = []
-        replies = _exchange(
-            grid,
-            strategy.configure_train(server_round, arrays, train_config, grid),
-            cfg.round_timeout,
-            sites,
-            dropped,
-        )
+        instructions = strategy.configure_train(server_round, arrays, train_config, grid)
+        replies, dropped = _exchange(grid, instructions, cfg.round_timeout, sites)
         updates = _usable_updates(replies, arrays, dropped)
         aggregated = len(updates) >= cfg.min_train_replies
         train_metrics = None
@@ -327,14 +315,8 @@ def run_federation(
                 )
 
         eval_config = ConfigRecord({**base_config, "eval-split": cfg.eval_split})
-        eval_dropped: list[dict[str, str]] = []
-        eval_replies = _exchange(
-            grid,
-            strategy.configure_evaluate(server_round, arrays, eval_config, grid),
-            cfg.round_timeout,
-            sites,
-            eval_dropped,
-        )
+        instructions = strategy.configure_evaluate(server_round, arrays, eval_config, grid)
+        eval_replies, eval_dropped = _exchange(grid, instructions, cfg.round_timeout, sites)
         eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
         record = {
             "round": server_round,

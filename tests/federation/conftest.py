@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -71,3 +72,24 @@ def node_context(state_dir: str):
     return Context(
         run_id=1, node_id=1, node_config={"state-dir": state_dir}, state=RecordDict(), run_config={}
     )
+
+
+def simulate(config: dict, state_dirs: list[str], client_app=None, on_round=None) -> list[dict]:
+    """Our ServerApp and ClientApp (or ``client_app``) in Flower's simulation engine, one
+    virtual SuperNode per state dir; returns the rounds of ``out-dir``'s metrics log."""
+    from flwr.simulation import run_simulation
+
+    from client.app import create_client_app
+    from server.app import create_server_app
+
+    run_simulation(
+        server_app=create_server_app(config, on_round=on_round),
+        client_app=client_app or create_client_app(state_dirs),
+        num_supernodes=len(state_dirs),
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": 2},
+        },
+    )
+    metrics = Path(config["out-dir"]) / "metrics.jsonl"
+    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]

@@ -9,16 +9,15 @@ import json
 import torch
 from flwr.app import ArrayRecord
 from flwr.clientapp import ClientApp
-from flwr.simulation import run_simulation
 
 from client.app import create_client_app
 from mrprism_core.checkpoint import load_checkpoint
 from mrprism_core.federated import PACKED_KEY
-from server.app import create_server_app
 from server.config import RunConfig
 from server.federation import initial_arrays
 
-BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
+from .conftest import simulate
+
 NAN_PARTITION = 1
 
 
@@ -51,13 +50,7 @@ def _run(out_dir, state_dirs, **overrides):
         "model-options": json.dumps({"recurrences": 1}),
         **overrides,
     }
-    run_simulation(
-        server_app=create_server_app(config),
-        client_app=_with_a_nan_sender(state_dirs),
-        num_supernodes=3,
-        backend_config=BACKEND,
-    )
-    history = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    history = simulate(config, state_dirs, client_app=_with_a_nan_sender(state_dirs))
     return config, history[-1], load_checkpoint(out_dir / "global_model.pt")["shared_state"]
 
 

@@ -10,18 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.simulation import run_simulation
 
 from client.app import create_client_app
 from mrprism_core.checkpoint import load_checkpoint
 from mrprism_core.federated import PACKED_KEY
-from server.app import create_server_app
 from server.config import RunConfig
 from server.federation import initial_arrays
 
-from .conftest import node_context, train_message
+from .conftest import node_context, simulate, train_message
 
-BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
 FAST = RunConfig(model_options=json.dumps({"recurrences": 1}), num_server_rounds=2)
 
 
@@ -81,13 +78,7 @@ def test_user_level_dp_clips_each_site_update_before_aggregation(tmp_path, make_
         "out-dir": str(out_dir),
         "model-options": json.dumps({"recurrences": 1}),
     }
-    run_simulation(
-        server_app=create_server_app(config),
-        client_app=create_client_app(state_dirs),
-        num_supernodes=2,
-        backend_config=BACKEND,
-    )
-    record = json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[0])
+    record = simulate(config, state_dirs)[0]
     assert set(record["train_sites"]) == {"synthetic_a", "synthetic_b"}
     assert record["user_level_dp"]["mode"] == "client-fixed"
     initial = initial_arrays(RunConfig.from_mapping(config))

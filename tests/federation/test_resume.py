@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import json
 
-from flwr.simulation import run_simulation
-
-from client.app import create_client_app
 from mrprism_core.checkpoint import load_checkpoint
-from server.app import create_server_app
 
-BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
+from .conftest import simulate
 
 
 def _run(out_dir, rounds, state_dirs, seen):
@@ -20,12 +16,7 @@ def _run(out_dir, rounds, state_dirs, seen):
         "out-dir": str(out_dir),
         "model-options": json.dumps({"recurrences": 1}),
     }
-    run_simulation(
-        server_app=create_server_app(config, on_round=lambda r: seen.append(r["round"])),
-        client_app=create_client_app(state_dirs),
-        num_supernodes=2,
-        backend_config=BACKEND,
-    )
+    simulate(config, state_dirs, on_round=lambda r: seen.append(r["round"]))
 
 
 def test_restart_resumes_after_the_last_completed_round(tmp_path, make_site):

@@ -6,13 +6,11 @@ from __future__ import annotations
 import json
 
 import torch
-from flwr.simulation import run_simulation
 
-from client.app import create_client_app
 from mrprism_core.checkpoint import load_checkpoint
-from server.app import create_server_app
 
-BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
+from .conftest import simulate
+
 SITES = {"synthetic_a": 3, "synthetic_b": 5, "synthetic_c": 7}  # site -> training cases
 
 
@@ -28,13 +26,7 @@ def test_secagg_plus_aggregate_equals_fedavg_of_the_site_updates(tmp_path, make_
         "out-dir": str(out_dir),
         "model-options": json.dumps({"recurrences": 1}),
     }
-    run_simulation(
-        server_app=create_server_app(config),
-        client_app=create_client_app(state_dirs),
-        num_supernodes=3,
-        backend_config=BACKEND,
-    )
-    record = json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[0])
+    record = simulate(config, state_dirs)[0]
     assert record["secure_aggregation"] is True and set(record["train_sites"]) == set(SITES)
     global_state = load_checkpoint(out_dir / "global_model.pt")["shared_state"]
 
