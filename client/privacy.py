@@ -94,16 +94,16 @@ class PrivateRound:
 
     def spent(self) -> float:
         """Epsilon spent so far (at ``cfg.delta``); 0 before the first noisy step."""
-        if not self.accountant.history:
-            return 0.0
-        return float(self.accountant.get_epsilon(self.cfg.delta))
+        return self._epsilon(self.accountant.history)
 
-    def _epsilon_after(self, sample_rate: float, steps: int) -> float:
+    def _epsilon(self, history: list[tuple[float, float, int]]) -> float:
         from opacus.accountants import RDPAccountant
 
-        projected = RDPAccountant()
-        projected.history = [*self.accountant.history, (self.noise_multiplier, sample_rate, steps)]
-        return float(projected.get_epsilon(self.cfg.delta))
+        if not history:
+            return 0.0
+        accountant = RDPAccountant()
+        accountant.history = list(history)
+        return float(accountant.get_epsilon(self.cfg.delta))
 
     def wrap(
         self, model: nn.Module, optimizer: Optimizer, loader: DataLoader, epochs: int = 1
@@ -129,7 +129,8 @@ class PrivateRound:
                     accountant="rdp",
                 )
             )
-            after = self._epsilon_after(sample_rate, epochs * len(loader))
+            this_round = (self.noise_multiplier, sample_rate, epochs * len(loader))
+            after = self._epsilon([*self.accountant.history, this_round])
             if after > self.cfg.target_epsilon * (1 + 1e-6):
                 raise PrivacyBudgetSpent(
                     f"privacy budget spent: epsilon is {self.spent():.3f} and this round would "

@@ -204,11 +204,25 @@ class SiteRuntime:
             self.name, cases, self.info, self._describe_snapshot(), self._describe_privacy()
         )
 
-    def _describe_privacy(self) -> str:
+    @functools.cached_property
+    def privacy(self) -> PrivacyConfig:
+        """The site's DP-SGD settings (``privacy`` block), checked once."""
         try:
-            cfg = PrivacyConfig.from_mapping(self.cfg.get("privacy"))
+            return PrivacyConfig.from_mapping(self.cfg.get("privacy"))
         except (TypeError, ValueError) as err:
             raise SiteDataError(f"site {self.name}: {err}") from err
+
+    def _private_round(self, planned_epochs: int) -> PrivateRound | None:
+        if not self.privacy.enabled:
+            return None
+        return PrivateRound(self.privacy, self._ledger, planned_epochs)
+
+    @property
+    def _ledger(self) -> PrivacyLedger:
+        return PrivacyLedger(self.store.root / PRIVACY_LEDGER)
+
+    def _describe_privacy(self) -> str:
+        cfg = self.privacy
         if not cfg.enabled:
             return "off"
         budget = (
@@ -216,7 +230,7 @@ class SiteRuntime:
             if cfg.target_epsilon is not None
             else f"noise multiplier {cfg.noise_multiplier}"
         )
-        spent = PrivateRound(cfg, PrivacyLedger(self.store.root / PRIVACY_LEDGER), 1).spent()
+        spent = PrivateRound(cfg, self._ledger, 1).spent()
         return f"DP-SGD, {budget} at delta {cfg.delta}; epsilon spent so far {spent:.3f}"
 
     def _describe_snapshot(self) -> str:
@@ -375,12 +389,6 @@ class SiteRuntime:
             if private is not None:
                 totals.update(private.finish())
         return totals
-
-    def _private_round(self, planned_epochs: int) -> PrivateRound | None:
-        cfg = PrivacyConfig.from_mapping(self.cfg.get("privacy"))
-        if not cfg.enabled:
-            return None
-        return PrivateRound(cfg, PrivacyLedger(self.store.root / PRIVACY_LEDGER), planned_epochs)
 
     def evaluate(self, model: SegmentationModel, split: str = "val") -> dict[str, Any]:
         return evaluate(model, self.loader(split, shuffle=False), self.device)

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
+import io
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -120,8 +122,6 @@ def _masks(prediction: CasePrediction) -> dict[str, np.ndarray]:
 
 
 def _png_bytes(array: np.ndarray) -> bytes:
-    import io
-
     from PIL import Image
 
     buffer = io.BytesIO()
@@ -162,8 +162,6 @@ def write_case(case: InputCase, prediction: CasePrediction, out_dir: Path) -> di
 
 
 def _nifti_bytes(image: Any) -> bytes:
-    import gzip
-
     return gzip.compress(image.to_bytes(), compresslevel=6, mtime=0)
 
 
@@ -195,8 +193,6 @@ def predict_inputs(
 
 
 def _write_summary(path: Path, rows: list[dict[str, Any]]) -> None:
-    import io
-
     columns: list[str] = []
     for row in rows:
         columns += [c for c in row if c not in columns]

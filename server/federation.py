@@ -218,11 +218,13 @@ class RunFiles:
         self.checkpoint = self.root / GLOBAL_CHECKPOINT
         self.metrics = self.root / METRICS_LOG
 
-    def resume_point(
-        self, cfg: RunConfig, layout: StateLayout
-    ) -> tuple[int, ArrayRecord | None, list[dict]]:
+    def start(self, cfg: RunConfig) -> tuple[StateLayout, int, ArrayRecord, list[dict]]:
+        """The shared-weight layout, the rounds already done, the global weights to start
+        from (the checkpoint's when resuming, else freshly initialised) and the log so far."""
+        initial = initial_arrays(cfg)
+        layout = StateLayout.of(initial)
         if not (cfg.resume and self.checkpoint.exists()):
-            return 0, None, []
+            return layout, 0, ArrayRecord({PACKED_KEY: layout.pack(initial)}), []
         payload = load_checkpoint(self.checkpoint)
         if payload["model_spec"] != cfg.model_spec():
             raise ValueError(
@@ -233,7 +235,18 @@ class RunFiles:
         history = [r for r in self.history() if int(r["round"]) <= done]
         log.info("resuming from %s after round %d", self.checkpoint, done)
         packed = layout.pack(payload["shared_state"])
-        return done, ArrayRecord({PACKED_KEY: packed}), history
+        return layout, done, ArrayRecord({PACKED_KEY: packed}), history
+
+    def write_summary(self, cfg: RunConfig, **fields: Any) -> dict:
+        """``summary.json``: the run config, where the checkpoint is, and ``fields``."""
+        summary = {
+            "rounds": cfg.num_server_rounds,
+            "run_config": cfg.as_run_config(),
+            **fields,
+            "checkpoint": str(self.checkpoint),
+        }
+        atomic_write_json(self.root / SUMMARY, summary)
+        return summary
 
     def history(self) -> list[dict]:
         if not self.metrics.exists():
@@ -277,11 +290,7 @@ def run_federation(
     ``on_round`` receives each round's record once it is saved (progress bars, tests).
     """
     files = RunFiles(cfg.out_dir)
-    initial = initial_arrays(cfg)
-    layout = StateLayout.of(initial)
-    done, arrays, history = files.resume_point(cfg, layout)
-    if arrays is None:
-        arrays = ArrayRecord({PACKED_KEY: layout.pack(initial)})
+    layout, done, arrays, history = files.start(cfg)
     base_config = round_config(cfg, layout)
     sites = _SiteDirectory()
     for server_round in range(done + 1, cfg.num_server_rounds + 1):
@@ -338,12 +347,8 @@ def run_federation(
         if on_round is not None:
             on_round(record)
 
-    summary = {
-        "rounds": cfg.num_server_rounds,
-        "run_config": cfg.as_run_config(),
-        "final_evaluate": history[-1]["evaluate"] if history else None,
-        "final_sites": history[-1]["evaluate_sites"] if history else None,
-        "checkpoint": str(files.checkpoint),
-    }
-    atomic_write_json(files.root / SUMMARY, summary)
-    return summary
+    return files.write_summary(
+        cfg,
+        final_evaluate=history[-1]["evaluate"] if history else None,
+        final_sites=history[-1]["evaluate_sites"] if history else None,
+    )

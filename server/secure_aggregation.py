@@ -21,14 +21,11 @@ import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid
 
-from mrprism_core.checkpoint import atomic_write_json
-from mrprism_core.federated import PACKED_KEY, StateLayout
+from mrprism_core.federated import PACKED_KEY
 
 from .config import RunConfig
 from .federation import (
-    SUMMARY,
     RunFiles,
-    initial_arrays,
     log,
     log_site_privacy,
     round_config,
@@ -56,10 +53,8 @@ def run_secure_federation(
             f"strategy={cfg.strategy!r} or dp-mode={cfg.dp_mode!r} (use DP-SGD at the sites)"
         )
     files = RunFiles(cfg.out_dir)
-    initial = initial_arrays(cfg)
-    layout = StateLayout.of(initial)
-    done, arrays, history = files.resume_point(cfg, layout)
-    packed = arrays[PACKED_KEY].numpy() if arrays is not None else layout.pack(initial).numpy()
+    layout, done, arrays, history = files.start(cfg)
+    packed = arrays[PACKED_KEY].numpy()
     if done >= cfg.num_server_rounds:
         return _summary(cfg, files, history)
     base_config = round_config(cfg, layout)
@@ -147,12 +142,8 @@ def _count(value: float) -> int | float:
 
 
 def _summary(cfg: RunConfig, files: RunFiles, history: list[dict]) -> dict:
-    summary = {
-        "rounds": cfg.num_server_rounds,
-        "run_config": cfg.as_run_config(),
-        "secure_aggregation": True,
-        "final_train_sites": history[-1]["train_sites"] if history else None,
-        "checkpoint": str(files.checkpoint),
-    }
-    atomic_write_json(files.root / SUMMARY, summary)
-    return summary
+    return files.write_summary(
+        cfg,
+        secure_aggregation=True,
+        final_train_sites=history[-1]["train_sites"] if history else None,
+    )

@@ -147,7 +147,8 @@ def _run_federated(
     from client.app import create_client_app
     from server.app import create_server_app
 
-    infos = _site_infos(exp)
+    train_sets = {site.name: build_dataset(site.data, "train") for site in exp.sites}
+    infos = {name: dataset_info(dataset) for name, dataset in train_sets.items()}
     first = next(iter(infos.values()))
     most = max(info.num_raters for info in infos.values())
     options: dict[str, Any] = {}
@@ -179,7 +180,7 @@ def _run_federated(
         "eval-split": exp.eval_split,
         "secure-aggregation": secure,
         # the largest site weighs in with its example count: the finest SecAgg+ quantization
-        "secagg-max-weight": float(max(len(build_dataset(s.data, "train")) for s in exp.sites)),
+        "secagg-max-weight": float(max(len(dataset) for dataset in train_sets.values())),
     }
     history: dict[str, list[float]] = {s.name: [] for s in exp.sites}
     finals: dict[str, dict[str, Any]] = {}

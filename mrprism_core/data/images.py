@@ -103,8 +103,10 @@ def find_inputs(path: str | Path) -> list[Path]:
 def read_case(path: str | Path) -> InputCase:
     """Read one input found by :func:`find_inputs`."""
     path = Path(path)
-    if path.is_dir() or path.suffix.lower() == ".dcm":
-        return _read_dicom_series(path if path.is_dir() else path.parent, only=path)
+    if path.is_dir():
+        return _read_dicom_series(sorted(path.glob("*.dcm")), path, path.name)
+    if path.suffix.lower() == ".dcm":
+        return _read_dicom_series([path], path.parent, _stem(path))
     if _is_nifti(path):
         return _read_nifti(path)
     if path.suffix.lower() in IMAGE_SUFFIXES:
@@ -156,11 +158,11 @@ def _read_nifti(path: Path) -> InputCase:
     return InputCase(_stem(path), path, "nifti", slices, image.affine, image.header, spacing)
 
 
-def _read_dicom_series(folder: Path, only: Path | None = None) -> InputCase:
+def _read_dicom_series(files: list[Path], folder: Path, name: str) -> InputCase:
+    """``files``: the slices of one series; ``folder`` is named in errors."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    files = [only] if only is not None and only.is_file() else sorted(folder.glob("*.dcm"))
     datasets = []
     for file in files:
         try:
@@ -197,5 +199,4 @@ def _read_dicom_series(folder: Path, only: Path | None = None) -> InputCase:
     affine_lps[:3, 3] = first
     slices = standardize((pixels * slope + intercept)[:, None])
     spacing = (row_spacing, column_spacing, float(np.linalg.norm(step)))
-    name = folder.name if only is None or only.is_dir() else _stem(only)
     return InputCase(name, folder, "dicom", slices, _LPS_TO_RAS @ affine_lps, None, spacing)

@@ -43,6 +43,12 @@ def toml_value(value: Any) -> str:
     return repr(value)
 
 
+def run_arguments(run_config: dict[str, Any]) -> list[str]:
+    """``flwr run`` arguments submitting this project with ``run_config`` overrides."""
+    overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
+    return ["run", str(PROJECT_ROOT), "test", "--stream", "-c", overrides]
+
+
 class Deployment:
     """One SuperLink and its SuperNodes under ``root`` (a pytest tmp dir)."""
 
@@ -159,16 +165,13 @@ class Deployment:
         raise TimeoutError(f"fewer than {count} SuperNodes came online\n{logs}")
 
     def run(self, run_config: dict[str, Any], timeout: float = 600) -> subprocess.CompletedProcess:
-        overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
-        return self.flwr(
-            "run", str(PROJECT_ROOT), "test", "--stream", "-c", overrides, timeout=timeout
-        )
+        return self.flwr(*run_arguments(run_config), timeout=timeout)
 
     def submit(self, run_config: dict[str, Any], limit: float = 900) -> subprocess.Popen:
         """``flwr run`` in the background (to be interrupted by a test)."""
-        overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
-        command = [str(BIN / "flwr"), "run", str(PROJECT_ROOT), "test", "--stream"]
-        return self._spawn("flwr-run", [*command, "-c", overrides], "cli", limit)
+        return self._spawn(
+            "flwr-run", [str(BIN / "flwr"), *run_arguments(run_config)], "cli", limit
+        )
 
     def kill(self, name: str) -> None:
         """SIGKILL a process and its children, as a power cut would."""
