@@ -8,10 +8,21 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from .cases import DataValidationError
+from .files import FileDataset
+from .preprocess import CaseCache, Preprocessing
+from .readers import READERS
 from .synthetic import ImageStyle, RaterProfile, make_dataset
 from .views import CaseSubset, RaterSlots, RaterSubset
 
-__all__ = ["SPLITS", "DatasetInfo", "EmptySplitError", "build_dataset", "dataset_info"]
+__all__ = [
+    "SPLITS",
+    "DataValidationError",
+    "DatasetInfo",
+    "EmptySplitError",
+    "build_dataset",
+    "dataset_info",
+]
 
 SPLITS = ("train", "val", "test")
 
@@ -61,7 +72,26 @@ def _synthetic(cfg: dict[str, Any], split: str) -> Dataset:
     )
 
 
-_BUILDERS = {"synthetic": _synthetic}
+def _files(cfg: dict[str, Any], split: str) -> Dataset:
+    """A file-based source: the reader lists every split's cases (so overlaps are caught),
+    this split's become a :class:`FileDataset` over the shared preprocessing cache."""
+    cases = READERS[cfg["kind"]](cfg)
+    chosen = [case for case in cases if case.split == split]
+    if not chosen:
+        raise EmptySplitError(f"{cfg['kind']} data has no cases for split {split!r}")
+    window = cfg.get("intensity_window")
+    settings = Preprocessing(
+        int(cfg.get("image_size", 256)), None if window is None else tuple(window)
+    )
+    return FileDataset(
+        chosen,
+        CaseCache(cfg.get("cache_dir"), settings),
+        num_raters=int(cfg["num_raters"]),
+        num_classes=int(cfg.get("num_classes") or chosen[0].num_classes),
+    )
+
+
+_BUILDERS = {"synthetic": _synthetic, **{kind: _files for kind in READERS}}
 
 
 def build_dataset(data_cfg: Mapping[str, Any], split: str) -> Dataset:

@@ -13,6 +13,7 @@ so a model sees the same kind of input whatever the source.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,10 @@ __all__ = [
     "ImageReadError",
     "InputCase",
     "find_inputs",
+    "read_2d_pixels",
     "read_case",
+    "read_dicom",
+    "read_nifti_array",
     "standardize",
 ]
 
@@ -122,30 +126,67 @@ def _stem(path: Path) -> str:
     return name
 
 
-def _read_2d(path: Path) -> InputCase:
+def read_2d_pixels(
+    path: str | Path, draft_size: int | None = None, dtype: Any = np.float32
+) -> tuple[np.ndarray, tuple]:
+    """Pixels of a PNG/JPEG as (C, H, W) ``dtype`` (None: as stored) and the file's (H, W).
+
+    ``draft_size``: a JPEG may be decoded at a reduced scale (1/2 .. 1/8) that still has at
+    least this many pixels per side; much faster for large fundus photographs that are resized
+    afterwards anyway.
+    """
     from PIL import Image, UnidentifiedImageError
 
+    path = Path(path)
     try:
         with Image.open(path) as image:
+            full_size = (image.height, image.width)
+            if draft_size is not None and image.format == "JPEG":
+                image.draft(image.mode, (draft_size, draft_size))
             image.load()
             if image.mode not in ("L", "RGB"):
                 image = image.convert("RGB" if image.mode in ("RGBA", "P", "CMYK") else "L")
-            pixels = np.asarray(image, dtype=np.float32)
-    except (UnidentifiedImageError, OSError) as err:
+            pixels = np.asarray(image, dtype=dtype)
+    except (UnidentifiedImageError, OSError, ValueError) as err:
         raise ImageReadError(f"{path}: not a readable PNG/JPEG image ({err})") from err
     channels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    return channels, full_size
+
+
+def _read_2d(path: Path) -> InputCase:
+    channels, _ = read_2d_pixels(path)
     return InputCase(_stem(path), path, "2d", standardize(channels)[None])
 
 
-def _read_nifti(path: Path) -> InputCase:
+def read_nifti_array(path: str | Path) -> tuple[Any, np.ndarray]:
+    """The nibabel image (header, affine) and its voxels as float32."""
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
 
     try:
         image = nib.load(str(path))
         data = np.asarray(image.dataobj, dtype=np.float32)
-    except (ImageFileError, OSError, EOFError, ValueError) as err:
+    except (ImageFileError, OSError, EOFError, ValueError, zlib.error) as err:
         raise ImageReadError(f"{path}: unreadable or truncated NIfTI ({err})") from err
+    return image, data
+
+
+def read_dicom(path: str | Path, *, pixels: bool = True) -> Any:
+    """One DICOM file (pydicom Dataset); ``pixels=False`` reads the header only."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        dataset = pydicom.dcmread(path, stop_before_pixels=not pixels)
+        if pixels:
+            _ = dataset.pixel_array  # decode now, so a truncated file fails here, by name
+    except (InvalidDicomError, OSError, EOFError, ValueError, AttributeError) as err:
+        raise ImageReadError(f"{path}: unreadable or truncated DICOM ({err})") from err
+    return dataset
+
+
+def _read_nifti(path: Path) -> InputCase:
+    image, data = read_nifti_array(path)
     if data.ndim == 3:
         data = data[..., None]
     if data.ndim != 4:
@@ -160,15 +201,7 @@ def _read_nifti(path: Path) -> InputCase:
 
 def _read_dicom_series(files: list[Path], folder: Path, name: str) -> InputCase:
     """``files``: the slices of one series; ``folder`` is named in errors."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    datasets = []
-    for file in files:
-        try:
-            datasets.append(pydicom.dcmread(file))
-        except (InvalidDicomError, OSError, EOFError, ValueError) as err:
-            raise ImageReadError(f"{file}: unreadable or truncated DICOM ({err})") from err
+    datasets = [read_dicom(file) for file in files]
     series = {str(getattr(d, "SeriesInstanceUID", "")) for d in datasets}
     if len(series) > 1:
         raise ImageReadError(f"{folder}: {len(series)} DICOM series in one folder; split them")
