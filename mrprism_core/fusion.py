@@ -1,4 +1,4 @@
-"""Multi-rater fusion: Eq. 1, 4, 5, 11, 12 and 14/15 of MrPrism, plus majority vote.
+"""Multi-rater fusion: Eq. 1, 4, 5, 11, 12 and 14/15 of MrPrism, plus majority vote and STAPLE.
 
 Every fused mask in the project (training targets, losses, metrics, baselines) comes from
 :func:`fuse`; nothing else re-implements a weighted vote.
@@ -32,6 +32,7 @@ __all__ = [
     "self_fuse",
     "threshold",
     "majority_vote",
+    "staple",
     "rater_weights",
     "initial_confidence",
     "shuffle_raters",
@@ -168,6 +169,39 @@ def majority_vote(labels: Tensor, valid: Tensor | None = None) -> Tensor:
     else:
         share = (labels.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
     return (share > 0.5).to(labels.dtype)
+
+
+def staple(labels: Tensor, valid: Tensor | None = None, level: float = 0.5) -> Tensor:
+    """STAPLE (Warfield et al., 2004) with SimpleITK's filter, per image and class.
+
+    Args:
+        labels: rater masks (B, M, K, H, W) in {0, 1}.
+        valid: optional (B, M) mask of the rater slots in use.
+        level: the STAPLE posterior is binarised at this value.
+
+    Returns:
+        Binary (B, K, H, W) mask, dtype of ``labels``. Where every rater left a class empty
+        (STAPLE is undefined) the result is empty.
+    """
+    import numpy as np
+    import SimpleITK as sitk
+
+    masks = labels.detach().to("cpu", torch.uint8).numpy()
+    keep = None if valid is None else valid.detach().cpu().bool().numpy()
+    out = np.zeros((masks.shape[0], *masks.shape[2:]), dtype=np.float32)
+    for b in range(masks.shape[0]):
+        raters = [m for m in range(masks.shape[1]) if keep is None or keep[b, m]]
+        for k in range(masks.shape[2]):
+            stack = [masks[b, m, k] for m in raters]
+            if not any(mask.any() for mask in stack):
+                continue
+            if len(stack) == 1 or all(np.array_equal(stack[0], mask) for mask in stack[1:]):
+                out[b, k] = stack[0]  # nothing to estimate; STAPLE's EM would not converge
+                continue
+            images = [sitk.GetImageFromArray(mask) for mask in stack]
+            posterior = sitk.GetArrayFromImage(sitk.STAPLE(images, 1.0))
+            out[b, k] = np.nan_to_num(posterior) > level
+    return torch.from_numpy(out).to(device=labels.device, dtype=labels.dtype)
 
 
 def initial_confidence(

@@ -22,6 +22,7 @@ __all__ = [
     "multihead_loss",
     "random_permutations",
     "bce_dice_loss",
+    "bce_dice_per_image",
     "binary_cross_entropy",
 ]
 
@@ -152,11 +153,17 @@ def recurrence_loss(
     return conp_term, divp_term
 
 
-def bce_dice_loss(logits: Tensor, target: Tensor) -> Tensor:
-    """Binary cross-entropy plus soft Dice loss, the usual objective of a plain U-Net."""
-    bce = F.binary_cross_entropy_with_logits(logits, target)
+def bce_dice_per_image(logits: Tensor, target: Tensor) -> Tensor:
+    """Binary cross-entropy plus soft Dice loss of each image (B,): mean BCE over its pixels
+    and classes plus the mean over classes of 1 - soft Dice."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     prob = torch.sigmoid(logits)
     dims = tuple(range(2, prob.dim()))
     inter = (prob * target).sum(dims)
     dice = (2 * inter + 1.0) / (prob.sum(dims) + target.sum(dims) + 1.0)
-    return bce + (1.0 - dice).mean()
+    return bce.flatten(1).mean(1) + (1.0 - dice).mean(1)
+
+
+def bce_dice_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Binary cross-entropy plus soft Dice loss, the usual objective of a plain U-Net."""
+    return bce_dice_per_image(logits, target).mean()

@@ -11,6 +11,10 @@ local             each site alone, same epochs, same ``SiteRuntime.train`` as th
 centralized       all sites' training cases pooled into one model; each site's raters get their
                   own rater slots, so no rater is mixed with another
 
+Each of these trains MrPrism; ``<model>:<method>`` trains another registered model the same way,
+e.g. ``unet_staple:federated``, ``multihead_unet:local``, ``dpersona:centralized`` (models:
+``mrprism_core.models.MODEL_NAMES``; their per-rater parts stay at the sites when federated).
+
 Every method is scored on each site's test split after every round (one round = ``local_epochs``
 passes over the site's data), with the same ``evaluate``.
 """
@@ -21,7 +25,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,24 +36,35 @@ from torch.utils.data import ConcatDataset
 from client.site import SiteRuntime
 from client.state import SiteStore
 from mrprism_core.data.factory import build_dataset, dataset_info
-from mrprism_core.models import build_model_for_data
+from mrprism_core.models import MODEL_NAMES, build_model_for_data
 from mrprism_core.train import evaluate, make_loader, resolve_device, train_epoch
 
 from .partition import VirtualSite
 
-__all__ = ["METHODS", "Experiment", "check_methods", "run_method"]
+__all__ = ["METHODS", "Experiment", "check_methods", "parse_method", "run_method"]
 
 METHODS = ("federated", "federated_shared", "local", "centralized", "federated_secagg")
 DP_METHOD = re.compile(r"federated_dp_eps(\d+(?:\.\d+)?)")  # federated_dp_eps<epsilon>
 DP_DELTA = 1e-5
 
 
+def parse_method(name: str) -> tuple[str, str]:
+    """``"dpersona:local"`` -> ``("dpersona", "local")``; a plain method trains MrPrism."""
+    model, _, method = name.rpartition(":")
+    return model or "mrprism", method
+
+
 def check_methods(names: list[str]) -> None:
-    """Raise naming the unknown methods."""
-    unknown = [m for m in names if m not in METHODS and not DP_METHOD.fullmatch(m)]
+    """Raise naming the unknown methods or models."""
+    unknown = []
+    for name in names:
+        model, method = parse_method(name)
+        if model not in MODEL_NAMES or (method not in METHODS and not DP_METHOD.fullmatch(method)):
+            unknown.append(name)
     if unknown:
         raise ValueError(
-            f"unknown method(s) {unknown}; choose from {list(METHODS)} or federated_dp_eps<E>"
+            f"unknown method(s) {unknown}; choose from {list(METHODS)} or federated_dp_eps<E>, "
+            f"optionally as <model>:<method> with a model of {list(MODEL_NAMES)}"
         )
 
 
@@ -59,6 +74,7 @@ class Experiment:
 
     sites: list[VirtualSite]
     work_dir: Path
+    model: str = "mrprism"
     rounds: int = 3
     local_epochs: int = 1
     strategy: str = "fedavg"
@@ -75,7 +91,7 @@ class Experiment:
 
     def spec(self, info: Any) -> dict[str, Any]:
         return {
-            "name": "mrprism",
+            "name": self.model,
             "preset": self.preset,
             "in_channels": info.in_channels,
             "num_classes": info.num_classes,
@@ -163,6 +179,7 @@ def _run_federated(
         raise ValueError(f"{method}: SecAgg+ needs at least 3 sites, the partition has {count}")
     run_config = {
         "num-server-rounds": exp.rounds,
+        "model": exp.model,
         "local-epochs": exp.local_epochs,
         "strategy": exp.strategy,
         "lr": exp.lr,
@@ -218,7 +235,8 @@ def _run_federated(
             "soft_dice": float(row["soft-dice"]),
             "per_rater_dice": [float(x) for x in row.get("per-rater-dice-list", [])],
             "dice_vs_truth": row.get("dice-vs-truth"),
-            "ged": row.get("ged"),
+            # Flower metrics must be numbers: a model without rater outputs sent ged 0
+            "ged": row.get("ged") if row.get("per-rater-dice-list") else None,
             "ece": row.get("ece"),
             "soft_dice_rec": [float(x) for x in row.get("soft-dice-rec", [])],
         }
@@ -324,6 +342,9 @@ def _run_centralized(exp: Experiment) -> dict[str, Any]:
 def run_method(name: str, exp: Experiment) -> dict[str, Any]:
     """Run one method of the grid; returns ``{"sites", "history", "seconds", ...}``."""
     started = time.perf_counter()
+    model, name = parse_method(name)
+    if model != "mrprism":  # its own state folders beside MrPrism's
+        exp = replace(exp, model=model, work_dir=exp.work_dir / model)
     dp = DP_METHOD.fullmatch(name)
     if name == "federated":
         result = _run_federated(exp, name)
@@ -341,6 +362,7 @@ def run_method(name: str, exp: Experiment) -> dict[str, Any]:
     else:
         raise ValueError(f"unknown method {name!r}; choose from {list(METHODS)}")
     result["seconds"] = time.perf_counter() - started
+    result["model"] = model
     return result
 
 

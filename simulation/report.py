@@ -131,6 +131,7 @@ def _markdown(results: Mapping[str, Any]) -> str:
             "the updates) and was scored once, after the last round.",
         ]
 
+    lines += _model_table(methods, sites)
     lines += ["", "## Time", "", "| method | seconds |", "|---|---|"]
     for name, method in methods.items():
         lines.append(f"| {name} | {method['seconds']:.0f} |")
@@ -141,6 +142,61 @@ def _markdown(results: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+_MODEL_METRICS = ("soft_dice", "per_rater_dice", "dice_vs_truth", "ged")
+
+
+def _model_table(methods: Mapping[str, Any], sites: Sequence[str]) -> list[str]:
+    """Every model x setting x site (when the grid has more than one model), and where MrPrism
+    is beaten."""
+    models = {m.get("model", "mrprism") for m in methods.values()}
+    if len(models) < 2:
+        return []
+    lines = [
+        "",
+        "## Models compared (MrPrism and the baselines, same sites, same training loop)",
+        "",
+        "Scores in points; GED (generalised energy distance between the personalised outputs "
+        "and the raters' masks, 0 to 2) as is, lower is better; models without per-rater "
+        "outputs have none.",
+        "",
+        "| model | setting | site | soft Dice | per-rater Dice | Dice vs truth | GED |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for name, method in methods.items():
+        model = method.get("model", "mrprism")
+        setting = name.rpartition(":")[2]
+        rows[(model, setting)] = method["mean"]
+        for site in [*sites, "mean"]:
+            row = method["mean"] if site == "mean" else method["sites"][site]
+            cells = []
+            for metric in _MODEL_METRICS:
+                value = row.get(metric)
+                if isinstance(value, list):
+                    value = float(np.mean(value)) if value else None
+                if metric == "ged":  # a distance, not a score: as is
+                    cells.append("-" if value is None else f"{float(value):.3f}")
+                else:
+                    cells.append(_fmt(value))
+            label = f"**{site}**" if site == "mean" else site
+            lines.append(f"| {model} | {setting} | {label} | " + " | ".join(cells) + " |")
+    beaten = []
+    for (model, setting), mean in sorted(rows.items()):
+        ours = rows.get(("mrprism", setting))
+        if model == "mrprism" or ours is None:
+            continue
+        for metric, label in (("soft_dice", "soft Dice"), ("dice_vs_truth", "Dice vs truth")):
+            theirs, mine = mean.get(metric), ours.get(metric)
+            if theirs is not None and mine is not None and theirs > mine:
+                beaten.append(
+                    f"{model} beats MrPrism on {label} ({setting}, site mean: "
+                    f"{_fmt(theirs)} vs {_fmt(mine)})"
+                )
+    lines += ["", "Where MrPrism does not win:"]
+    lines += [f"- {line}" for line in beaten] or ["- nowhere in this grid"]
+    return lines
 
 
 def _plot_rounds(results: Mapping[str, Any], path: Path) -> None:

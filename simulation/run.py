@@ -101,7 +101,7 @@ def run_experiment(cfg: dict[str, Any]) -> dict[str, Any]:
         client_num_gpus=float(fed.get("client_num_gpus") or 0.0),
     )
     bar = tqdm(
-        total=sum(exp.rounds * (len(sites) if m == "local" else 1) for m in methods),
+        total=sum(exp.rounds * (len(sites) if m.endswith("local") else 1) for m in methods),
         desc="simulation",
         unit="step",
         disable=not cfg.get("progress", True),

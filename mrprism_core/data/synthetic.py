@@ -20,6 +20,10 @@ from torch.utils.data import Dataset
 
 from .images import standardize
 
+#: cup-to-disc ratio (square root of the area ratio) above which a synthetic case counts as
+#: glaucomatous: the diagnosis label DiFF's diagnosis-first fusion needs
+GLAUCOMA_CUP_TO_DISC = 0.55
+
 __all__ = [
     "ImageStyle",
     "RaterProfile",
@@ -103,7 +107,9 @@ class SyntheticMultiRaterDataset(Dataset):
     """Synthetic multi-rater segmentation cases.
 
     Items are dicts with ``image`` (C, H, W) float32 (standardised per channel), ``raters``
-    (M, K, H, W) float32 in {0, 1}, ``truth`` (K, H, W) float32 in {0, 1} and ``id`` (str).
+    (M, K, H, W) float32 in {0, 1}, ``truth`` (K, H, W) float32 in {0, 1}, ``id`` (str) and,
+    with two classes, ``diagnosis`` (a 0-dim float: 1 when the true cup-to-disc ratio exceeds
+    :data:`GLAUCOMA_CUP_TO_DISC`).
     """
 
     def __init__(
@@ -203,12 +209,16 @@ class SyntheticMultiRaterDataset(Dataset):
         shapes = self._shapes(generator)
         radii = [shape.radius_field(self._coords) for shape in shapes]
         truth = torch.stack([radius < 1.0 for radius in radii]).float()
-        return {
+        sample = {
             "image": self._image(radii, generator),
             "raters": self._rater_masks(radii, generator),
             "truth": truth,
             "id": f"{self.name}-{self.seed}-{index:05d}",
         }
+        if self.num_classes == 2:  # a diagnosis from the true cup-to-disc ratio (DiFF uses it)
+            ratio = (truth[1].sum() / truth[0].sum().clamp_min(1)).sqrt()
+            sample["diagnosis"] = (ratio > GLAUCOMA_CUP_TO_DISC).float()
+        return sample
 
 
 def make_dataset(

@@ -11,17 +11,26 @@ from torch import Tensor, nn
 from ..losses import MrPrismLossConfig
 from .base import SegmentationModel, SegmentationOutput
 from .config import PRESETS, MrPrismArch, get_preset
+from .diff import DiagnosisNotAvailable, DiFF
+from .dpersona import DPersona
+from .mrnet import MRNet
 from .mrprism import MrPrism
-from .unet import UNetMV
+from .unet import MultiHeadUNet, UNetMV, UNetStaple
 
 __all__ = [
     "MODEL_NAMES",
     "PRESETS",
+    "DPersona",
+    "DiFF",
+    "DiagnosisNotAvailable",
+    "MRNet",
     "MrPrism",
     "MrPrismArch",
+    "MultiHeadUNet",
     "SegmentationModel",
     "SegmentationOutput",
     "UNetMV",
+    "UNetStaple",
     "build_model",
     "build_model_for_data",
     "split_state",
@@ -52,9 +61,74 @@ def _build_unet_mv(
     return UNetMV(common["in_channels"], common["num_classes"], arch, build_args=build_args)
 
 
+def _build_unet_staple(
+    arch: MrPrismArch, common: dict[str, int], options: dict[str, Any], build_args: dict
+) -> SegmentationModel:
+    return UNetStaple(common["in_channels"], common["num_classes"], arch, build_args=build_args)
+
+
+def _build_multihead_unet(
+    arch: MrPrismArch, common: dict[str, int], options: dict[str, Any], build_args: dict
+) -> SegmentationModel:
+    return MultiHeadUNet(
+        common["in_channels"],
+        common["num_classes"],
+        common["num_raters"],
+        arch,
+        build_args=build_args,
+    )
+
+
+def _build_mrnet(
+    arch: MrPrismArch, common: dict[str, int], options: dict[str, Any], build_args: dict
+) -> SegmentationModel:
+    return MRNet(
+        common["in_channels"],
+        common["num_classes"],
+        common["num_raters"],
+        common["image_size"],
+        arch,
+        build_args=build_args,
+        **options,
+    )
+
+
+def _build_dpersona(
+    arch: MrPrismArch, common: dict[str, int], options: dict[str, Any], build_args: dict
+) -> SegmentationModel:
+    return DPersona(
+        common["in_channels"],
+        common["num_classes"],
+        common["num_raters"],
+        arch,
+        build_args=build_args,
+        **options,
+    )
+
+
+def _build_diff(
+    arch: MrPrismArch, common: dict[str, int], options: dict[str, Any], build_args: dict
+) -> SegmentationModel:
+    return DiFF(
+        common["in_channels"], common["num_classes"], arch, build_args=build_args, **options
+    )
+
+
 _REGISTRY: dict[str, Callable[..., SegmentationModel]] = {
     "mrprism": _build_mrprism,
     "unet_mv": _build_unet_mv,
+    "unet_staple": _build_unet_staple,
+    "multihead_unet": _build_multihead_unet,
+    "mrnet": _build_mrnet,
+    "dpersona": _build_dpersona,
+    "diff": _build_diff,
+}
+# each model's own (non-architecture) options; the rest go to the architecture preset
+_MODEL_OPTIONS: dict[str, set[str]] = {
+    "mrprism": _LOSS_OPTIONS | {"local_modules"},
+    "mrnet": {"alpha"},
+    "dpersona": {"latent_dim", "prior_samples", "bank_size", "alpha", "beta"},
+    "diff": {"fusion_grid", "fusion_steps", "fusion_lr"},
 }
 MODEL_NAMES = tuple(_REGISTRY)
 
@@ -72,15 +146,18 @@ def build_model(
     """Build a segmentation model.
 
     Args:
-        name: one of :data:`MODEL_NAMES` (``"mrprism"``, ``"unet_mv"``).
+        name: one of :data:`MODEL_NAMES`: ``mrprism``, ``unet_mv``, ``unet_staple``,
+            ``multihead_unet``, ``mrnet``, ``dpersona``, ``diff``.
         in_channels: image channels C.
         num_classes: K.
         num_raters: M at this site.
         image_size: image side in pixels (a multiple of 32).
         preset: architecture preset, ``"tiny"`` or ``"paper"``.
-        **options: architecture fields of :class:`MrPrismArch`, loss options (``zeta``,
-            ``shuffles``, ``divp_supervision``, ``ssim_window``, ``prior``) and
-            ``local_modules`` (dotted sub-module names kept at the site).
+        **options: architecture fields of :class:`MrPrismArch`, the model's own options
+            (MrPrism: ``zeta``, ``shuffles``, ``divp_supervision``, ``ssim_window``,
+            ``prior``; MRNet: ``alpha``; D-Persona: ``latent_dim``, ``prior_samples``,
+            ``bank_size``, ``alpha``, ``beta``; DiFF: ``fusion_grid``, ``fusion_steps``,
+            ``fusion_lr``) and ``local_modules`` (dotted sub-module names kept at the site).
 
     Raises:
         ValueError: unknown name, preset or option, or an image size the network cannot take.
@@ -96,7 +173,9 @@ def build_model(
             raise ValueError(f"{label} must be >= 1, got {value}")
     if num_raters < 1:
         raise ValueError(f"num_raters must be >= 1, got {num_raters}")
-    arch_options = {k: v for k, v in options.items() if k not in _LOSS_OPTIONS | {"local_modules"}}
+    own = _MODEL_OPTIONS.get(name, set())
+    local_modules = options.get("local_modules") if name != "mrprism" else None
+    arch_options = {k: v for k, v in options.items() if k not in own | {"local_modules"}}
     arch = get_preset(preset, **arch_options)
     common = {
         "in_channels": in_channels,
@@ -105,7 +184,11 @@ def build_model(
         "image_size": image_size,
     }
     build_args = {"name": name, "preset": preset, **common, **options}
-    return _REGISTRY[name](arch, common, options, build_args)
+    model_options = {k: v for k, v in options.items() if k in own}
+    model = _REGISTRY[name](arch, common, model_options, build_args)
+    if local_modules is not None:  # e.g. [] to aggregate everything (federated_shared)
+        model.local_modules = tuple(local_modules)
+    return model
 
 
 def build_model_for_data(spec: Mapping[str, Any], info: Any) -> SegmentationModel:

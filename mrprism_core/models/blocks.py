@@ -16,6 +16,7 @@ from torch import Tensor, nn
 __all__ = [
     "group_norm",
     "ConvNormAct",
+    "DownStack",
     "UpBlock",
     "PatchEmbed",
     "PatchUnembed",
@@ -42,6 +43,18 @@ class ConvNormAct(nn.Sequential):
             group_norm(cout),
             nn.ReLU(),
         )
+
+
+class DownStack(nn.Sequential):
+    """One stride-2 :class:`ConvNormAct` per width: a small encoder for global summaries."""
+
+    def __init__(self, cin: int, widths: tuple[int, ...]) -> None:
+        layers = []
+        for width in widths:
+            layers.append(ConvNormAct(cin, width, stride=2))
+            cin = width
+        super().__init__(*layers)
+        self.out_channels = cin
 
 
 class UpBlock(nn.Module):

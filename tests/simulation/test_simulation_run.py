@@ -117,3 +117,28 @@ def test_privacy_methods_report_their_cost_and_budget(tmp_path):
         assert 0.0 < row["soft_dice"] <= 1.0
     markdown = (tmp_path / "private" / "results.md").read_text()
     assert "## Privacy spent" in markdown and "| federated_dp_eps4 |" in markdown
+
+
+def test_baselines_join_the_grid_and_the_report_compares_them(tmp_path):
+    cfg = _tiny_config(tmp_path / "baselines")
+    cfg["methods"] = ["local", "multihead_unet:local", "unet_staple:centralized"]
+    results = run_experiment(cfg)
+    assert results["methods"]["multihead_unet:local"]["model"] == "multihead_unet"
+    for site, row in results["methods"]["multihead_unet:local"]["sites"].items():
+        assert len(row["per_rater_dice"]) == 3, site  # one personal head per rater
+    for row in results["methods"]["unet_staple:centralized"]["sites"].values():
+        assert row["per_rater_dice"] == [] and row["ged"] is None  # one fused output only
+    # each model keeps its own state folders
+    assert (tmp_path / "baselines" / "work" / "multihead_unet" / "local" / "sites").is_dir()
+    markdown = (tmp_path / "baselines" / "results.md").read_text()
+    assert "## Models compared" in markdown
+    assert "| multihead_unet | local | **mean** |" in markdown
+    assert "| unet_staple | centralized | **mean** |" in markdown
+    assert "Where MrPrism does not win:" in markdown
+
+
+def test_unknown_models_and_methods_are_named():
+    from simulation.methods import check_methods
+
+    with pytest.raises(ValueError, match=r"\['unet_x:local', 'mrnet:sideways'\]"):
+        check_methods(["federated", "unet_x:local", "mrnet:sideways", "dpersona:federated"])
