@@ -1,6 +1,7 @@
 """Label fusion scored against the truth (the analogue of paper 000's Table 3): majority vote,
-STAPLE and MrPrism's fusion of the raters' masks with DivP's per-rater confidences (Eq. 1),
-each binarised and compared with the known true mask of synthetic data."""
+STAPLE, MrPrism's fusion of the raters' masks with DivP's per-rater confidences (Eq. 1) and
+DivP's self-fusion of its own per-rater masks (Eq. 5), each binarised at 0.5 and compared with
+the known true mask of synthetic data."""
 
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .fusion import fuse, majority_vote, staple
+from .fusion import fuse, majority_vote, self_fuse, staple
 from .metrics import dice_per_image
 from .models.base import SegmentationModel
 from .train import move_batch
 
 __all__ = ["FUSIONS", "evaluate_label_fusion", "label_fusion_dice"]
 
-FUSIONS = ("majority_vote", "staple", "divp_fusion")
+FUSIONS = ("majority_vote", "staple", "divp_fusion", "divp_self_fusion")
 
 
 def label_fusion_dice(
@@ -25,13 +26,14 @@ def label_fusion_dice(
 ) -> dict[str, float]:
     """Mean Dice (over images and classes) of each fusion of ``labels`` (B, M, K, H, W)
     against ``truth`` (B, K, H, W). ``confidence`` (B, M, K, H, W): DivP's per-rater
-    probabilities z~; without it the DivP fusion is left out."""
+    probabilities z~; without it the DivP fusions are left out."""
     fused = {
         "majority_vote": majority_vote(labels, valid),
         "staple": staple(labels, valid),
     }
     if confidence is not None:
         fused["divp_fusion"] = fuse(confidence, labels.float(), valid=valid) > 0.5
+        fused["divp_self_fusion"] = self_fuse(confidence, valid=valid) > 0.5
     return {name: float(dice_per_image(mask, truth).mean()) for name, mask in fused.items()}
 
 

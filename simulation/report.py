@@ -187,12 +187,22 @@ def _model_table(methods: Mapping[str, Any], sites: Sequence[str]) -> list[str]:
         ours = rows.get(("mrprism", setting))
         if model == "mrprism" or ours is None:
             continue
-        for metric, label in (("soft_dice", "soft Dice"), ("dice_vs_truth", "Dice vs truth")):
+        for metric, label, sign in (
+            ("soft_dice", "soft Dice", 1),
+            ("per_rater_dice", "per-rater Dice", 1),
+            ("dice_vs_truth", "Dice vs truth", 1),
+            ("ged", "GED (lower)", -1),
+        ):
             theirs, mine = mean.get(metric), ours.get(metric)
-            if theirs is not None and mine is not None and theirs > mine:
+            if theirs is not None and mine is not None and sign * (theirs - mine) > 0:
+                shown = (
+                    (f"{theirs:.3f}", f"{mine:.3f}")
+                    if metric == "ged"
+                    else (_fmt(theirs), _fmt(mine))
+                )
                 beaten.append(
                     f"{model} beats MrPrism on {label} ({setting}, site mean: "
-                    f"{_fmt(theirs)} vs {_fmt(mine)})"
+                    f"{shown[0]} vs {shown[1]})"
                 )
     lines += ["", "Where MrPrism does not win:"]
     lines += [f"- {line}" for line in beaten] or ["- nowhere in this grid"]

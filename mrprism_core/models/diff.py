@@ -106,6 +106,7 @@ class DiFF(SegmentationModel):
         build_args: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(build_args or {})
+        self.arch = arch  # its preset's learning rate is the trainers' default
         self.backbone = UNetBackbone(in_channels, arch)
         self.head = nn.Conv2d(self.backbone.out_channels, num_classes, 1)
         self.diagnoser = DiagnosisNet(in_channels + num_classes, tuple(arch.encoder_widths[:3]))

@@ -91,6 +91,7 @@ class DPersona(SegmentationModel):
         build_args: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(build_args or {})
+        self.arch = arch  # its preset's learning rate is the trainers' default
         self.num_raters, self.latent_dim = num_raters, latent_dim
         self.prior_samples, self.bank_size = prior_samples, bank_size
         self.alpha, self.beta = alpha, beta

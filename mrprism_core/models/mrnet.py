@@ -102,6 +102,7 @@ class MRNet(SegmentationModel):
         build_args: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(build_args or {})
+        self.arch = arch  # its preset's learning rate is the trainers' default
         self.num_classes, self.num_raters, self.alpha = num_classes, num_raters, alpha
         self.backbone = UNetBackbone(in_channels, arch)
         width = self.backbone.out_channels

@@ -115,9 +115,10 @@ class UNetStaple(UNetMV):
             fused = staple(
                 batch["raters"][picked], None if valid is None else valid[picked]
             ).float()
-            for row, index in enumerate(missing):
-                self._targets[ids[index]] = fused[row].cpu()
-        return torch.stack([self._targets[case] for case in ids]).to(batch["raters"].device)
+            for row, index in enumerate(missing):  # binary: kept as bool, 1 byte a pixel
+                self._targets[ids[index]] = fused[row].bool().cpu()
+        stacked = torch.stack([self._targets[case] for case in ids])
+        return stacked.to(batch["raters"].device, torch.float32)
 
 
 class MultiHeadUNet(SegmentationModel):
@@ -134,6 +135,7 @@ class MultiHeadUNet(SegmentationModel):
         build_args: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(build_args or {})
+        self.arch = arch  # its preset's learning rate is the trainers' default
         self.backbone = UNetBackbone(in_channels, arch)
         self.rater_heads = nn.ModuleList(
             nn.Conv2d(self.backbone.out_channels, num_classes, 1) for _ in range(num_raters)

@@ -102,6 +102,8 @@ def test_label_fusion_dice_scores_each_fusion_against_the_truth():
     unlikely = label_fusion_dice(labels, truth, torch.full((1, 3, 1, 32, 32), 0.01))
     likely = label_fusion_dice(labels, truth, torch.full((1, 3, 1, 32, 32), 0.99))
     assert unlikely["divp_fusion"] < 0.05 and likely["divp_fusion"] == pytest.approx(1.0)
+    # self-fusion ignores the raters' masks: DivP's own confident foreground everywhere
+    assert likely["divp_self_fusion"] == pytest.approx(2 * 256 / (1024 + 256))
 
 
 def test_diagnosis_first_fusion_picks_the_raters_that_explain_the_diagnosis():
@@ -135,3 +137,15 @@ def test_mrnet_soft_attention_widens_and_never_lowers_the_map():
     soft = SoftAttention(kernel=9, sigma=2.0)(attention)
     assert torch.all(soft >= attention)
     assert int((soft > 1e-3).sum()) > 20  # spread beyond the single pixel
+
+
+def test_unet_staple_learns_the_staple_estimate_computed_once_per_case():
+    batch = next(iter(DataLoader(make_dataset(8, 4, 32, seed=3), batch_size=8)))
+    model = build_model("unet_staple", in_channels=3, num_classes=2, num_raters=4, image_size=32)
+    expected = staple(batch["raters"])
+    assert not torch.equal(expected, majority_vote(batch["raters"]))  # a different target
+    assert torch.equal(model.target(batch), expected)
+    # the second epoch reads the cached targets, even if the masks were (wrongly) changed
+    assert torch.equal(
+        model.target({**batch, "raters": torch.zeros_like(batch["raters"])}), expected
+    )
