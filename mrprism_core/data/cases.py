@@ -91,6 +91,8 @@ class Case:
         group: cases of one group (e.g. one patient) always land in the same split.
         source: the reader's name, kept in the sample's metadata.
         num_classes: K this case has.
+        diagnosis: a case-level label (e.g. 1 = glaucoma) where the source has one; DiFF
+            needs it.
     """
 
     case_id: str
@@ -100,6 +102,7 @@ class Case:
     group: str = ""
     source: str = ""
     num_classes: int = 1
+    diagnosis: float | None = None
 
     def load(self) -> RawCase:
         raise NotImplementedError

@@ -18,7 +18,8 @@ __all__ = ["FileDataset", "check_split_overlap", "pairwise_rater_dice"]
 
 class FileDataset(Dataset):
     """Slices of prepared cases as samples: ``image`` (C, S, S), ``raters`` (M, K, S, S),
-    ``id``, ``source`` and ``spacing`` (3,) in mm (NaN where unknown).
+    ``id``, ``source``, ``spacing`` (3,) in mm (NaN where unknown) and, where the source has
+    one, ``diagnosis``.
 
     Args:
         cases: the split's cases, as a reader listed them.
@@ -67,13 +68,16 @@ class FileDataset(Dataset):
         case = self.cases[case_index]
         prepared = self.prepared(case_index)
         suffix = f"/slice{slice_index:03d}" if len(prepared.image) > 1 else ""
-        return {
+        sample = {
             "image": torch.from_numpy(np.array(prepared.image[slice_index], dtype=np.float32)),
             "raters": torch.from_numpy(np.array(prepared.raters[slice_index], dtype=np.float32)),
             "id": case.case_id + suffix,
             "source": case.source,
             "spacing": torch.tensor(prepared.spacing, dtype=torch.float32),
         }
+        if case.diagnosis is not None:
+            sample["diagnosis"] = torch.tensor(case.diagnosis, dtype=torch.float32)
+        return sample
 
     def validate(self, progress: Any = None) -> dict[str, Any]:
         """Decode (and cache) every case; raise on the first problem, naming the file.

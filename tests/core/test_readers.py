@@ -363,3 +363,29 @@ def test_disk_cache_returns_the_fresh_arrays_without_decoding_again(tmp_path, mo
         assert torch.equal(fresh[index]["image"], epoch1[index]["image"])
         assert torch.equal(fresh[index]["raters"], epoch1[index]["raters"])
     assert isinstance(first, FileDataset)
+
+
+def test_a_manifest_diagnosis_column_makes_diff_applicable(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from mrprism_core.models import build_model
+
+    lines = ["id,split,image,rater1,rater2,diagnosis"]
+    for case in range(4):
+        Image.fromarray(photo((32, 32), case)).save(tmp_path / f"i{case}.png")
+        for rater in range(2):
+            disc, _ = disc_cup_masks((32, 32), rater, case)
+            Image.fromarray(disc).save(tmp_path / f"m{case}{rater}.png")
+        lines.append(f"c{case},train,i{case}.png,m{case}0.png,m{case}1.png,{case % 2}")
+    (tmp_path / "cases.csv").write_text("\n".join(lines) + "\n")
+    cfg = {"kind": "manifest", "manifest": str(tmp_path / "cases.csv"), "num_raters": 2,
+           "image_size": 32}  # fmt: skip
+    dataset = build_dataset(cfg, "train")
+    assert [float(dataset[i]["diagnosis"]) for i in range(4)] == [0.0, 1.0, 0.0, 1.0]
+    batch = next(iter(DataLoader(dataset, batch_size=4)))
+    model = build_model("diff", in_channels=3, num_classes=1, num_raters=2, image_size=32)
+    loss, parts = model.loss(batch)
+    assert torch.isfinite(loss) and parts["diagnosis"] > 0
+    (tmp_path / "cases.csv").write_text("\n".join([*lines[:-1], lines[-1][:-2] + ","]) + "\n")
+    with pytest.raises(ValueError, match="some cases have a diagnosis and some do not"):
+        build_dataset(cfg, "train")

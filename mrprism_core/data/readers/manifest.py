@@ -10,8 +10,9 @@ CSV, one row per case::
   order); PNG/JPEG or NIfTI;
 * ``rater<r>_<class>`` per rater and class (classes from ``data.classes``), or ``rater<r>``:
   one file per rater, a binary mask for one class or a label map with ``data.labels``;
-* ``id`` (default: the image's file name) and ``split`` (train/val/test; default: assigned by
-  ``data.split_fractions``) are optional.
+* ``id`` (default: the image's file name), ``split`` (train/val/test; default: assigned by
+  ``data.split_fractions``) and ``diagnosis`` (0 or 1 per case, e.g. glaucoma; what DiFF
+  needs) are optional. Every case or none must have a diagnosis.
 
 YAML: ``cases:`` a list of ``{id, split, image: path or [paths], raters: [path or
 {class: path}]}``.
@@ -46,6 +47,9 @@ def list_manifest(cfg: Mapping[str, Any]) -> list[Case]:
     cases: list[Case] = []
     for number, row in enumerate(rows, start=1):
         cases.append(_case(row, manifest, number, classes, cfg))
+    diagnosed = {case.diagnosis is not None for case in cases}
+    if len(diagnosed) > 1:  # a batch would mix samples with and without the key
+        raise DataValidationError(f"{manifest}: some cases have a diagnosis and some do not")
     return finish(cases, cfg, manifest)
 
 
@@ -73,6 +77,7 @@ def _csv_rows(manifest: Path) -> list[dict[str, Any]]:
             {
                 "id": line.get("id") or None,
                 "split": line.get("split") or None,
+                "diagnosis": line.get("diagnosis") or None,
                 "image": images,
                 "raters": [raters[r] for r in sorted(raters)],
             }
@@ -131,6 +136,14 @@ def _case(
             raise DataValidationError(f"{where}: missing rater mask (rater {rater})")
     case_id = str(row.get("id") or image_paths[0].name.split(".")[0])
     split = row.get("split")
+    diagnosis = row.get("diagnosis")
+    if diagnosis is not None:
+        try:
+            diagnosis = float(diagnosis)
+        except (TypeError, ValueError) as err:
+            raise DataValidationError(f"{where}: diagnosis {diagnosis!r} is not 0 or 1") from err
+        if diagnosis not in (0.0, 1.0):
+            raise DataValidationError(f"{where}: diagnosis {diagnosis!r} is not 0 or 1")
     return FileCase(
         case_id,
         None if split is None else split_name(split, where),
@@ -140,6 +153,7 @@ def _case(
         source="manifest",
         images=image_paths,
         masks=tuple(masks),
+        diagnosis=diagnosis,
     )
 
 
