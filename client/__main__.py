@@ -47,7 +47,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--check",
         action="store_true",
-        help="only validate the site's data and print a summary (cases, raters, classes, size)",
+        help="only validate the site's data (every file is decoded once, which also fills the "
+        "preprocessing cache) and print a summary: cases per split, raters, classes, size, "
+        "the raters' agreement",
     )
     parser.add_argument("--list", action="store_true", help="list the known site configs")
     parser.add_argument(

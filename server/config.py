@@ -38,7 +38,7 @@ class RunConfig:
     secagg_reconstruction_threshold: float = 2  # SecAgg+: shares needed to unmask a dropped site
     secagg_clipping_range: float = 8.0  # SecAgg+: weights are clipped to +-this before quantization
     secagg_max_weight: float = 1000.0  # SecAgg+: most examples a site weighs in with (lower=finer)
-    model: str = "mrprism"  # registered model name
+    model: str = "mrprism"  # mrprism or a baseline (mrprism_core.models.MODEL_NAMES)
     preset: str = "tiny"  # architecture preset
     model_options: str = "{}"  # JSON object of preset/loss overrides
     local_modules: str = ""  # comma-separated sub-modules kept local; empty = model default
