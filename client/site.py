@@ -25,7 +25,7 @@ from mrprism_core.data.factory import (
     build_dataset,
     dataset_info,
 )
-from mrprism_core.data.files import FileDataset, pairwise_rater_dice
+from mrprism_core.data.files import FileDataset, RaterAgreement
 from mrprism_core.models import (
     SegmentationModel,
     build_model_for_data,
@@ -85,18 +85,10 @@ def _validate_with_progress(dataset: FileDataset, label: str) -> dict[str, Any]:
 
 def _agreement(dataset: Dataset, limit: int = 256) -> list[float | None]:
     """Mean pairwise rater Dice per class over (up to ``limit``) training samples."""
-    import numpy as np
-
-    total = count = None
+    agreement = RaterAgreement()
     for index in range(min(len(dataset), limit)):  # type: ignore[arg-type]
-        masks = dataset[index]["raters"].numpy()[None]
-        add_total, add_count = pairwise_rater_dice(masks)
-        total = add_total if total is None else total + add_total
-        count = add_count if count is None else count + add_count
-    if total is None:
-        return []
-    with np.errstate(invalid="ignore"):
-        return [None if n == 0 else float(t / n) for t, n in zip(total, count)]
+        agreement.add(dataset[index]["raters"].numpy()[None])
+    return agreement.mean()
 
 
 def _describe_agreement(dice: Sequence[float | None], classes: Sequence[str] | None) -> str:

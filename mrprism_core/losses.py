@@ -23,6 +23,8 @@ __all__ = [
     "random_permutations",
     "bce_dice_loss",
     "bce_dice_per_image",
+    "dice_loss_per_image",
+    "mean_over_annotated",
     "binary_cross_entropy",
 ]
 
@@ -153,15 +155,28 @@ def recurrence_loss(
     return conp_term, divp_term
 
 
+def dice_loss_per_image(prob: Tensor, target: Tensor) -> Tensor:
+    """1 - soft Dice of each image (B,), averaged over classes (+1 smoothing)."""
+    dims = tuple(range(2, prob.dim()))
+    inter = (prob * target).sum(dims)
+    dice = (2 * inter + 1.0) / (prob.sum(dims) + target.sum(dims) + 1.0)
+    return (1.0 - dice).mean(1)
+
+
 def bce_dice_per_image(logits: Tensor, target: Tensor) -> Tensor:
     """Binary cross-entropy plus soft Dice loss of each image (B,): mean BCE over its pixels
     and classes plus the mean over classes of 1 - soft Dice."""
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    prob = torch.sigmoid(logits)
-    dims = tuple(range(2, prob.dim()))
-    inter = (prob * target).sum(dims)
-    dice = (2 * inter + 1.0) / (prob.sum(dims) + target.sum(dims) + 1.0)
-    return bce.flatten(1).mean(1) + (1.0 - dice).mean(1)
+    return bce.flatten(1).mean(1) + dice_loss_per_image(torch.sigmoid(logits), target)
+
+
+def mean_over_annotated(per_pair: Tensor, valid: Tensor | None) -> Tensor:
+    """Mean of a (B, M) per-(case, rater) loss over the pairs that hold an annotation
+    (``valid``; None = all), so empty rater slots of pooled sites train nothing."""
+    if valid is None:
+        return per_pair.mean()
+    weights = valid.to(per_pair.dtype)
+    return (per_pair * weights).sum() / weights.sum().clamp_min(1.0)
 
 
 def bce_dice_loss(logits: Tensor, target: Tensor) -> Tensor:

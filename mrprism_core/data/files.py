@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from .cases import Case, DataValidationError
 from .preprocess import CaseCache
 
-__all__ = ["FileDataset", "check_split_overlap", "pairwise_rater_dice"]
+__all__ = ["FileDataset", "RaterAgreement", "check_split_overlap"]
 
 
 class FileDataset(Dataset):
@@ -86,8 +86,7 @@ class FileDataset(Dataset):
         Dice per class.
         """
         channels: set[int] = set()
-        agreement = np.zeros(self.num_classes)
-        pairs = np.zeros(self.num_classes)
+        agreement = RaterAgreement()
         for case_index in range(len(self.cases)):
             prepared = self.prepared(case_index)
             channels.add(int(prepared.image.shape[1]))
@@ -96,34 +95,43 @@ class FileDataset(Dataset):
                     f"{self.cases[case_index].files[0]}: {prepared.image.shape[1]} channels, "
                     f"other cases have {sorted(channels - {prepared.image.shape[1]})}"
                 )
-            total, count = pairwise_rater_dice(np.asarray(prepared.raters))
-            agreement += total
-            pairs += count
+            agreement.add(np.asarray(prepared.raters))
             if progress is not None:
                 progress()
-        with np.errstate(invalid="ignore"):
-            mean = agreement / pairs
         return {
             "cases": len(self.cases),
             "slices": len(self),
             "channels": channels.pop() if channels else 0,
-            "rater_dice": [None if np.isnan(v) else float(v) for v in mean],
+            "rater_dice": agreement.mean(),
         }
 
 
-def pairwise_rater_dice(raters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sum and count of Dice over rater pairs, per class, for (N, M, K, H, W) masks; pairs
-    where neither rater marked anything are left out (no disagreement to measure)."""
-    num_classes = raters.shape[2]
-    total, count = np.zeros(num_classes), np.zeros(num_classes)
-    flat = raters.reshape(*raters.shape[:3], -1).astype(np.float64)
-    for a, b in itertools.combinations(range(raters.shape[1]), 2):
-        overlap = (flat[:, a] * flat[:, b]).sum(-1)
-        size = flat[:, a].sum(-1) + flat[:, b].sum(-1)
-        marked = size > 0
-        total += np.where(marked, 2 * overlap / np.maximum(size, 1), 0).sum(0)
-        count += marked.sum(0)
-    return total, count
+class RaterAgreement:
+    """Mean Dice over rater pairs, per class, accumulated over cases; pairs where neither rater
+    marked anything are left out (no disagreement to measure)."""
+
+    def __init__(self) -> None:
+        self.total: np.ndarray | None = None
+        self.count: np.ndarray | None = None
+
+    def add(self, raters: np.ndarray) -> None:
+        """Add (N, M, K, H, W) masks."""
+        num_classes = raters.shape[2]
+        if self.total is None:
+            self.total, self.count = np.zeros(num_classes), np.zeros(num_classes)
+        flat = raters.reshape(*raters.shape[:3], -1).astype(np.float64)
+        for a, b in itertools.combinations(range(raters.shape[1]), 2):
+            overlap = (flat[:, a] * flat[:, b]).sum(-1)
+            size = flat[:, a].sum(-1) + flat[:, b].sum(-1)
+            marked = size > 0
+            self.total += np.where(marked, 2 * overlap / np.maximum(size, 1), 0).sum(0)
+            self.count += marked.sum(0)
+
+    def mean(self) -> list[float | None]:
+        """Per class; None for a class no pair marked (empty list before any case)."""
+        if self.total is None or self.count is None:
+            return []
+        return [None if n == 0 else float(t / n) for t, n in zip(self.total, self.count)]
 
 
 def check_split_overlap(cases: Sequence[Case], where: str) -> None:

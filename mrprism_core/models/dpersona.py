@@ -31,20 +31,13 @@ from torch import Tensor, nn
 from torch.distributions import Normal, kl_divergence
 from torch.func import functional_call
 
+from ..losses import dice_loss_per_image, mean_over_annotated
 from .base import SegmentationModel, SegmentationOutput
 from .blocks import DownStack
 from .config import MrPrismArch
 from .unet import UNetBackbone
 
 __all__ = ["DPersona", "annotation_bounds"]
-
-
-def _dice_loss(prob: Tensor, target: Tensor) -> Tensor:
-    """1 - soft Dice per image (B,), averaged over classes."""
-    dims = tuple(range(2, prob.dim()))
-    inter = (prob * target).sum(dims)
-    dice = (2 * inter + 1.0) / (prob.sum(dims) + target.sum(dims) + 1.0)
-    return (1 - dice).mean(1)
 
 
 def annotation_bounds(masks: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -166,7 +159,9 @@ class DPersona(SegmentationModel):
         # Eq. 4: a posterior code against one randomly chosen annotated rater
         chosen = torch.multinomial(weights + 1e-9, 1).squeeze(1)
         target = masks[torch.arange(masks.shape[0]), chosen]
-        seg = _dice_loss(torch.sigmoid(self._decode(features, posterior.rsample())), target).mean()
+        seg = dice_loss_per_image(
+            torch.sigmoid(self._decode(features, posterior.rsample())), target
+        ).mean()
         # Eq. 5: intersection and union of K prior samples against the raters' bounds
         samples = torch.stack(
             [
@@ -175,15 +170,16 @@ class DPersona(SegmentationModel):
             ]
         )
         bound = (
-            _dice_loss(samples.amin(0), inter).mean() + _dice_loss(samples.amax(0), union).mean()
+            dice_loss_per_image(samples.amin(0), inter).mean()
+            + dice_loss_per_image(samples.amax(0), union).mean()
         )
         stage_one = kl + self.alpha * seg + self.beta * bound
         # Eq. 9: each projection head against its own rater
         experts = torch.sigmoid(self._experts(features, prior, frozen=True))
         per_pair = torch.stack(
-            [_dice_loss(experts[:, m], masks[:, m]) for m in range(self.num_raters)], dim=1
+            [dice_loss_per_image(experts[:, m], masks[:, m]) for m in range(self.num_raters)], dim=1
         )
-        personal = (per_pair * weights).sum() / weights.sum().clamp_min(1) * self.num_raters
+        personal = mean_over_annotated(per_pair, valid) * self.num_raters
         loss = stage_one + personal
         return loss, {
             "kl": kl.item(),

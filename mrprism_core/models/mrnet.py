@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..losses import mean_over_annotated
 from .base import SegmentationModel, SegmentationOutput
 from .config import MrPrismArch
 from .unet import UNetBackbone
@@ -189,12 +190,10 @@ class MRNet(SegmentationModel):
         coarse_loss = F.binary_cross_entropy_with_logits(out["coarse"], target)
         fine_loss = F.binary_cross_entropy_with_logits(out["fine"], target)
         soft_rater_logits, soft_features = self._reconstruct(images, target, expertise)
-        pair_weights = torch.ones_like(expertise) if valid is None else valid.float()
         rec_terms = []
         for logits in (out["raters"], soft_rater_logits):
             per_pixel = F.binary_cross_entropy_with_logits(logits, masks, reduction="none")
-            per_pair = per_pixel.flatten(2).mean(-1)
-            rec_terms.append((per_pair * pair_weights).sum() / pair_weights.sum().clamp_min(1))
+            rec_terms.append(mean_over_annotated(per_pixel.flatten(2).mean(-1), valid))
         rec_loss = torch.stack(rec_terms).mean()
         con_loss = torch.stack(
             [0.5 * (a - b).pow(2).mean() for a, b in zip(out["mrm_features"], soft_features)]

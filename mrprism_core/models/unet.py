@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..fusion import majority_vote, staple
-from ..losses import bce_dice_loss, bce_dice_per_image
+from ..losses import bce_dice_loss, bce_dice_per_image, mean_over_annotated
 from .base import SegmentationModel, SegmentationOutput
 from .blocks import UpBlock
 from .config import MrPrismArch
@@ -162,7 +162,4 @@ def per_rater_loss(logits: Tensor, masks: Tensor, valid: Tensor | None) -> Tenso
     per_pair = torch.stack(
         [bce_dice_per_image(logits[:, m], masks[:, m]) for m in range(masks.shape[1])], dim=1
     )
-    if valid is None:
-        return per_pair.mean()
-    weights = valid.float()
-    return (per_pair * weights).sum() / weights.sum().clamp_min(1.0)
+    return mean_over_annotated(per_pair, valid)
