@@ -28,6 +28,7 @@ examples:
   python -m client --site synthetic_a privacy=dp_sgd privacy.target_epsilon=4
   python -m client --site synthetic_a --info
   python -m client --site synthetic_a --predict new_cases/ --out predictions/
+  python -m client --site synthetic_a --adapt --cases 8 --from runs/federated/global_model.pt
   python -m client --site refuge data.root=/mnt/refuge supernode.insecure=false \\
       supernode.root_certificates=/etc/mrprism/ca.crt \\
       supernode.auth_private_key=/etc/mrprism/keys/refuge
@@ -73,6 +74,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "folder or a folder of them (needs --out; no coordinator needed)",
     )
     parser.add_argument("--out", help="output folder for --predict")
+    parser.add_argument(
+        "--adapt",
+        action="store_true",
+        help="onboarding (a site that joins late, or a new rater): train only this site's rater "
+        "heads on a few cases with the shared weights frozen, save them, and exit",
+    )
+    parser.add_argument("--cases", type=int, default=8, help="--adapt: training cases used")
+    parser.add_argument("--epochs", type=int, default=20, help="--adapt: passes over them")
+    parser.add_argument("--lr", type=float, default=1e-3, help="--adapt: Adam learning rate")
+    parser.add_argument(
+        "--from",
+        dest="source",
+        metavar="CHECKPOINT",
+        help="--adapt: the shared weights (a global_model.pt, or a centralized last.pt); "
+        "default: the site's own snapshot",
+    )
     parser.add_argument(
         "--batch-size", type=int, default=8, help="--predict: slices per forward pass"
     )
@@ -135,7 +152,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             model = site.personal_model()
             return run_cli(model, args.predict, args.out, str(site.device), args.batch_size)
         summary = site.check()
-    except SiteDataError as err:
+        if args.adapt:
+            print("\n".join(summary.lines()))
+            result = site.adapt(
+                cases=args.cases, epochs=args.epochs, lr=args.lr, source=args.source
+            )
+            print(
+                f"adapted:     rater heads on {result['cases']} cases x {result['epochs']} "
+                f"epochs, loss {result['first_loss']:.4f} -> {result['last_loss']:.4f}"
+            )
+            print(f"snapshot:    {site.store.snapshot_path}")
+            return 0
+    except (SiteDataError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print("\n".join(summary.lines()))

@@ -89,6 +89,10 @@ def _train_round(
         seed=site.round_seed(int(config["seed"]), server_round),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         planned_rounds=int(config.get("num-server-rounds", server_round)),
+        persist_optimizer=bool(config.get("persist-optimizer", True)),
+        server_round=server_round,
+        personalization=str(config.get("personalization", "fedper")),
+        ditto_lambda=float(config.get("ditto-lambda", 0.1)),
     )
     site.save(model, server_round=server_round, run_id=run_id)
     metrics = {
@@ -161,6 +165,7 @@ def create_client_app(state_dirs: Sequence[str] | None = None) -> ClientApp:
         site = SiteRuntime.from_state_dir(state_dir_of(context))
         packed = msg.content["arrays"].to_torch_state_dict()[PACKED_KEY]
         model, _ = _site_model(site, config, packed)
+        model = site.evaluated_model(model, str(config.get("personalization", "fedper")))
         result = site.evaluate(model, str(config.get("eval-split", "val")))
         scalars, details = split_evaluation(result)
         metrics = MetricRecord({**scalars, "num-examples": int(result["num_examples"])})

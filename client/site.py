@@ -7,6 +7,7 @@ The ClientApp (``client/app.py``) only unpacks messages and calls this.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -16,7 +17,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mrprism_core.checkpoint import CorruptCheckpointError
+from mrprism_core.checkpoint import (
+    CorruptCheckpointError,
+    load_checkpoint,
+    shared_weights_from_checkpoint,
+)
 from mrprism_core.data.factory import (
     SPLITS,
     DatasetInfo,
@@ -26,16 +31,21 @@ from mrprism_core.data.factory import (
     dataset_info,
 )
 from mrprism_core.data.files import FileDataset, RaterAgreement
+from mrprism_core.data.views import CaseSubset
 from mrprism_core.models import (
     SegmentationModel,
     build_model_for_data,
     model_from_build_args,
+    spec_from_build_args,
     split_state,
 )
+from mrprism_core.personalization import check_personalization, phases, trainable
 from mrprism_core.train import evaluate, make_loader, resolve_device, train_epoch
 
 from .privacy import PrivacyConfig, PrivacyLedger, PrivateRound
 from .state import PRIVACY_LEDGER, SiteStore
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "SiteDataError",
@@ -304,7 +314,8 @@ class SiteRuntime:
 
     def personal_model(self) -> SegmentationModel:
         """The site's complete personalised model from its snapshot: the last shared weights
-        it received plus its own rater heads; what it predicts new cases with."""
+        it received plus its own rater heads (or, after Ditto rounds, its personal model);
+        what it predicts new cases with."""
         snapshot = self._snapshot_or_error()
         if snapshot is None:
             raise SiteDataError(
@@ -313,7 +324,8 @@ class SiteRuntime:
             )
         model = model_from_build_args(snapshot["build_args"])
         model.load_state_dict({**snapshot["shared_state"], **snapshot["local_state"]})
-        return model.to(self.device)
+        personalization = "ditto" if self.store.personal_path.exists() else "fedper"
+        return self.evaluated_model(model.to(self.device), personalization)
 
     def describe(self) -> list[str]:
         """What ``python -m client --site X --info`` prints."""
@@ -396,44 +408,209 @@ class SiteRuntime:
         seed: int,
         proximal_mu: float = 0.0,
         planned_rounds: int = 1,
+        persist_optimizer: bool = True,
+        server_round: int = 0,
+        personalization: str = "fedper",
+        ditto_lambda: float = 0.1,
     ) -> dict[str, float]:
-        """``local_epochs`` passes of :func:`~mrprism_core.train.train_epoch`; with the site's
-        ``privacy.enabled``, as DP-SGD, and the spent epsilon is in the result."""
+        """``local_epochs`` passes of :func:`~mrprism_core.train.train_epoch`, in the phases
+        of ``personalization`` (:mod:`mrprism_core.personalization`); with the site's
+        ``privacy.enabled``, as DP-SGD, and the spent epsilon is in the result. With
+        ``persist_optimizer`` the Adam state is read from and written back to the site's
+        state directory. With ``ditto`` the site's personal model trains afterwards."""
         torch.manual_seed(seed)
-        reference = None
-        if proximal_mu:
-            shared, _ = split_state(model)
-            reference = {k: v.detach().clone() for k, v in shared.items()}
+        check_personalization(personalization)
+        # the weights as received: FedProx's and Ditto's anchor, Ditto's first personal model
+        received: dict[str, torch.Tensor] = {}
+        if proximal_mu or personalization == "ditto":
+            received = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        shared_keys = set(split_state(model)[0])
+        reference = {k: v for k, v in received.items() if k in shared_keys} or None
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         private = self._private_round(planned_rounds * local_epochs)
+        # Adam's moments carry over from the site's last round (a fresh Adam every round
+        # re-runs its warm-up on every site); DP-SGD rounds start afresh: Opacus' optimizer
+        # owns the noise and its state is not ours to carry
+        keep_optimizer = persist_optimizer and private is None
+        if keep_optimizer:
+            self._restore_optimizer(optimizer, lr)
         if private is not None:
             if proximal_mu:
                 raise SiteDataError(
                     f"site {self.name}: DP-SGD and FedProx's proximal term cannot be combined "
                     "(the proximal gradient would bypass the clipping); use strategy=fedavg"
                 )
+            if personalization != "fedper":
+                raise SiteDataError(
+                    f"site {self.name}: DP-SGD is accounted for whole-model rounds; "
+                    f"personalization={personalization} is not supported with it, use fedper"
+                )
             optimizer, dp_loader = private.wrap(
                 model, optimizer, self.loader("train", shuffle=True, seed=seed), local_epochs
             )
         totals: dict[str, float] = {"loss": 0.0, "num_examples": 0, "skipped_steps": 0}
+        plan = phases(personalization, local_epochs)
+        total_epochs, epoch = sum(count for _, count in plan), 0
         try:
-            for epoch in range(local_epochs):
-                result = train_epoch(
-                    model,
-                    dp_loader if private else self.loader("train", shuffle=True, seed=seed + epoch),
-                    optimizer,
-                    self.device,
-                    proximal_mu=proximal_mu,
-                    proximal_reference=reference,
-                    backward_once=private is not None,
-                )
-                totals["loss"] += result["loss"] / local_epochs
-                totals["num_examples"] = len(self.dataset("train"))
-                totals["skipped_steps"] += result["skipped_steps"]
+            for part, count in plan:
+                with trainable(model, part):
+                    for _ in range(count):
+                        result = train_epoch(
+                            model,
+                            dp_loader
+                            if private
+                            else self.loader("train", shuffle=True, seed=seed + epoch),
+                            optimizer,
+                            self.device,
+                            proximal_mu=proximal_mu,
+                            proximal_reference=reference,
+                            backward_once=private is not None,
+                        )
+                        epoch += 1
+                        totals["loss"] += result["loss"] / total_epochs
+                        totals["skipped_steps"] += result["skipped_steps"]
+            totals["num_examples"] = len(self.dataset("train"))
         finally:
             if private is not None:
                 totals.update(private.finish())
+        if keep_optimizer:
+            self.store.save_optimizer(optimizer.state_dict(), server_round=server_round)
+        if personalization == "ditto":
+            totals["personal_loss"] = self._train_personal(
+                model, received, reference or {}, local_epochs, lr, seed, ditto_lambda, server_round
+            )
         return totals
+
+    def _train_personal(
+        self,
+        model: SegmentationModel,
+        received: Mapping[str, torch.Tensor],
+        global_shared: Mapping[str, torch.Tensor],
+        local_epochs: int,
+        lr: float,
+        seed: int,
+        ditto_lambda: float,
+        server_round: int,
+    ) -> float:
+        """Ditto: ``local_epochs`` on the site's personal model, pulled toward the global
+        weights received this round; saved in the state dir, never sent."""
+        personal = model_from_build_args(model.build_args).to(self.device)
+        saved = self.store.load_personal()
+        if saved is not None and saved["build_args"] == model.build_args:
+            personal.load_state_dict(saved["model_state"])
+        else:  # the first round: the personal model starts from what the site received
+            personal.load_state_dict(dict(received))
+        optimizer = torch.optim.Adam(personal.parameters(), lr=lr)
+        loss = 0.0
+        for epoch in range(local_epochs):
+            result = train_epoch(
+                personal,
+                self.loader("train", shuffle=True, seed=seed + 7_919 + epoch),
+                optimizer,
+                self.device,
+                proximal_mu=ditto_lambda,
+                proximal_reference=global_shared,
+            )
+            loss += result["loss"] / local_epochs
+        state = {k: v.detach().cpu() for k, v in personal.state_dict().items()}
+        self.store.save_personal(model.build_args, state, server_round=server_round)
+        return loss
+
+    def evaluated_model(self, model: SegmentationModel, personalization: str) -> SegmentationModel:
+        """What the site scores and predicts with: Ditto's personal model once it has one,
+        else ``model`` (the received shared weights with this site's heads)."""
+        if personalization != "ditto":
+            return model
+        saved = self.store.load_personal()
+        if saved is None or saved["build_args"] != model.build_args:
+            return model
+        personal = model_from_build_args(saved["build_args"])
+        personal.load_state_dict(saved["model_state"])
+        return personal.to(self.device)
+
+    def _restore_optimizer(self, optimizer: torch.optim.Optimizer, lr: float) -> None:
+        """Load the saved Adam state when it fits this model (same parameters, same shapes);
+        otherwise keep the fresh optimizer and say why."""
+        try:
+            saved = self.store.load_optimizer()
+        except CorruptCheckpointError as err:
+            log.warning("site %s: %s; starting a fresh optimizer", self.name, err)
+            return
+        if saved is None:
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        moments = saved.get("state", {})
+        fits = len(saved["param_groups"][0]["params"]) == len(params) and all(
+            tuple(moments[i]["exp_avg"].shape) == tuple(p.shape)
+            for i, p in enumerate(params)
+            if i in moments
+        )
+        if not fits:
+            log.warning(
+                "site %s: %s belongs to another model; starting a fresh optimizer",
+                self.name,
+                self.store.optimizer_path,
+            )
+            return
+        optimizer.load_state_dict(saved)
+        for group in optimizer.param_groups:
+            group["lr"] = lr  # this round's learning rate, not the saved one
+
+    # --- onboarding -----------------------------------------------------------------------
+    def adapt(
+        self, *, cases: int | None, epochs: int, lr: float, source: str | None = None
+    ) -> dict[str, Any]:
+        """Onboarding a new site or rater: train only this site's own modules (rater heads
+        and identities) on its first ``cases`` training cases, the shared weights frozen,
+        and save the result as the site's snapshot.
+
+        The shared weights come from ``source`` (a federation's ``global_model.pt`` or a
+        centralized ``last.pt``/``best.pt``) or else from the site's snapshot. Saved heads
+        that fit are adapted further; a changed rater count starts fresh heads.
+        """
+        snapshot = self._snapshot_or_error()
+        if source is not None:
+            payload = load_checkpoint(source)
+            spec = payload.get("model_spec") or spec_from_build_args(payload["build_args"])
+        elif snapshot is not None:
+            spec = spec_from_build_args(snapshot["build_args"])
+        else:
+            raise SiteDataError(
+                f"site {self.name}: nothing to adapt from: no snapshot in {self.store.root}; "
+                "pass --from with the federation's global_model.pt"
+            )
+        torch.manual_seed(self.seed)
+        model = build_model_for_data(spec, self.info)
+        shared, local = split_state(model)
+        if source is not None:
+            weights = shared_weights_from_checkpoint(source, shared)
+        else:
+            weights = snapshot["shared_state"]  # type: ignore[index]
+        model.load_state_dict(weights, strict=False)
+        saved_heads = (snapshot or {}).get("local_state") or {}
+        if {k: v.shape for k, v in saved_heads.items()} == {k: v.shape for k, v in local.items()}:
+            model.load_state_dict(saved_heads, strict=False)
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in local)
+        model.to(self.device)
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+        train_set = self.dataset("train")
+        count = len(train_set) if cases is None else min(int(cases), len(train_set))
+        batch_size = int(self.cfg.get("train", {}).get("batch_size", 8))
+        losses = []
+        for epoch in range(epochs):
+            loader = make_loader(
+                CaseSubset(train_set, range(count)), batch_size, shuffle=True, seed=epoch
+            )
+            losses.append(train_epoch(model, loader, optimizer, self.device)["loss"])
+        for param in model.parameters():
+            param.requires_grad_(True)
+        self.save(
+            model,
+            server_round=int((snapshot or {}).get("round", 0)),
+            run_id=int((snapshot or {}).get("run_id", 0)),
+        )
+        return {"cases": count, "epochs": epochs, "first_loss": losses[0], "last_loss": losses[-1]}
 
     def evaluate(self, model: SegmentationModel, split: str = "val") -> dict[str, Any]:
         return evaluate(model, self.loader(split, shuffle=False), self.device)

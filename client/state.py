@@ -11,11 +11,20 @@ from torch import Tensor
 
 from mrprism_core.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 
-__all__ = ["PRIVACY_LEDGER", "SITE_CONFIG_FILE", "SNAPSHOT_FILE", "SiteStore"]
+__all__ = [
+    "OPTIMIZER_FILE",
+    "PERSONAL_FILE",
+    "PRIVACY_LEDGER",
+    "SITE_CONFIG_FILE",
+    "SNAPSHOT_FILE",
+    "SiteStore",
+]
 
 SITE_CONFIG_FILE = "site_config.yaml"
 SNAPSHOT_FILE = "site_model.pt"
 PRIVACY_LEDGER = "privacy_ledger.json"  # the DP accountant's history of noisy steps
+OPTIMIZER_FILE = "optimizer.pt"  # the site's Adam moments, carried from round to round
+PERSONAL_FILE = "personal_model.pt"  # Ditto: the site's own complete model
 
 
 class SiteStore:
@@ -31,6 +40,41 @@ class SiteStore:
     @property
     def snapshot_path(self) -> Path:
         return self.root / SNAPSHOT_FILE
+
+    @property
+    def optimizer_path(self) -> Path:
+        return self.root / OPTIMIZER_FILE
+
+    def load_optimizer(self) -> dict[str, Any] | None:
+        """The optimizer state the site saved after its last round, or None."""
+        if not self.optimizer_path.exists():
+            return None
+        return load_checkpoint(self.optimizer_path)["optimizer_state"]
+
+    def save_optimizer(self, state: dict[str, Any], *, server_round: int) -> Path:
+        """Atomically replace the site's optimizer state (it never leaves the site)."""
+        return save_checkpoint(
+            self.optimizer_path, {"optimizer_state": state, "round": server_round}
+        )
+
+    @property
+    def personal_path(self) -> Path:
+        return self.root / PERSONAL_FILE
+
+    def load_personal(self) -> dict[str, Any] | None:
+        """Ditto's personal model (``build_args``, ``model_state``), or None."""
+        if not self.personal_path.exists():
+            return None
+        return load_checkpoint(self.personal_path)
+
+    def save_personal(
+        self, build_args: dict[str, Any], state: dict[str, Tensor], *, server_round: int
+    ) -> Path:
+        """Atomically replace Ditto's personal model (it never leaves the site)."""
+        return save_checkpoint(
+            self.personal_path,
+            {"build_args": build_args, "model_state": state, "round": server_round},
+        )
 
     def write_config(self, yaml_text: str) -> Path:
         return atomic_write_bytes(self.config_path, yaml_text.encode())

@@ -23,6 +23,7 @@ __all__ = [
     "atomic_write_json",
     "save_checkpoint",
     "load_checkpoint",
+    "shared_weights_from_checkpoint",
 ]
 
 _MAGIC = b"MRPRISM-CKPT-1\n"
@@ -112,3 +113,36 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         )
     # weights_only: a checkpoint holds tensors and plain containers, never code to run.
     return torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
+
+
+def shared_weights_from_checkpoint(
+    path: str | os.PathLike, expected: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The shared weights of ``expected``'s layout taken from a checkpoint: a centralized
+    ``last.pt``/``best.pt`` (``model_state``; its site-local tensors are ignored) or a federated
+    ``global_model.pt`` (``shared_state``).
+
+    Raises:
+        FileNotFoundError / CorruptCheckpointError: as :func:`load_checkpoint`.
+        ValueError: the checkpoint holds no weights, lacks a tensor, or a tensor's shape
+            differs; the message names the tensor, both shapes and both architectures.
+    """
+    payload = load_checkpoint(path)
+    state = payload.get("shared_state") or payload.get("model_state")
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: holds no model weights (no model_state or shared_state)")
+    written_for = payload.get("model_spec") or payload.get("build_args") or "unknown"
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ValueError(
+            f"{path} does not fit this run's model: {len(missing)} shared tensor(s) missing, "
+            f"e.g. {missing[:3]}; the checkpoint was written for {written_for}"
+        )
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"{path} does not fit this run's model: {key} has shape "
+                f"{tuple(state[key].shape)} in the checkpoint, the run's model needs "
+                f"{tuple(tensor.shape)}; the checkpoint was written for {written_for}"
+            )
+    return {key: state[key].to(tensor.dtype) for key, tensor in expected.items()}

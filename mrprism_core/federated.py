@@ -15,10 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from .metrics import RECURRENCE_METRICS, recurrence_table
+
 __all__ = [
     "PACKED_KEY",
     "StateLayout",
     "split_evaluation",
+    "recurrences_from_details",
     "update_problem",
 ]
 
@@ -96,9 +99,31 @@ def split_evaluation(result: Mapping[str, Any]) -> tuple[dict[str, float], dict[
     details: dict[str, Any] = {"per-rater-dice-list": [float(x) for x in per_rater]}
     if result.get("dice_vs_truth") is not None:
         details["dice-vs-truth"] = float(result["dice_vs_truth"])
-    recs = sorted(k for k in result if k.startswith("soft_dice_rec"))
-    details["soft-dice-rec"] = [float(result[k]) for k in recs]
+    # rec0 ... rec_tau, one list per metric (Flower metric values are numbers or lists)
+    rows = recurrence_table(result)
+    for name in RECURRENCE_METRICS:
+        column = [row[name] for row in rows]
+        if column and all(value is not None for value in column):
+            details[_recurrence_key(name)] = column
     return scalars, details
+
+
+def _recurrence_key(metric: str) -> str:
+    return metric.replace("_", "-") + "-rec"
+
+
+def recurrences_from_details(details: Mapping[str, Any]) -> list[dict[str, float | None]]:
+    """The per-recurrence rows of :func:`split_evaluation`'s details (the inverse of its lists):
+    one dict per recurrence with every :data:`RECURRENCE_METRICS` entry (None if not sent)."""
+    columns = {name: list(details.get(_recurrence_key(name)) or []) for name in RECURRENCE_METRICS}
+    count = len(columns["soft_dice"])
+    return [
+        {
+            name: float(values[i]) if len(values) == count else None
+            for name, values in columns.items()
+        }
+        for i in range(count)
+    ]
 
 
 def update_problem(

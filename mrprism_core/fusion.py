@@ -3,55 +3,125 @@
 Every fused mask in the project (training targets, losses, metrics, baselines) comes from
 :func:`fuse`; nothing else re-implements a weighted vote.
 
-Reading of Eq. 1. MrPrism fuses rater labels ``z^m`` with confidence maps ``w^m = log z~^m``
-(Proposition 1: ``w^m = log P(z^m | y)``) and a uniform prior ``p_u``. Every class ``k`` is a
-binary structure (disc, cup, ...) with two categories, foreground and background. A rater's
-vote for the category it drew counts with its likelihood under DivP's estimate,
-``exp(w) = z~`` for a foreground vote and ``1 - z~`` for a background vote; the prior adds
-``p_u`` to both categories, and the two are normalised (the "softmax over classes")::
+Reading of Eq. 1 with Proposition 1 (``w^m = log P(z^m | y)``). Every class ``k`` is a binary
+structure (disc, cup, nodule, ...). DivP tells, per pixel and rater, how likely the rater is to
+draw what it drew given the structure is there or not: its *sensitivity*
+``s^m = P(z^m = 1 | y = 1)`` and *specificity* ``q^m = P(z^m = 0 | y = 0)``
+(:class:`Reliability`). The fusion is the posterior of the structure given every vote,
+log-linear in the votes plus the prior ``p_u = P(y = 1)``::
 
-    s_fg = sum_m z~^m * z^m + p_u
-    s_bg = sum_m (1 - z~^m) * (1 - z^m) + p_u
-    y    = s_fg / (s_fg + s_bg)
+    logit y = logit p_u + sum_m [ z^m log(s^m / (1 - q^m)) + (1 - z^m) log((1 - s^m) / q^m) ]
 
-The literal log-linear form ``softmax(sum_m log(z~^m) z^m)`` cannot be used: ``log z~ <= 0``, so
-raters who agree on a class would *lower* that class (unanimous foreground fuses to <= 0.5).
-The linear pool above keeps Eq. 1's ingredients (confidences from DivP, labels, uniform prior,
-normalisation over categories) and is a convex combination of the labels: unanimous pixels
-keep their label, and disagreements are settled by the raters' confidences.
+so agreeing raters raise their class, a rater DivP finds unreliable (``s + q`` near 1) counts
+less, and equal reliabilities reduce to a (softened) vote. This is the per-pixel form of the
+Dawid-Skene / STAPLE rater model. An earlier linear pool that weighted each vote by the head's
+probability of that vote returned the raters' mean whatever the confidences, which left the
+recurrence nothing to change.
 """
 
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "DEFAULT_PRIOR",
+    "EQUAL_CONFIDENCE",
+    "Reliability",
     "fuse",
+    "fusion_logits",
     "self_fuse",
     "threshold",
     "majority_vote",
     "staple",
     "rater_weights",
     "initial_confidence",
+    "initial_reliability",
+    "reliability_from_confidence",
     "shuffle_raters",
 ]
 
-#: Uniform prior ``p_u`` added to both categories; keeps the fusion defined where no rater
-#: carries any confidence and pulls such pixels to 0.5.
-DEFAULT_PRIOR = 1e-4
+#: Prior probability ``p_u`` of the structure at a pixel before any rater has voted (uniform).
+DEFAULT_PRIOR = 0.5
+
+#: Confidence every rater gets before DivP has spoken ("equal confidence", inference start).
+EQUAL_CONFIDENCE = 0.5
+
+#: Sensitivities and specificities are kept in [eps, 1 - eps] so that every vote's weight stays
+#: finite (at most log((1 - eps) / eps) ~ 6.9 nats) and a single rater cannot veto all others.
+RELIABILITY_EPS = 1e-3
 
 
-def _check_rater_shapes(confidence: Tensor, labels: Tensor) -> None:
-    if confidence.dim() != 5 or labels.dim() != 5:
-        raise ValueError(
-            "fusion expects (B, M, K, H, W) tensors; got confidence "
-            f"{tuple(confidence.shape)} and labels {tuple(labels.shape)}"
+class Reliability(NamedTuple):
+    """Per-pixel reliability of each rater under DivP (Proposition 1), each (B, M, K, H, W).
+
+    ``sensitivity = P(z = 1 | y = 1)``: how likely the rater marks the structure where it is;
+    ``specificity = P(z = 0 | y = 0)``: how likely the rater leaves background unmarked.
+    """
+
+    sensitivity: Tensor
+    specificity: Tensor
+
+    def clamped(self) -> Reliability:
+        low, high = RELIABILITY_EPS, 1.0 - RELIABILITY_EPS
+        return Reliability(self.sensitivity.clamp(low, high), self.specificity.clamp(low, high))
+
+    def vote_weights(self) -> tuple[Tensor, Tensor]:
+        """Log-likelihood ratios ``log P(z | y=1) - log P(z | y=0)`` of a foreground vote
+        (>= 0 for an informative rater) and of a background vote (<= 0)."""
+        s, q = self.clamped()
+        return torch.log(s) - torch.log1p(-q), torch.log1p(-s) - torch.log(q)
+
+    def log_confidence(self) -> Tensor:
+        """The confidence maps ``w = log P(z | y)`` ConP is given (Eq. 7): the log-likelihood
+        of a correct vote on the structure and on the background, (B, M, 2K, H, W)."""
+        s, q = self.clamped()
+        return torch.cat([torch.log(s), torch.log(q)], dim=2)
+
+    def rater_probabilities(self, calibrated: Tensor) -> Tensor:
+        """Each rater's mask ``z~^m = P(z^m = 1)`` when the structure is ``calibrated``
+        (B, K, H, W): ``s y~ + (1 - q)(1 - y~)``, shape (B, M, K, H, W)."""
+        y = calibrated.unsqueeze(1)
+        return self.sensitivity * y + (1.0 - self.specificity) * (1.0 - y)
+
+    def permute(self, permutation: Tensor) -> Reliability:
+        """Reorder the raters: rater ``m`` gets the reliability of ``permutation[m]``."""
+        return Reliability(
+            shuffle_raters(self.sensitivity, permutation),
+            shuffle_raters(self.specificity, permutation),
         )
-    if confidence.shape[1] != labels.shape[1]:
+
+    def detach(self) -> Reliability:
+        return Reliability(self.sensitivity.detach(), self.specificity.detach())
+
+    def expand_as(self, labels: Tensor) -> Reliability:
+        return Reliability(self.sensitivity.expand_as(labels), self.specificity.expand_as(labels))
+
+
+def reliability_from_confidence(confidence: Tensor) -> Reliability:
+    """A scalar confidence ``c`` in [0, 1] per rater/pixel -> sensitivity = specificity =
+    ``(1 + c) / 2``: ``c = 0`` is a rater who says nothing (a coin), ``c = 1`` a perfect one.
+
+    This is how Eq. 14's initial confidences (and inference's equal start) become reliabilities:
+    read as ``s = q = c`` they would make every rater with ``c < 0.5`` vote against its label.
+    """
+    level = (1.0 + confidence.clamp(0.0, 1.0)) / 2.0
+    return Reliability(level, level)
+
+
+def _check_rater_shapes(reliability: Reliability, labels: Tensor) -> None:
+    sensitivity = reliability.sensitivity
+    if sensitivity.dim() != 5 or labels.dim() != 5:
         raise ValueError(
-            f"rater count mismatch: {confidence.shape[1]} confidence maps for "
+            "fusion expects (B, M, K, H, W) tensors; got reliability "
+            f"{tuple(sensitivity.shape)} and labels {tuple(labels.shape)}"
+        )
+    if sensitivity.shape[1] != labels.shape[1]:
+        raise ValueError(
+            f"rater count mismatch: {sensitivity.shape[1]} reliability maps for "
             f"{labels.shape[1]} rater masks"
         )
 
@@ -65,44 +135,44 @@ def rater_weights(valid: Tensor | None, like: Tensor) -> Tensor | None:
     return valid.to(like.dtype).view(*valid.shape, *([1] * (like.dim() - 2)))
 
 
-def fuse(
-    confidence: Tensor,
+def fusion_logits(
+    reliability: Reliability,
     labels: Tensor,
     prior: float = DEFAULT_PRIOR,
     valid: Tensor | None = None,
 ) -> Tensor:
-    """Fuse rater labels with per-rater confidences (Eq. 1 / Eq. 4, ``y^fuse``).
+    """Log-odds of the structure given the votes (see :func:`fuse`), shape (B, K, H, W)."""
+    _check_rater_shapes(reliability, labels)
+    if not 0.0 < prior < 1.0:
+        raise ValueError(f"prior must be a probability in (0, 1), got {prior}")
+    for_vote, against_vote = reliability.vote_weights()
+    evidence = labels * for_vote + (1.0 - labels) * against_vote
+    weights = rater_weights(valid, labels)
+    if weights is not None:
+        evidence = evidence * weights
+    return evidence.sum(dim=1) + math.log(prior / (1.0 - prior))
+
+
+def fuse(
+    reliability: Reliability,
+    labels: Tensor,
+    prior: float = DEFAULT_PRIOR,
+    valid: Tensor | None = None,
+) -> Tensor:
+    """Fuse rater labels under the raters' reliabilities (Eq. 1 / Eq. 4, ``y^fuse``).
 
     Args:
-        confidence: ``z~ = exp(w)``, per-rater probabilities in [0, 1], shape (B, M, K, H, W)
-            (or broadcastable to ``labels``).
+        reliability: each rater's sensitivity and specificity, (B, M, K, H, W) each (or
+            broadcastable to ``labels``).
         labels: rater masks ``z`` in [0, 1] (binary or soft), shape (B, M, K, H, W).
-        prior: uniform prior ``p_u`` (>= 0), added to both categories.
+        prior: ``p_u = P(y = 1)`` before any vote; 0.5 is uniform.
         valid: optional (B, M) 0/1 mask of the rater slots that hold a real annotation
             (pooled sites with different raters); other slots do not vote.
 
     Returns:
-        Fused foreground probability, shape (B, K, H, W).
+        Posterior foreground probability ``P(y = 1 | z^[M])``, shape (B, K, H, W).
     """
-    _check_rater_shapes(confidence, labels)
-    if prior < 0:
-        raise ValueError(f"prior must be >= 0, got {prior}")
-    weights = rater_weights(valid, labels)
-    if weights is None:
-        voters: Tensor | int = labels.shape[1]
-        weighted_confidence = confidence
-        weighted_labels = labels
-    else:
-        voters = weights.sum(dim=1)
-        weighted_confidence = confidence * weights
-        weighted_labels = labels * weights
-    agreeing = (weighted_confidence * labels).sum(dim=1)
-    foreground = agreeing + prior
-    # sum (1 - c)(1 - z) expanded, so autograd keeps one (B, M, K, H, W) tensor, not four
-    background = (
-        voters - weighted_confidence.sum(dim=1) - weighted_labels.sum(dim=1) + agreeing + prior
-    )
-    return foreground / (foreground + background).clamp_min(1e-12)
+    return torch.sigmoid(fusion_logits(reliability, labels, prior, valid))
 
 
 class _StraightThroughThreshold(torch.autograd.Function):
@@ -129,27 +199,19 @@ def threshold(x: Tensor, level: float = 0.5, straight_through: bool = False) -> 
 
 
 def self_fuse(
+    reliability: Reliability,
     rater_probs: Tensor,
-    confidence: Tensor | None = None,
     prior: float = DEFAULT_PRIOR,
     straight_through: bool = False,
     valid: Tensor | None = None,
 ) -> Tensor:
-    """Self-fusion ``y^self`` (Eq. 5 / Eq. 12): fuse DivP's own thresholded rater masks.
-
-    Args:
-        rater_probs: DivP outputs ``z~`` (B, M, K, H, W); thresholded at 0.5 to get the labels.
-        confidence: confidences to weight them with; defaults to ``rater_probs`` (Eq. 5).
-            Pass shuffled confidences for Eq. 12.
-        prior: uniform prior ``p_u``.
-        straight_through: pass gradients through the threshold (see :func:`threshold`).
-        valid: optional (B, M) mask of the rater slots in use.
+    """Self-fusion ``y^self`` (Eq. 5 / Eq. 12): DivP's own thresholded rater masks
+    ``T_0.5(z~)`` fused under ``reliability`` (pass shuffled reliabilities for Eq. 12).
 
     Returns:
         Fused foreground probability, shape (B, K, H, W).
     """
-    confidence = rater_probs if confidence is None else confidence
-    return fuse(confidence, threshold(rater_probs, 0.5, straight_through), prior, valid)
+    return fuse(reliability, threshold(rater_probs, 0.5, straight_through), prior, valid)
 
 
 def majority_vote(labels: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -230,6 +292,19 @@ def initial_confidence(
     psi = torch.rand(num_raters, generator=generator, device=device) * (high - low) + low
     eps = torch.randn((num_raters, *shape), generator=generator, device=device) * noise_std
     return (psi.view(num_raters, 1, 1, 1) + eps).clamp(1e-4, 1.0).unsqueeze(0)
+
+
+def initial_reliability(
+    num_raters: int,
+    shape: tuple[int, int, int],
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Reliability:
+    """Eq. 14's initial confidences as reliabilities (:func:`reliability_from_confidence`),
+    each (1, M, K, H, W)."""
+    confidence = initial_confidence(num_raters, shape, generator=generator, device=device)
+    return reliability_from_confidence(confidence)
 
 
 def shuffle_raters(x: Tensor, permutation: Tensor) -> Tensor:

@@ -12,11 +12,14 @@ import torch.nn.functional as F
 from pytorch_msssim import ssim
 from torch import Tensor
 
-from .fusion import DEFAULT_PRIOR, fuse, self_fuse, shuffle_raters, threshold
+from .fusion import DEFAULT_PRIOR, Reliability, fuse, threshold
 
 __all__ = [
     "MrPrismLossConfig",
     "ssim_loss",
+    "CONP_PIXEL_LOSSES",
+    "DIVP_SUPERVISION",
+    "conp_pixel_loss",
     "recurrence_loss",
     "shuffle_loss",
     "multihead_loss",
@@ -29,20 +32,35 @@ __all__ = [
 ]
 
 
+#: ConP's pixel-wise term next to 1 - SSIM (see :func:`conp_pixel_loss`).
+CONP_PIXEL_LOSSES = ("none", "dice", "bce")
+#: What supervises DivP's rater masks beside the recurrence term.
+DIVP_SUPERVISION = ("shuffle", "multihead", "shuffle+multihead")
+
+
 @dataclass(frozen=True)
 class MrPrismLossConfig:
     """Weights and options of the MrPrism objective (Eq. 13)."""
 
     zeta: float = 0.3  # weight of the shuffle loss (paper: 0.3)
     shuffles: int = 3  # rater shuffles per recurrence (paper: 3)
-    divp_supervision: str = "shuffle"  # "shuffle" (paper) or "multihead" (Eq. 9 ablation)
+    # "shuffle" (paper, Eq. 10-12), "multihead" (Eq. 9 ablation) or "shuffle+multihead"
+    divp_supervision: str = "shuffle"
     ssim_window: int = 11  # Gaussian window of SSIM; must not exceed the image side
-    prior: float = DEFAULT_PRIOR  # uniform prior p_u of every fusion
+    prior: float = DEFAULT_PRIOR  # p_u = P(structure) before any vote, in every fusion
+    # pixel-wise term added to ConP's 1 - SSIM: "none" (paper), "dice" or "bce"; SSIM alone
+    # has no gradient for a small structure in an empty background (README: small structures)
+    conp_pixel_loss: str = "dice"
+    conp_pixel_weight: float = 1.0  # weight of that term
 
     def __post_init__(self) -> None:
-        if self.divp_supervision not in ("shuffle", "multihead"):
+        if self.divp_supervision not in DIVP_SUPERVISION:
             raise ValueError(
-                f"divp_supervision must be 'shuffle' or 'multihead', got {self.divp_supervision!r}"
+                f"divp_supervision must be one of {DIVP_SUPERVISION}, got {self.divp_supervision!r}"
+            )
+        if self.conp_pixel_loss not in CONP_PIXEL_LOSSES:
+            raise ValueError(
+                f"conp_pixel_loss must be one of {CONP_PIXEL_LOSSES}, got {self.conp_pixel_loss!r}"
             )
         if self.shuffles < 1:
             raise ValueError(f"shuffles must be >= 1, got {self.shuffles}")
@@ -79,12 +97,8 @@ def random_permutations(
     return torch.stack([torch.randperm(num_raters, generator=generator) for _ in range(count)])
 
 
-def _per_rater(x: Tensor) -> Tensor:
-    """(B, M, K, H, W) -> (B*M, 1, K, H, W): each rater becomes its own one-rater fusion."""
-    return x.flatten(0, 1).unsqueeze(1)
-
-
 def shuffle_loss(
+    reliability: Reliability,
     rater_probs: Tensor,
     labels: Tensor,
     permutations: Tensor,
@@ -93,33 +107,38 @@ def shuffle_loss(
 ) -> Tensor:
     """Shuffle loss ``L_sff`` (Eq. 10-12), averaged over the given rater permutations.
 
-    For a permutation ``pi``, rater ``m``'s mask is fused under the confidence of head
-    ``pi(m)`` twice: once from DivP's thresholded mask ``T(z~^m)`` (Eq. 12) and once from the
-    rater's label ``z^m`` (Eq. 11); the two must agree (cross-entropy). Shuffling decouples the
-    confidence a head provides from the mask it predicts, so the recurrence cannot settle on
-    the trivial solution of confident heads that copy ConP.
-
-    The fusions are compared per rater before the sum over raters: a summed fusion only says
-    *that* the heads disagree with the labels, not *which* head, so every head would receive a
-    gradient of the same sign and no head would learn its own rater. The threshold passes
-    gradients straight through.
+    For a permutation ``pi`` every rater ``m`` is given the reliability DivP estimated for
+    rater ``pi(m)``; under these shuffled reliabilities the raters' labels are fused
+    (``y^fuse->``, Eq. 11, the target) and so are DivP's thresholded rater masks
+    (``y^self->``, Eq. 12); the two must agree (cross-entropy). Whatever the reliabilities,
+    fusing the predicted masks must give what fusing the real ones gives, so the masks are
+    supervised without tying them to the reliability each head reports about itself. The
+    threshold passes gradients straight through; the target is a label (detached).
 
     Args:
-        rater_probs: DivP outputs ``z~`` (B, M, K, H, W).
+        reliability: DivP's per-rater reliabilities (B, M, K, H, W) each.
+        rater_probs: DivP's rater masks ``z~`` (B, M, K, H, W).
         labels: rater masks ``z`` (B, M, K, H, W).
         permutations: (S, M) integer tensor, one permutation per row.
         valid: optional (B, M) mask of the rater slots that hold an annotation.
     """
-    hard = _per_rater(threshold(rater_probs, 0.5, straight_through=True))
-    truth = _per_rater(labels)
-    rows = None if valid is None else valid.to(rater_probs.dtype).flatten()
+    hard = threshold(rater_probs, 0.5, straight_through=True)
     total = rater_probs.new_zeros(())
     for permutation in permutations:
-        confidence = _per_rater(shuffle_raters(rater_probs, permutation))
-        predicted = fuse(confidence, hard, prior)
-        target = fuse(confidence, truth, prior).detach()
-        total = total + binary_cross_entropy(predicted, target, rows)
+        shuffled = reliability.permute(permutation)
+        if valid is not None:  # an empty slot lends no reliability to a real rater
+            shuffled = Reliability(*(_keep_valid(x, valid, permutation) for x in shuffled))
+        predicted = fuse(shuffled, hard, prior, valid)
+        target = fuse(shuffled, labels, prior, valid).detach()
+        total = total + binary_cross_entropy(predicted, target)
     return total / len(permutations)
+
+
+def _keep_valid(shuffled: Tensor, valid: Tensor, permutation: Tensor) -> Tensor:
+    """Where rater ``m`` borrows from an empty slot, it keeps a neutral reliability (0.5)."""
+    lends = valid.index_select(1, permutation.to(valid.device)).to(shuffled.dtype)
+    lends = lends.view(*lends.shape, *([1] * (shuffled.dim() - 2)))
+    return shuffled * lends + 0.5 * (1 - lends)
 
 
 def multihead_loss(rater_probs: Tensor, labels: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -128,30 +147,42 @@ def multihead_loss(rater_probs: Tensor, labels: Tensor, valid: Tensor | None = N
     return binary_cross_entropy(rater_probs.flatten(0, 1), labels.flatten(0, 1), rows)
 
 
+def conp_pixel_loss(calibrated: Tensor, target: Tensor, kind: str) -> Tensor:
+    """ConP's pixel-wise term against its fused target: soft Dice per image and class
+    (``"dice"``), binary cross-entropy (``"bce"``) or nothing (``"none"``)."""
+    if kind == "none":
+        return calibrated.new_zeros(())
+    if kind == "dice":
+        return dice_loss_per_image(calibrated, target).mean()
+    return binary_cross_entropy(calibrated, target)
+
+
 def recurrence_loss(
     calibrated: Tensor,
     conp_target: Tensor,
-    rater_probs: Tensor,
-    window: int = 11,
-    prior: float = DEFAULT_PRIOR,
-    valid: Tensor | None = None,
+    divp_fusion: Tensor,
+    config: MrPrismLossConfig,
 ) -> tuple[Tensor, Tensor]:
-    """Recurrence loss ``L_rec^i`` (Eq. 8), returned as its ConP and DivP terms.
+    """Recurrence loss ``L_rec^i`` (Eq. 8 as Algorithm 1 computes it), as its two terms.
 
     Args:
         calibrated: ConP output ``y~_i`` (B, K, H, W).
-        conp_target: fusion of the raters' labels under the confidences ConP was given
-            (``y^fuse_{i-1}``; Eq. 15 for the first recurrence), (B, K, H, W).
-        rater_probs: DivP output ``z~_i`` for ``y~_i`` (B, M, K, H, W).
-        valid: optional (B, M) mask of the rater slots in use at each case.
+        conp_target: ``y^fuse_{i-1}``, the fusion of the raters' labels under the
+            reliabilities ConP was given (Eq. 15 for the first recurrence), (B, K, H, W).
+        divp_fusion: ``y^fuse_i``, the fusion of the raters' labels under DivP's
+            reliabilities of this recurrence (carries DivP's gradient), (B, K, H, W).
 
     Returns:
-        ``(conp_term, divp_term)``: ``1 - SSIM(y~_i, y_{i-1})`` trains ConP and the encoder;
-        ``1 - SSIM(y^self_i, y~_i)`` trains DivP (each side's target is detached, Eq. 6).
+        ``(conp_term, divp_term)``: ``1 - SSIM(y~_i, y^fuse_{i-1})`` (plus the configured
+        pixel-wise term) trains ConP and the encoder; ``1 - SSIM(y^fuse_i, y~_i)`` trains
+        DivP. Each side's target is detached (Eq. 6).
     """
-    conp_term = ssim_loss(calibrated, conp_target.detach(), window)
-    self_fused = self_fuse(rater_probs, prior=prior, straight_through=True, valid=valid)
-    divp_term = ssim_loss(self_fused, calibrated.detach(), window)
+    target = conp_target.detach()
+    conp_term = ssim_loss(calibrated, target, config.ssim_window)
+    if config.conp_pixel_loss != "none":
+        pixel = conp_pixel_loss(calibrated, target, config.conp_pixel_loss)
+        conp_term = conp_term + config.conp_pixel_weight * pixel
+    divp_term = ssim_loss(divp_fusion, calibrated.detach(), config.ssim_window)
     return conp_term, divp_term
 
 

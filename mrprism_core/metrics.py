@@ -6,7 +6,8 @@ empty masks is 1 (both agree there is nothing); binarisation is ``x > threshold`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,7 +26,12 @@ __all__ = [
     "expected_calibration_error",
     "dice_vs_truth",
     "MetricAccumulator",
+    "RECURRENCE_METRICS",
+    "recurrence_table",
 ]
+
+#: What :class:`MetricAccumulator` reports for every recurrence (``<name>_rec<i>``).
+RECURRENCE_METRICS: tuple[str, ...] = ("soft_dice", "dice_vs_truth", "per_rater_dice", "ged")
 
 #: Thresholds at which Table 1 of paper 000 binarises prediction and soft ground truth.
 SOFT_DICE_THRESHOLDS: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -207,6 +213,7 @@ class MetricAccumulator:
         *,
         rater_probs: Tensor | None = None,
         recurrences: Sequence[Tensor] = (),
+        recurrence_raters: Sequence[Tensor] = (),
         truth: Tensor | None = None,
         rater_valid: Tensor | None = None,
     ) -> None:
@@ -216,22 +223,31 @@ class MetricAccumulator:
             calibrated: final calibrated probabilities (B, K, H, W).
             rater_masks: annotations (B, M, K, H, W).
             rater_probs: personalised rater outputs (B, M, K, H, W), if the model has them.
-            recurrences: calibrated map of every recurrence, each (B, K, H, W).
+            recurrences: calibrated map of every recurrence, each (B, K, H, W): adds
+                ``soft_dice_rec<i>`` (and ``dice_vs_truth_rec<i>`` with a truth).
+            recurrence_raters: per-rater outputs of every recurrence, each (B, M, K, H, W):
+                adds ``per_rater_dice_rec<i>`` (mean over raters) and ``ged_rec<i>``.
             truth: known true mask (B, K, H, W), if any.
             rater_valid: (B, M) mask of the rater slots annotated at each case, if not all.
         """
         self.num_images += calibrated.shape[0]
         valid = rater_valid
         self._add("soft_dice", soft_dice_per_image(calibrated, rater_masks, valid=valid).mean(-1))
+        slots = (
+            torch.ones(rater_masks.shape[:2], device=rater_masks.device)
+            if valid is None
+            else valid.float()
+        )
         for index, rec in enumerate(recurrences):
             scores = soft_dice_per_image(rec, rater_masks, valid=valid).mean(dim=-1)
             self._add(f"soft_dice_rec{index}", scores)
+            if truth is not None:
+                self._add(f"dice_vs_truth_rec{index}", dice_vs_truth(rec, truth))
+        for index, probs in enumerate(recurrence_raters):
+            pairs = per_rater_dice(probs, rater_masks) * slots
+            self._add(f"per_rater_dice_rec{index}", pairs.sum(1) / slots.sum(1).clamp_min(1))
+            self._add(f"ged_rec{index}", generalized_energy_distance(probs, rater_masks, valid))
         if rater_probs is not None:
-            slots = (
-                torch.ones(rater_masks.shape[:2], device=rater_masks.device)
-                if valid is None
-                else valid.float()
-            )
             scores = per_rater_dice(rater_probs, rater_masks) * slots
             sums, counts = scores.double().sum(dim=0).cpu(), slots.double().sum(dim=0).cpu()
             if self._per_rater is None:
@@ -263,3 +279,17 @@ class MetricAccumulator:
         result.setdefault("dice_vs_truth", None)
         result["num_examples"] = self.num_images
         return result
+
+
+def recurrence_table(result: Mapping[str, Any]) -> list[dict[str, float | None]]:
+    """rec0 ... rec_tau of an evaluation (``<metric>_rec<i>`` keys) as one row per recurrence
+    with every :data:`RECURRENCE_METRICS` entry (None where the model or data has none)."""
+    count = sum(1 for key in result if key.startswith("soft_dice_rec"))
+    return [
+        {name: _optional_float(result.get(f"{name}_rec{i}")) for name in RECURRENCE_METRICS}
+        for i in range(count)
+    ]
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)

@@ -198,6 +198,7 @@ def evaluate(
             batch["raters"],
             rater_probs=out.raters,
             recurrences=out.recurrences,
+            recurrence_raters=out.recurrence_raters,
             truth=batch.get("truth"),
             rater_valid=batch.get("rater_valid"),
         )
@@ -230,7 +231,9 @@ def fit(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Centralized training and evaluation from a config shaped like ``site_configs/train.yaml``.
 
     Resumes from ``<out_dir>/last.pt`` when present (and ``resume`` is true); writes
-    ``last.pt`` every epoch, ``metrics.jsonl`` (one line per epoch) and ``results.json``.
+    ``last.pt`` every epoch, ``best.pt`` whenever the validation soft Dice improves,
+    ``metrics.jsonl`` (one line per epoch) and ``results.json``. With ``train.keep_best``
+    (default) the test split scores the best validation epoch, not the last.
     """
     train_cfg, model_cfg, data_cfg = cfg["train"], cfg["model"], cfg["data"]
     seed_everything(int(train_cfg["seed"]))
@@ -254,7 +257,8 @@ def fit(cfg: Mapping[str, Any]) -> dict[str, Any]:
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
 
     start_epoch, history = 0, []
-    last = out_dir / "last.pt"
+    last, best = out_dir / "last.pt", out_dir / "best.pt"
+    keep_best = bool(train_cfg.get("keep_best", True))
     if bool(cfg.get("resume", True)) and last.exists():
         payload = load_checkpoint(last, map_location=device)
         model.load_state_dict(payload["model_state"])
@@ -262,6 +266,7 @@ def fit(cfg: Mapping[str, Any]) -> dict[str, Any]:
         start_epoch = int(payload["epoch"])
         history = _read_history(out_dir / "metrics.jsonl")[:start_epoch]
         log.info("resumed from %s at epoch %d", last, start_epoch)
+    best_epoch, best_score = _best_so_far(history)
 
     batch_size = int(train_cfg["batch_size"])
     workers = int(train_cfg.get("num_workers", 0))
@@ -283,7 +288,11 @@ def fit(cfg: Mapping[str, Any]) -> dict[str, Any]:
         record = {"epoch": epoch + 1, "train": train_metrics, "val": val_metrics}
         history.append(record)
         _write_history(out_dir / "metrics.jsonl", history)
-        save_checkpoint(last, _checkpoint_payload(model, optimizer, epoch + 1, record))
+        payload = _checkpoint_payload(model, optimizer, epoch + 1, record)
+        save_checkpoint(last, payload)
+        if val_metrics["soft_dice"] > best_score:
+            best_epoch, best_score = epoch + 1, float(val_metrics["soft_dice"])
+            save_checkpoint(best, payload)
         log.info(
             "epoch %d: loss %.4f, val soft Dice %.4f",
             epoch + 1,
@@ -291,12 +300,17 @@ def fit(cfg: Mapping[str, Any]) -> dict[str, Any]:
             val_metrics["soft_dice"],
         )
 
+    tested_epoch = best_epoch if keep_best and best.exists() else len(history)
+    if tested_epoch != len(history):
+        model.load_state_dict(load_checkpoint(best, map_location=device)["model_state"])
     test_loader = make_loader(test_set, batch_size, shuffle=False, num_workers=workers)
     results = {
         "model": dict(model.build_args),
         "epochs": epochs,
+        "best_epoch": best_epoch,
+        "tested_epoch": tested_epoch,
         "test": evaluate(model, test_loader, device, progress=progress),
-        "val": history[-1]["val"] if history else None,
+        "val": history[tested_epoch - 1]["val"] if tested_epoch else None,
     }
     atomic_write_json(out_dir / "results.json", results)
     return results
@@ -305,6 +319,15 @@ def fit(cfg: Mapping[str, Any]) -> dict[str, Any]:
 def _preset_lr(model: SegmentationModel) -> float:
     arch = getattr(model, "arch", None)
     return float(arch.lr) if arch is not None else 1e-4
+
+
+def _best_so_far(history: list[dict[str, Any]]) -> tuple[int, float]:
+    """(epoch, validation soft Dice) of the best epoch in ``history``; (0, -inf) if none."""
+    scored = [(float(r["val"]["soft_dice"]), int(r["epoch"])) for r in history if r.get("val")]
+    if not scored:
+        return 0, float("-inf")
+    score, epoch = max(scored)
+    return epoch, score
 
 
 def _read_history(path: Path) -> list[dict[str, Any]]:

@@ -46,9 +46,15 @@ class RunConfig:
     num_classes: int = 2  # classes every site must have
     num_raters: int = 1  # rater slots of the global model; matters only if rater heads are shared
     lr: float = 1e-3  # Adam learning rate at the sites
+    persist_optimizer: bool = True  # sites keep their Adam state between rounds (at the site)
+    personalization: str = (
+        "fedper"  # fedper, fedrep, fedbabu or ditto (mrprism_core.personalization)
+    )
+    ditto_lambda: float = 0.1  # Ditto: pull of a site's personal model toward the global one
     seed: int = 0  # seeds the initial global weights and each site's shuffles
     out_dir: str = "runs/federated"  # global checkpoint, metrics.jsonl, summary.json
     resume: bool = True  # continue from <out_dir>/global_model.pt when it exists
+    initial_checkpoint: str = ""  # start from this checkpoint's shared weights ("" = fresh)
     round_timeout: float = 3600.0  # seconds to wait for replies in each phase of a round
     eval_split: str = "val"  # site split used for the per-round evaluation
 

@@ -33,10 +33,12 @@ from mrprism_core.checkpoint import (
     atomic_write_json,
     load_checkpoint,
     save_checkpoint,
+    shared_weights_from_checkpoint,
 )
 from mrprism_core.data.factory import DatasetInfo
 from mrprism_core.federated import PACKED_KEY, StateLayout, update_problem
 from mrprism_core.models import build_model_for_data, split_state
+from mrprism_core.personalization import check_personalization
 
 from .config import RunConfig
 
@@ -58,13 +60,18 @@ SUMMARY = "summary.json"
 
 
 def initial_arrays(cfg: RunConfig) -> dict[str, torch.Tensor]:
-    """Shared weights of a freshly initialised model. With the rater heads local (the default)
-    the rater count does not change them; ``num-raters`` matters only when heads are shared."""
+    """Shared weights to start from: a freshly initialised model's, or those of
+    ``initial-checkpoint`` (a centralized or an earlier federated checkpoint; refused when its
+    architecture does not match). With the rater heads local (the default) the rater count
+    does not change them; ``num-raters`` matters only when heads are shared."""
     spec = cfg.model_spec()
     shape = DatasetInfo(spec["in_channels"], spec["num_classes"], cfg.num_raters, image_size=32)
     torch.manual_seed(cfg.seed)
     model = build_model_for_data(spec, shape)
     shared, _ = split_state(model)
+    if cfg.initial_checkpoint:
+        log.info("starting from the shared weights of %s", cfg.initial_checkpoint)
+        return shared_weights_from_checkpoint(cfg.initial_checkpoint, shared)
     return shared
 
 
@@ -141,6 +148,9 @@ def round_config(cfg: RunConfig, layout: StateLayout) -> dict[str, Any]:
         "lr": cfg.lr,
         "seed": cfg.seed,
         "num-server-rounds": cfg.num_server_rounds,  # sites calibrate DP-SGD noise on it
+        "persist-optimizer": cfg.persist_optimizer,
+        "personalization": check_personalization(cfg.personalization),
+        "ditto-lambda": cfg.ditto_lambda,
     }
 
 

@@ -1,6 +1,12 @@
 """The methods of the experiment grid, all on the same virtual sites and the same training code:
 
 federated         the ServerApp and ClientApp in Flower's simulation engine; rater heads local
+                  (FedPer)
+federated_fedrep  the same, each round training the heads first (body frozen), then the body
+federated_fedbabu the same, rounds training the body only; each site fine-tunes its heads at the
+                  end (``SiteRuntime.adapt``) and scores its final model itself
+federated_ditto   the same, plus a personal model per site pulled toward the global one; the
+                  site scores its personal model
 federated_dp_epsE the same with DP-SGD at every site (Opacus), each site's total budget epsilon
                   E (delta 1e-5) over the run, e.g. federated_dp_eps8
 federated_secagg  the same under SecAgg+ (the server sees only the sum of the updates); scored
@@ -36,6 +42,8 @@ from torch.utils.data import ConcatDataset
 from client.site import SiteRuntime
 from client.state import SiteStore
 from mrprism_core.data.factory import build_dataset, dataset_info
+from mrprism_core.federated import recurrences_from_details
+from mrprism_core.metrics import recurrence_table
 from mrprism_core.models import MODEL_NAMES, build_model_for_data
 from mrprism_core.train import evaluate, make_loader, resolve_device, train_epoch
 
@@ -43,7 +51,18 @@ from .partition import VirtualSite
 
 __all__ = ["METHODS", "Experiment", "check_methods", "parse_method", "run_method"]
 
-METHODS = ("federated", "federated_shared", "local", "centralized", "federated_secagg")
+METHODS = (
+    "federated",
+    "federated_shared",
+    "local",
+    "centralized",
+    "federated_secagg",
+    "federated_fedrep",
+    "federated_fedbabu",
+    "federated_ditto",
+)
+#: federated_<personalization> methods (plain ``federated`` is FedPer)
+PERSONALIZED = {f"federated_{name}": name for name in ("fedrep", "fedbabu", "ditto")}
 DP_METHOD = re.compile(r"federated_dp_eps(\d+(?:\.\d+)?)")  # federated_dp_eps<epsilon>
 DP_DELTA = 1e-5
 
@@ -79,6 +98,7 @@ class Experiment:
     local_epochs: int = 1
     strategy: str = "fedavg"
     lr: float = 1e-3
+    persist_optimizer: bool = True
     preset: str = "tiny"
     model_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
@@ -114,9 +134,7 @@ def _row(result: Mapping[str, Any], slots: slice | None = None) -> dict[str, Any
         "dice_vs_truth": result.get("dice_vs_truth"),
         "ged": result.get("ged"),
         "ece": result.get("ece"),
-        "soft_dice_rec": [
-            float(result[k]) for k in sorted(result) if k.startswith("soft_dice_rec")
-        ],
+        "recurrences": recurrence_table(result),
     }
 
 
@@ -157,6 +175,7 @@ def _run_federated(
     shared_everything: bool = False,
     privacy: Mapping[str, Any] | None = None,
     secure: bool = False,
+    personalization: str = "fedper",
 ) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
@@ -183,6 +202,8 @@ def _run_federated(
         "local-epochs": exp.local_epochs,
         "strategy": exp.strategy,
         "lr": exp.lr,
+        "persist-optimizer": exp.persist_optimizer,
+        "personalization": personalization,
         "seed": exp.seed,
         "preset": exp.preset,
         "model-options": json.dumps({**exp.model_options, **options}),
@@ -222,10 +243,21 @@ def _run_federated(
         num_supernodes=count,
         backend_config=backend,
     )
-    if secure:  # no federated evaluation under SecAgg+: each site scores the final model
+    if personalization == "fedbabu":  # the heads, frozen in the rounds, are fine-tuned now
+        for state_dir in dirs:
+            SiteRuntime.from_state_dir(state_dir).adapt(
+                cases=None,
+                epochs=exp.local_epochs,
+                lr=exp.lr,
+                source=str(out_dir / "global_model.pt"),
+            )
+    if secure or personalization == "fedbabu":
+        # no federated evaluation under SecAgg+ / of the fine-tuned heads: each site scores
+        # its final model itself
         finals = _evaluate_at_sites(exp, dirs, out_dir)
-        for name, row in finals.items():
-            history[name].append(float(row["soft-dice"]))
+        if secure:
+            for name, row in finals.items():
+                history[name].append(float(row["soft-dice"]))
     missing = [s.name for s in exp.sites if s.name not in finals]
     if missing:
         raise RuntimeError(f"{method}: no evaluation came back from {missing}; see the log above")
@@ -238,7 +270,7 @@ def _run_federated(
             # Flower metrics must be numbers: a model without rater outputs sent ged 0
             "ged": row.get("ged") if row.get("per-rater-dice-list") else None,
             "ece": row.get("ece"),
-            "soft_dice_rec": [float(x) for x in row.get("soft-dice-rec", [])],
+            "recurrences": recurrences_from_details(row),
         }
     result: dict[str, Any] = {
         "sites": sites,
@@ -280,6 +312,8 @@ def _run_local(exp: Experiment) -> dict[str, Any]:
                 local_epochs=exp.local_epochs,
                 lr=exp.lr,
                 seed=runtime.round_seed(exp.seed, server_round),
+                persist_optimizer=exp.persist_optimizer,
+                server_round=server_round,
             )
             result = runtime.evaluate(model, exp.eval_split)
             history[site.name].append(float(result["soft_dice"]))
@@ -355,6 +389,8 @@ def run_method(name: str, exp: Experiment) -> dict[str, Any]:
         result = _run_federated(exp, name, secure=True)
     elif name == "federated_shared":
         result = _run_federated(exp, name, shared_everything=True)
+    elif name in PERSONALIZED:
+        result = _run_federated(exp, name, personalization=PERSONALIZED[name])
     elif name == "local":
         result = _run_local(exp)
     elif name == "centralized":

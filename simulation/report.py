@@ -131,6 +131,7 @@ def _markdown(results: Mapping[str, Any]) -> str:
             "the updates) and was scored once, after the last round.",
         ]
 
+    lines += _recurrence_table(methods, sites)
     lines += _model_table(methods, sites)
     lines += ["", "## Time", "", "| method | seconds |", "|---|---|"]
     for name, method in methods.items():
@@ -145,6 +146,39 @@ def _markdown(results: Mapping[str, Any]) -> str:
 
 
 _MODEL_METRICS = ("soft_dice", "per_rater_dice", "dice_vs_truth", "ged")
+
+
+def _recurrence_table(methods: Mapping[str, Any], sites: Sequence[str]) -> list[str]:
+    """rec0 ... rec_tau of every method whose model recurs (paper 000, Table 1 style)."""
+    recurring = {
+        name: method
+        for name, method in methods.items()
+        if any(len(row.get("recurrences") or []) > 1 for row in method["sites"].values())
+    }
+    if not recurring:
+        return []
+    lines = [
+        "",
+        "## Per recurrence (paper 000, Table 1 style)",
+        "",
+        "rec0 starts from equal confidences; each later recurrence feeds ConP the raters' "
+        "reliabilities DivP estimated in the one before. Site means in points; GED as is.",
+        "",
+        "| method | recurrence | soft Dice | Dice vs truth | per-rater Dice | GED |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, method in recurring.items():
+        tables = [method["sites"][site].get("recurrences") or [] for site in sites]
+        for index in range(min(len(table) for table in tables)):
+            cells = []
+            for metric in ("soft_dice", "dice_vs_truth", "per_rater_dice", "ged"):
+                values = [table[index].get(metric) for table in tables]
+                value = None if None in values else float(np.mean(values))
+                cells.append(
+                    ("-" if value is None else f"{value:.3f}") if metric == "ged" else _fmt(value)
+                )
+            lines.append(f"| {name} | rec{index} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _model_table(methods: Mapping[str, Any], sites: Sequence[str]) -> list[str]:

@@ -91,6 +91,7 @@ def run_experiment(cfg: dict[str, Any]) -> dict[str, Any]:
         local_epochs=int(fed["local_epochs"]),
         strategy=str(fed["strategy"]),
         lr=float(fed["lr"]),
+        persist_optimizer=bool(fed.get("persist_optimizer", True)),
         preset=str(fed["preset"]),
         model_options=dict(fed.get("model_options") or {}),
         seed=seed,

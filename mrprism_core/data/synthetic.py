@@ -1,10 +1,15 @@
 """Synthetic multi-rater data with a known true mask.
 
 Each case is a fundus-like (or MRI-like, one channel) image of a blob with K = 1 or 2 nested
-structures (disc and cup), its true mask, and M raters who each redraw the truth with their own
-habits: a systematic dilation or erosion, a wobbly boundary, and occasional misses of the inner
-structure. Rater 0 is by default an expert close to the truth. Everything is drawn from a
-generator seeded by ``(seed, case index)``, so a case is the same whatever order it is read in.
+structures (disc and cup), or a CT-like slice with one small nodule among vessels
+(``ImageStyle.structure = "nodule"``), its true mask, and M raters who each redraw the truth
+with their own habits: a systematic dilation or erosion, a wobbly boundary, occasional misses
+of the inner structure, and errors that grow as the case's contrast falls
+(``RaterProfile.low_contrast_bias`` / ``low_contrast_noise`` with ``ImageStyle.contrast_range``).
+Raters who only err symmetrically make the majority vote optimal; a majority that errs the same
+way at low contrast does not. Rater 0 is by default an expert close to the truth. Everything is
+drawn from a generator seeded by ``(seed, case index)``, so a case is the same whatever order
+it is read in.
 """
 
 from __future__ import annotations
@@ -45,6 +50,18 @@ class ImageStyle:
     edge_softness: float = 0.08  # width of the blurred boundary, as a fraction of the radius
     texture: float = 0.08  # amplitude of the smooth background texture
     noise: float = 0.03  # per-pixel Gaussian noise
+    structure: str = "disc"  # "disc": nested disc/cup; "nodule": one small blob (K = 1)
+    contrast_range: tuple[float, float] = (1.0, 1.0)  # per-case contrast factor, drawn uniformly
+    nodule_radius: tuple[float, float] = (0.06, 0.2)  # nodule radius range (log-uniform), of side
+    vessels: int = 0  # bright vessel-like curves crossing the image (CT-like distractors)
+    vessel_contrast: float = 0.3  # brightness of the vessels
+
+    def __post_init__(self) -> None:
+        if self.structure not in ("disc", "nodule"):
+            raise ValueError(f"style.structure must be 'disc' or 'nodule', got {self.structure!r}")
+        low, high = self.contrast_range
+        if not 0 < low <= high:
+            raise ValueError(f"style.contrast_range must be 0 < low <= high, got {low}, {high}")
 
 
 @dataclass(frozen=True)
@@ -54,6 +71,8 @@ class RaterProfile:
     bias: float = 0.0  # systematic dilation (>0) or erosion (<0), fraction of the radius
     boundary_noise: float = 0.03  # amplitude of the smooth boundary wobble, fraction of radius
     miss_rate: float = 0.0  # probability of leaving the innermost structure empty
+    low_contrast_bias: float = 0.0  # extra dilation (>0) on the lowest-contrast cases
+    low_contrast_noise: float = 0.0  # extra boundary wobble on the lowest-contrast cases
 
 
 def default_rater_profiles(num_raters: int) -> list[RaterProfile]:
@@ -128,6 +147,8 @@ class SyntheticMultiRaterDataset(Dataset):
             raise ValueError(f"num_cases must be >= 1, got {num_cases}")
         if num_classes not in (1, 2):
             raise ValueError(f"num_classes must be 1 or 2 (nested structures), got {num_classes}")
+        if (style or ImageStyle()).structure == "nodule" and num_classes != 1:
+            raise ValueError(f"a nodule style has one class, got num_classes={num_classes}")
         if image_size < 8:
             raise ValueError(f"image_size must be >= 8 pixels, got {image_size}")
         self.num_cases = num_cases
@@ -153,6 +174,19 @@ class SyntheticMultiRaterDataset(Dataset):
         return self.num_cases
 
     def _shapes(self, generator: torch.Generator) -> list[_Shape]:
+        if self.style.structure == "nodule":
+            low, high = self.style.nodule_radius
+            radius = math.exp(_uniform(generator, math.log(low), math.log(high)))
+            aspect = _uniform(generator, 0.8, 1.25)
+            return [
+                _Shape(
+                    cx=_uniform(generator, 0.25, 0.75),
+                    cy=_uniform(generator, 0.25, 0.75),
+                    rx=radius * aspect,
+                    ry=radius / aspect,
+                    angle=_uniform(generator, 0.0, math.pi),
+                )
+            ]
         radius = _uniform(generator, 0.16, 0.26)
         aspect = _uniform(generator, 0.85, 1.15)
         disc = _Shape(
@@ -173,14 +207,32 @@ class SyntheticMultiRaterDataset(Dataset):
         )
         return [disc, cup][: self.num_classes]
 
-    def _image(self, radii: list[Tensor], generator: torch.Generator) -> Tensor:
+    def _vessels(self, generator: torch.Generator) -> Tensor:
+        """Thin bright curves (quadratic Bezier paths across the image), in [0, 1]."""
+        y, x = self._coords
+        out = torch.zeros_like(x)
+        width = 0.012
+        for _ in range(self.style.vessels):
+            ends = torch.rand((3, 2), generator=generator)
+            ends[0, 0], ends[2, 0] = 0.0, 1.0  # from the left edge to the right edge
+            if float(torch.rand((), generator=generator)) < 0.5:
+                ends = ends.flip(1)  # or top to bottom
+            t = torch.linspace(0, 1, 64).view(-1, 1)
+            path = (1 - t) ** 2 * ends[0] + 2 * (1 - t) * t * ends[1] + t**2 * ends[2]
+            distance = torch.cdist(torch.stack([x, y], -1).view(-1, 2), path).min(dim=1).values
+            out = torch.maximum(out, torch.exp(-((distance.view_as(x) / width) ** 2)))
+        return out
+
+    def _image(self, radii: list[Tensor], contrast: float, generator: torch.Generator) -> Tensor:
         style, size = self.style, self.image_size
         texture = _smooth_field(size, 6, generator)[0] * style.texture
         intensity = style.background + texture
+        if style.vessels:
+            intensity = intensity + style.vessel_contrast * self._vessels(generator)
         contrasts = (style.disc_contrast, style.cup_contrast)
-        for radius, contrast in zip(radii, contrasts):
+        for radius, step in zip(radii, contrasts):
             soft = torch.sigmoid((1.0 - radius) / max(style.edge_softness, 1e-3) * 2.0)
-            intensity = intensity + contrast * soft
+            intensity = intensity + contrast * step * soft
         gains = torch.tensor(style.tint[: style.channels], dtype=torch.float32)
         if gains.numel() < style.channels:
             raise ValueError(f"style.tint has {gains.numel()} gains for {style.channels} channels")
@@ -188,13 +240,23 @@ class SyntheticMultiRaterDataset(Dataset):
         image = image + torch.randn(image.shape, generator=generator) * style.noise
         return standardize(image)
 
-    def _rater_masks(self, radii: list[Tensor], generator: torch.Generator) -> Tensor:
+    def _hardness(self, contrast: float) -> float:
+        """0 on the style's highest-contrast cases, 1 on its lowest."""
+        low, high = self.style.contrast_range
+        return 0.0 if high == low else (high - contrast) / (high - low)
+
+    def _rater_masks(
+        self, radii: list[Tensor], contrast: float, generator: torch.Generator
+    ) -> Tensor:
+        hardness = self._hardness(contrast)
         masks = []
         for profile in self.rater_profiles:
+            bias = profile.bias + profile.low_contrast_bias * hardness
+            noise = profile.boundary_noise + profile.low_contrast_noise * hardness
             per_class = []
             for radius in radii:
-                wobble = _smooth_field(self.image_size, 5, generator)[0] * profile.boundary_noise
-                per_class.append(radius < 1.0 + profile.bias + wobble)
+                wobble = _smooth_field(self.image_size, 5, generator)[0] * noise
+                per_class.append(radius < 1.0 + bias + wobble)
             if self.num_classes == 2:
                 per_class[1] = per_class[1] & per_class[0]  # the cup lies inside the disc
             if float(torch.rand((), generator=generator)) < profile.miss_rate:
@@ -209,9 +271,12 @@ class SyntheticMultiRaterDataset(Dataset):
         shapes = self._shapes(generator)
         radii = [shape.radius_field(self._coords) for shape in shapes]
         truth = torch.stack([radius < 1.0 for radius in radii]).float()
+        low, high = self.style.contrast_range
+        # drawn only when it varies, so styles without it keep their cases bit for bit
+        contrast = high if low == high else _uniform(generator, low, high)
         sample = {
-            "image": self._image(radii, generator),
-            "raters": self._rater_masks(radii, generator),
+            "image": self._image(radii, contrast, generator),
+            "raters": self._rater_masks(radii, contrast, generator),
             "truth": truth,
             "id": f"{self.name}-{self.seed}-{index:05d}",
         }

@@ -4,6 +4,7 @@ that federated training shares from those that stay at the site."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import fields
 from typing import Any
 
 from torch import Tensor, nn
@@ -34,10 +35,11 @@ __all__ = [
     "build_model",
     "build_model_for_data",
     "split_state",
+    "spec_from_build_args",
     "model_from_build_args",
 ]
 
-_LOSS_OPTIONS = {"zeta", "shuffles", "divp_supervision", "ssim_window", "prior"}
+_LOSS_OPTIONS = {field.name for field in fields(MrPrismLossConfig)}
 
 
 def _build_mrprism(
@@ -218,6 +220,18 @@ def build_model_for_data(spec: Mapping[str, Any], info: Any) -> SegmentationMode
         preset=str(spec["preset"]),
         **dict(spec.get("options") or {}),
     )
+
+
+def spec_from_build_args(build_args: Mapping[str, Any]) -> dict[str, Any]:
+    """The data-independent spec (:func:`build_model_for_data`) a model was built from."""
+    data_keys = {"name", "preset", "in_channels", "num_classes", "num_raters", "image_size"}
+    return {
+        "name": build_args["name"],
+        "preset": build_args["preset"],
+        "in_channels": int(build_args["in_channels"]),
+        "num_classes": int(build_args["num_classes"]),
+        "options": {k: v for k, v in build_args.items() if k not in data_keys},
+    }
 
 
 def model_from_build_args(build_args: dict[str, Any]) -> SegmentationModel:

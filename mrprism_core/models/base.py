@@ -29,11 +29,15 @@ class SegmentationOutput:
         calibrated: calibrated probabilities after the last recurrence (B, K, H, W).
         raters: personalised per-rater probabilities (B, M, K, H, W), or None.
         recurrences: calibrated map of every recurrence (rec0 ... rec_tau), each (B, K, H, W).
+        recurrence_raters: the per-rater outputs of every recurrence, each (B, M, K, H, W).
+        reliability: MrPrism's last per-rater reliabilities (a ``fusion.Reliability``), or None.
     """
 
     calibrated: Tensor
     raters: Tensor | None = None
     recurrences: list[Tensor] = field(default_factory=list)
+    recurrence_raters: list[Tensor] = field(default_factory=list)
+    reliability: Any = None
 
 
 class SegmentationModel(nn.Module):

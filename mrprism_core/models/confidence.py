@@ -32,7 +32,10 @@ class _SeparableDown(nn.Module):
 
 
 class ConfidenceEmbedding(nn.Module):
-    """Confidence maps (B, M, K, H, W) -> a pyramid of embeddings at strides 2^levels..2.
+    """Confidence maps (B, M, C, H, W) -> a pyramid of embeddings at strides 2^levels..2.
+
+    ``C`` is 2K for MrPrism: the log-likelihoods ``w = log P(z | y)`` of a correct vote on the
+    structure and on the background for each class (:meth:`Reliability.log_confidence`).
 
     The per-rater part runs at stride 2 (the finest level ConP attends at): a 2x2 stride-2
     convolution embeds each rater's map (the separable conv's depth-wise down-sampling and
@@ -41,19 +44,19 @@ class ConfidenceEmbedding(nn.Module):
     per-rater tensors 4x smaller than at full resolution.
 
     Args:
-        num_classes: K.
+        maps_per_rater: C.
         num_raters: M (only the rater identities depend on it).
         width: embedding channels E.
         levels: number of pyramid levels (ConP stages); level ``i`` has stride ``2^(levels-i)``.
     """
 
-    def __init__(self, num_classes: int, num_raters: int, width: int, levels: int = 5) -> None:
+    def __init__(self, maps_per_rater: int, num_raters: int, width: int, levels: int = 5) -> None:
         super().__init__()
         self.num_raters = num_raters
         # raters ride along as the depth axis of 3-D convolutions with depth-1 kernels: one set
         # of weights for every rater, and the batch axis stays the batch (per-sample gradients
         # for DP-SGD need that)
-        self.embed = nn.Conv3d(num_classes, width, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+        self.embed = nn.Conv3d(maps_per_rater, width, kernel_size=(1, 2, 2), stride=(1, 2, 2))
         self.rater_identity = nn.Embedding(num_raters, width)
         self.pointwise_mix = nn.Conv3d(width, width, 1)
         self.down = nn.ModuleList(_SeparableDown(width) for _ in range(levels - 1))

@@ -16,11 +16,12 @@ class MrPrismArch:
     encoder_widths: tuple[int, ...] = (64, 128, 256, 512)  # channels of the 4 residual stages
     encoder_depths: tuple[int, ...] = (3, 4, 6, 3)  # residual blocks per stage (ResNet-34)
     conp_widths: tuple[int, ...] = (256, 128, 64, 32, 16)  # channels after each ConP deconv
-    conp_patch_sizes: tuple[int, ...] = (7, 7, 7, 7, 8)  # attention patch per ConP stage
+    conp_patch_sizes: tuple[int, ...] = (2, 4, 4, 8, 8)  # attention patch per ConP stage
     conp_dim: int = 128  # token dimension of ConP attention
     conp_heads: int = 4  # attention heads per ConP stage
+    conp_confidence_head: bool = True  # ConP's output layer also sees the confidence embedding
     confidence_width: int = 16  # channels of the rater-confidence embedding
-    divp_patch_size: int = 7  # patch size of DivP's self-attention
+    divp_patch_size: int = 8  # patch size of DivP's self-attention
     divp_dim: int = 128  # token dimension of DivP
     divp_heads: tuple[int, ...] = (4, 4, 4)  # heads of the shared DivP blocks (last block: M)
     rater_head_dim: int = 32  # per-rater attention head width in DivP's last block
@@ -36,8 +37,11 @@ class MrPrismArch:
 
 
 PRESETS: dict[str, MrPrismArch] = {
-    # 256 px; ConP patch sizes 8, 7, 7, 7, 7 read from the full-resolution end; DivP patch 7
-    # with heads 4, 4, 4 and M; Adam 1e-4, zeta 0.3, tau 3 (paper 000, Section 3.1.1).
+    # 256 px; DivP heads 4, 4, 4 and M; Adam 1e-4, zeta 0.3, tau 3 (paper 000, Section 3.1.1).
+    # The paper's patch sizes (ConP 8, 7, 7, 7, 7 from the full-resolution end, DivP 7) do not
+    # divide the 8-128 px ConP maps or the 256 px DivP input (8 -> 14 px is 67 % padding, and
+    # the deepest stage's 6.7 M parameters attended over 4 tokens): we keep 8 at the
+    # full-resolution end and use 2, 4, 4, 8 deeper (16, 16, 64, 64, 256 tokens) and 8 in DivP.
     "paper": MrPrismArch(),
     # 32-64 px, a few thousand parameters per stage: tests and CPU demos.
     "tiny": MrPrismArch(

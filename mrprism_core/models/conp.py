@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .blocks import Attention, Mlp, PatchEmbed, PatchUnembed, UpBlock, sincos_position_encoding
@@ -66,8 +68,10 @@ class ConP(nn.Module):
         heads: int,
         mlp_ratio: int,
         num_classes: int,
+        confidence_head: bool = False,
     ) -> None:
         super().__init__()
+        self.confidence_head = confidence_head
         deep_to_shallow = list(encoder_channels)[::-1]
         self.attention = nn.ModuleList()
         self.up = nn.ModuleList()
@@ -79,7 +83,10 @@ class ConP(nn.Module):
             )
             self.up.append(UpBlock(cin, skip, width))
             cin = width
-        self.head = nn.Conv2d(cin, num_classes, 1)
+        # the output layer may also see the finest confidence embedding, pixel by pixel, so
+        # the raters' reliabilities can move a boundary directly
+        extra = confidence_width if confidence_head else 0
+        self.head = nn.Conv2d(cin + extra, num_classes, 1)
         # Start from a low foreground probability ("prior" initialisation): SSIM's luminance
         # term gives almost no gradient once a background window drifts far from 0, so a
         # decoder that starts at 0.5 everywhere barely learns the background.
@@ -95,4 +102,7 @@ class ConP(nn.Module):
         for stage, (attend, up) in enumerate(zip(self.attention, self.up)):
             x = attend(x, confidence[stage])
             x = up(x, None if stage == 0 else skips[stage])
+        if self.confidence_head:
+            finest = F.interpolate(confidence[-1], size=x.shape[-2:], mode="nearest")
+            x = torch.cat([x, finest], dim=1)
         return self.head(x)

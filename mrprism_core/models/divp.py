@@ -3,18 +3,22 @@
 Stacked multi-head self-attention blocks over flattened patches of ``y~``. The first blocks
 (the *trunk*) are shared by all sites; the last block has one attention head per rater, each
 with its own projection, MLP and output layer (the *rater heads*), sized by M and kept at the
-site. Each head predicts its rater's deviation from the calibrated mask in logit space, so the
-rater masks keep the calibrated mask's full resolution.
+site. Each head predicts, per pixel and class, its rater's reliability (Proposition 1): the
+sensitivity ``P(z = 1 | y = 1)`` and specificity ``P(z = 0 | y = 0)`` of that rater around the
+calibrated mask. The rater's own mask follows from them and the calibrated mask
+(:meth:`~mrprism_core.fusion.Reliability.rater_probabilities`), at full resolution.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..fusion import EQUAL_CONFIDENCE, Reliability, reliability_from_confidence
 from .blocks import Attention, Mlp, PatchEmbed, sincos_position_encoding
 
 __all__ = ["DivP", "DivPTrunk", "RaterHeads"]
@@ -55,8 +59,13 @@ class DivPTrunk(nn.Module):
         return tokens, grid
 
 
+#: Two maps per rater and class: sensitivity and specificity logits.
+_RELIABILITY_MAPS = 2
+
+
 class RaterHeads(nn.Module):
-    """The last DivP block: M attention heads, one per rater, each ending in its own mask.
+    """The last DivP block: M attention heads, one per rater, each ending in its rater's
+    sensitivity and specificity maps.
 
     All heads run as one batched computation: the per-rater layers are grouped 1x1
     convolutions (``groups = M``), so M heads cost one kernel launch per layer.
@@ -77,8 +86,15 @@ class RaterHeads(nn.Module):
         self.mlp_in = nn.Conv1d(raters * dim, raters * dim * mlp_ratio, 1, groups=raters)
         self.mlp_out = nn.Conv1d(raters * dim * mlp_ratio, raters * dim, 1, groups=raters)
         self.to_pixels = nn.Conv1d(
-            raters * dim, raters * num_classes * patch * patch, 1, groups=raters
+            raters * dim, raters * _RELIABILITY_MAPS * num_classes * patch * patch, 1, groups=raters
         )
+        # start from equal reliabilities s = q = r (what inference starts from), not from
+        # copying ConP; with DivP.forward's parametrisation that is q-logit logit(r) and
+        # s-logit a where sigmoid(-a) = (1 - r) / r
+        start = float(reliability_from_confidence(torch.tensor(EQUAL_CONFIDENCE)).sensitivity)
+        bias = self.to_pixels.bias.detach().view(raters, _RELIABILITY_MAPS, -1)
+        bias[:, 0] = -math.log((1.0 - start) / (start - (1.0 - start)))
+        bias[:, 1] = math.log(start / (1.0 - start))
 
     def _layer_norm(self, x: Tensor) -> Tensor:
         """Per-rater LayerNorm over the token dimension of a (B, M*dim, T) tensor."""
@@ -87,10 +103,10 @@ class RaterHeads(nn.Module):
         x = self.norm(x.transpose(2, 3)).transpose(2, 3)
         return x.reshape(batch, channels, tokens)
 
-    def forward(self, tokens: Tensor, grid: tuple[int, int], base_logits: Tensor) -> Tensor:
-        """Args: shared tokens (B, T, dim); base logits of ``y~`` (B, K, H, W).
+    def forward(self, tokens: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
+        """Args: shared tokens (B, T, dim); the (H, W) of ``y~``.
 
-        Returns: rater logits (B, M, K, H, W).
+        Returns: reliability logits (B, M, 2, K, H, W): sensitivity, then specificity.
         """
         batch, count, dim = tokens.shape
         raters, head_dim = self.num_raters, self.head_dim
@@ -102,16 +118,16 @@ class RaterHeads(nn.Module):
         x = self._layer_norm(x + self.mlp_out(F.gelu(self.mlp_in(x))))
         pixels = self.to_pixels(x)  # (B, M*K*p*p, T)
         p, (gh, gw) = self.patch, grid
-        pixels = pixels.view(batch, raters, self.num_classes, p, p, gh, gw)
-        pixels = pixels.permute(0, 1, 2, 5, 3, 6, 4).reshape(
-            batch, raters, self.num_classes, gh * p, gw * p
-        )
-        height, width = base_logits.shape[-2:]
-        return base_logits.unsqueeze(1) + pixels[..., :height, :width]
+        maps = _RELIABILITY_MAPS * self.num_classes
+        pixels = pixels.view(batch, raters, maps, p, p, gh, gw)
+        pixels = pixels.permute(0, 1, 2, 5, 3, 6, 4).reshape(batch, raters, maps, gh * p, gw * p)
+        height, width = size
+        pixels = pixels[..., :height, :width]
+        return pixels.reshape(batch, raters, _RELIABILITY_MAPS, self.num_classes, height, width)
 
 
 class DivP(nn.Module):
-    """``y~`` (B, K, H, W) probabilities -> per-rater probabilities ``z~`` (B, M, K, H, W)."""
+    """``y~`` (B, K, H, W) probabilities -> each rater's :class:`Reliability` (B, M, K, H, W)."""
 
     def __init__(
         self,
@@ -127,7 +143,12 @@ class DivP(nn.Module):
         self.trunk = DivPTrunk(num_classes, dim, heads, patch, mlp_ratio)
         self.heads = RaterHeads(dim, num_raters, num_classes, patch, head_dim, mlp_ratio)
 
-    def forward(self, calibrated: Tensor) -> Tensor:
+    def forward(self, calibrated: Tensor) -> Reliability:
         tokens, grid = self.trunk(calibrated)
-        base = torch.logit(calibrated.clamp(1e-4, 1 - 1e-4))
-        return torch.sigmoid(self.heads(tokens, grid, base))
+        logits = self.heads(tokens, grid, tuple(calibrated.shape[-2:]))
+        # q = P(z=0 | y=0) is free; s = 1 - q * sigmoid(-a) keeps s + q >= 1: a rater is never
+        # read as adversarial (voting against what it sees), so unanimous votes keep their
+        # label, yet any mix of missing (small s) and over-drawing (small q) can be expressed
+        specificity = torch.sigmoid(logits[:, :, 1])
+        sensitivity = 1.0 - specificity * torch.sigmoid(-logits[:, :, 0])
+        return Reliability(sensitivity, specificity)

@@ -8,7 +8,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..fusion import fuse, initial_confidence
+from ..fusion import (
+    EQUAL_CONFIDENCE,
+    Reliability,
+    fuse,
+    initial_reliability,
+    reliability_from_confidence,
+)
 from ..losses import (
     MrPrismLossConfig,
     multihead_loss,
@@ -25,16 +31,14 @@ from .encoder import ResNetEncoder
 
 __all__ = ["MrPrism"]
 
-#: Confidence every rater gets at inference before DivP has spoken ("equal confidence").
-EVAL_INITIAL_CONFIDENCE = 0.5
-
 
 class MrPrism(SegmentationModel):
     """Self-calibrated multi-rater segmentation.
 
     Training (``loss``): the encoder runs once; for ``i = 1..tau`` ConP predicts ``y~_i`` from
-    the features and the confidences ``w_{i-1}`` (``w_0`` from Eq. 14, drawn once per batch),
-    DivP splits it into ``z~_i``, and ``w_i = log z~_i`` (detached) feeds the next recurrence.
+    the features and the confidences ``w_{i-1} = log P(z | y)`` (``w_0`` from Eq. 14, drawn
+    once per batch), DivP estimates every rater's reliability around ``y~_i`` (hence ``w_i``
+    and the rater masks ``z~_i``), and ``w_i`` (detached) feeds the next recurrence.
     Inference (``forward``): the same, starting from equal confidences, plus one last ConP pass
     so that ``recurrences`` holds rec0 ... rec_tau as in Table 1.
     """
@@ -62,7 +66,7 @@ class MrPrism(SegmentationModel):
             in_channels, arch.stem_width, arch.encoder_widths, arch.encoder_depths
         )
         self.confidence = ConfidenceEmbedding(
-            num_classes, num_raters, arch.confidence_width, levels=len(arch.conp_widths)
+            2 * num_classes, num_raters, arch.confidence_width, levels=len(arch.conp_widths)
         )
         self.conp = ConP(
             self.encoder.channels,
@@ -73,6 +77,7 @@ class MrPrism(SegmentationModel):
             arch.conp_heads,
             arch.mlp_ratio,
             num_classes,
+            arch.conp_confidence_head,
         )
         self.divp = DivP(
             num_classes,
@@ -84,20 +89,25 @@ class MrPrism(SegmentationModel):
             arch.mlp_ratio,
         )
 
-    def recurrence(self, features: Sequence[Tensor], confidence: Tensor) -> tuple[Tensor, Tensor]:
+    def recurrence(
+        self, features: Sequence[Tensor], reliability: Reliability
+    ) -> tuple[Tensor, Reliability, Tensor]:
         """One ConP -> DivP pass.
 
         Args:
             features: encoder features (computed once per batch).
-            confidence: ``exp(w)``, (B, M, K, H, W).
+            reliability: the raters' reliabilities ConP is given, (B, M, K, H, W) each.
 
         Returns:
-            ``(y~, z~)``: calibrated probabilities (B, K, H, W) and rater probabilities
-            (B, M, K, H, W). DivP sees ``y~`` detached: each prism learns only from its own
-            target (Eq. 6).
+            ``(y~, reliability, z~)``: calibrated probabilities (B, K, H, W), DivP's new
+            reliabilities and the rater masks they imply (B, M, K, H, W). DivP sees ``y~``
+            detached: each prism learns only from its own target (Eq. 6).
         """
-        calibrated = torch.sigmoid(self.conp(features, self.confidence(confidence)))
-        return calibrated, self.divp(calibrated.detach())
+        embedded = self.confidence(reliability.log_confidence())
+        calibrated = torch.sigmoid(self.conp(features, embedded))
+        seen = calibrated.detach()
+        new_reliability = self.divp(seen)
+        return calibrated, new_reliability, new_reliability.rater_probabilities(seen)
 
     def _check_images(self, images: Tensor) -> None:
         if images.dim() != 4:
@@ -110,17 +120,23 @@ class MrPrism(SegmentationModel):
         steps = self.arch.recurrences if recurrences is None else recurrences
         batch, _, height, width = images.shape
         features = self.encoder(images)
-        confidence = images.new_full(
-            (batch, self.num_raters, self.num_classes, height, width), EVAL_INITIAL_CONFIDENCE
+        reliability = reliability_from_confidence(
+            images.new_full(
+                (batch, self.num_raters, self.num_classes, height, width), EQUAL_CONFIDENCE
+            )
         )
-        maps = []
-        for _ in range(steps):
-            calibrated, rater_probs = self.recurrence(features, confidence)
+        maps, rater_maps = [], []
+        for _ in range(steps + 1):
+            calibrated, reliability, rater_probs = self.recurrence(features, reliability)
             maps.append(calibrated)
-            confidence = rater_probs.detach()
-        calibrated, rater_probs = self.recurrence(features, confidence)
-        maps.append(calibrated)
-        return SegmentationOutput(calibrated=calibrated, raters=rater_probs, recurrences=maps)
+            rater_maps.append(rater_probs)
+        return SegmentationOutput(
+            calibrated=calibrated,
+            raters=rater_probs,
+            recurrences=maps,
+            recurrence_raters=rater_maps,
+            reliability=reliability,
+        )
 
     def _check_labels(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor | None]:
         images, labels = batch["image"], batch["raters"]
@@ -135,28 +151,32 @@ class MrPrism(SegmentationModel):
     def _recurrence_losses(
         self, features: Sequence[Tensor], labels: Tensor, valid: Tensor | None
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield ``(L_rec^i + zeta L_sff^i, detached parts)`` for i = 1..tau (Eq. 13).
+        """Yield ``(L_rec^i + zeta L_sff^i, detached parts)`` for i = 1..tau (Eq. 13,
+        Algorithm 1).
 
         ``valid`` (B, M) marks the rater slots with an annotation (pooled data); the others
         neither vote in the fusions nor supervise their head."""
         cfg = self.loss_config
-        confidence = initial_confidence(
+        reliability = initial_reliability(
             self.num_raters, tuple(labels.shape[2:]), device=labels.device
         ).expand_as(labels)
+        target = fuse(reliability, labels, cfg.prior, valid)  # y_0^fuse, Eq. 15
         for _ in range(self.arch.recurrences):
-            calibrated, rater_probs = self.recurrence(features, confidence)
-            target = fuse(confidence, labels, cfg.prior, valid)
-            conp_term, divp_term = recurrence_loss(
-                calibrated, target, rater_probs, cfg.ssim_window, cfg.prior, valid
-            )
-            if cfg.divp_supervision == "shuffle":
+            calibrated, reliability, rater_probs = self.recurrence(features, reliability)
+            divp_fusion = fuse(reliability, labels, cfg.prior, valid)  # y_i^fuse
+            conp_term, divp_term = recurrence_loss(calibrated, target, divp_fusion, cfg)
+            rater_term = calibrated.new_zeros(())
+            if "shuffle" in cfg.divp_supervision:
                 permutations = random_permutations(self.num_raters, cfg.shuffles)
-                rater_term = shuffle_loss(rater_probs, labels, permutations, cfg.prior, valid)
-            else:
-                rater_term = multihead_loss(rater_probs, labels, valid)
+                rater_term = shuffle_loss(
+                    reliability, rater_probs, labels, permutations, cfg.prior, valid
+                )
+            if "multihead" in cfg.divp_supervision:
+                rater_term = rater_term + multihead_loss(rater_probs, labels, valid)
             parts = torch.stack([conp_term, divp_term, rater_term]).detach()
             yield conp_term + divp_term + cfg.zeta * rater_term, parts
-            confidence = rater_probs.detach()
+            reliability = reliability.detach()
+            target = divp_fusion.detach()
 
     @staticmethod
     def _named_parts(parts: Sequence[Tensor]) -> dict[str, float]:
@@ -182,5 +202,6 @@ class MrPrism(SegmentationModel):
             losses.append(loss.detach())
             parts.append(part)
         grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
-        torch.autograd.backward(features, grads)
+        if features[0].requires_grad:  # a frozen encoder (onboarding) has nothing to learn
+            torch.autograd.backward(features, grads)
         return torch.stack(losses).sum(), self._named_parts(parts)

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mrprism_core.data import make_dataset
-from mrprism_core.fusion import majority_vote, staple
+from mrprism_core.fusion import Reliability, majority_vote, staple
 from mrprism_core.label_fusion import label_fusion_dice
 from mrprism_core.models import DiagnosisNotAvailable, build_model, split_state
 from mrprism_core.models.diff import diagnosis_first_fusion
@@ -97,13 +97,19 @@ def test_label_fusion_dice_scores_each_fusion_against_the_truth():
     labels = torch.stack([truth, truth, wrong], dim=1)  # (1, 3, 1, H, W)
     scores = label_fusion_dice(labels, truth)
     assert scores == pytest.approx({"majority_vote": 1.0, "staple": 1.0})
-    # DivP expects every rater to draw background here: the two foreground votes are unlikely
-    # and the empty third mask wins; with confident foreground predictions the votes count
-    unlikely = label_fusion_dice(labels, truth, torch.full((1, 3, 1, 32, 32), 0.01))
-    likely = label_fusion_dice(labels, truth, torch.full((1, 3, 1, 32, 32), 0.99))
-    assert unlikely["divp_fusion"] < 0.05 and likely["divp_fusion"] == pytest.approx(1.0)
-    # self-fusion ignores the raters' masks: DivP's own confident foreground everywhere
-    assert likely["divp_self_fusion"] == pytest.approx(2 * 256 / (1024 + 256))
+
+    # DivP finds the third rater reliable and the first two barely better than chance: the
+    # empty third mask outweighs them; with the reliabilities swapped the majority wins
+    def reliability(levels: list[float]) -> Reliability:
+        level = torch.tensor(levels).view(1, 3, 1, 1, 1).expand(1, 3, 1, 32, 32)
+        return Reliability(level, level)
+
+    masks = torch.full((1, 3, 1, 32, 32), 0.99)  # DivP's own masks: structure everywhere
+    trusts_third = label_fusion_dice(labels, truth, reliability([0.6, 0.6, 0.99]), masks)
+    trusts_pair = label_fusion_dice(labels, truth, reliability([0.99, 0.99, 0.6]), masks)
+    assert trusts_third["divp_fusion"] == 0.0 and trusts_pair["divp_fusion"] == 1.0
+    # self-fusion ignores the raters' masks: DivP's own structure everywhere
+    assert trusts_pair["divp_self_fusion"] == pytest.approx(2 * 256 / (1024 + 256))
 
 
 def test_diagnosis_first_fusion_picks_the_raters_that_explain_the_diagnosis():

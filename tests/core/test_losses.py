@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from mrprism_core.fusion import shuffle_raters
+from mrprism_core.fusion import Reliability, shuffle_raters
 from mrprism_core.losses import multihead_loss, random_permutations, shuffle_loss, ssim_loss
 
 
@@ -18,42 +18,63 @@ def test_ssim_loss_zero_for_identical_maps_and_positive_otherwise():
 
 
 def _rater_tensors(seed: int = 0, raters: int = 4):
+    """Rater masks z~, labels z and per-rater reliabilities that differ between raters."""
     generator = torch.Generator().manual_seed(seed)
     probs = torch.rand(2, raters, 1, 8, 8, generator=generator)
     labels = (torch.rand(2, raters, 1, 8, 8, generator=generator) > 0.5).float()
-    return probs, labels
+    levels = torch.linspace(0.55, 0.95, raters).view(1, raters, 1, 1, 1)
+    reliability = Reliability(
+        levels.expand_as(probs).clone(), levels.flip(1).expand_as(probs).clone()
+    )
+    return reliability, probs, labels
+
+
+def test_shuffle_loss_changes_with_the_permutation_and_is_not_the_multihead_loss():
+    reliability, probs, labels = _rater_tensors(1)
+    identity = torch.arange(4).view(1, 4)
+    values = {
+        tuple(p.tolist()): shuffle_loss(reliability, probs, labels, p.view(1, 4)).item()
+        for p in torch.tensor(list(itertools.permutations(range(4))))
+    }
+    assert max(values.values()) - min(values.values()) > 0.02  # the pairing matters
+    unshuffled = shuffle_loss(reliability, probs, labels, identity).item()
+    assert unshuffled != pytest.approx(multihead_loss(probs, labels).item(), rel=1e-3)
 
 
 def test_shuffle_loss_invariant_to_joint_rater_permutation():
-    probs, labels = _rater_tensors()
+    reliability, probs, labels = _rater_tensors()
     perms = random_permutations(4, 3, torch.Generator().manual_seed(1))
     sigma = torch.tensor([2, 0, 3, 1])
     inverse = torch.argsort(sigma)
-    base = shuffle_loss(probs, labels, perms)
+    base = shuffle_loss(reliability, probs, labels, perms)
     # relabelling the raters by sigma maps every shuffle pi to sigma^-1 . pi . sigma
     conjugated = torch.stack([inverse[p[sigma]] for p in perms])
-    moved = shuffle_loss(shuffle_raters(probs, sigma), shuffle_raters(labels, sigma), conjugated)
-    assert moved.item() == pytest.approx(base.item(), rel=1e-6)
-    # averaged over every permutation, the loss does not depend on rater order at all
-    every = torch.tensor(list(itertools.permutations(range(4))))
-    assert shuffle_loss(
-        shuffle_raters(probs, sigma), shuffle_raters(labels, sigma), every
-    ).item() == (pytest.approx(shuffle_loss(probs, labels, every).item(), rel=1e-6))
+    moved = shuffle_loss(
+        reliability.permute(sigma),
+        shuffle_raters(probs, sigma),
+        shuffle_raters(labels, sigma),
+        conjugated,
+    )
+    assert moved.item() == pytest.approx(base.item(), rel=1e-5)
 
 
 def test_shuffle_loss_prefers_heads_that_match_their_raters():
-    probs, labels = _rater_tensors(3)
+    reliability, _, labels = _rater_tensors(3)
     perms = random_permutations(4, 3, torch.Generator().manual_seed(0))
     matching = labels * 0.8 + 0.1  # each head on the right side of 0.5 for its rater
     swapped = shuffle_raters(matching, torch.tensor([1, 0, 3, 2]))
-    assert shuffle_loss(matching, labels, perms) < shuffle_loss(swapped, labels, perms)
+    assert shuffle_loss(reliability, matching, labels, perms) < shuffle_loss(
+        reliability, swapped, labels, perms
+    )
 
 
-def test_shuffle_loss_trains_heads_through_the_threshold():
-    probs, labels = _rater_tensors(5)
+def test_shuffle_loss_trains_masks_and_reliabilities():
+    reliability, probs, labels = _rater_tensors(5)
     probs.requires_grad_(True)
-    shuffle_loss(probs, labels, random_permutations(4, 3)).backward()
-    assert probs.grad is not None and probs.grad.abs().sum() > 0
+    reliability.sensitivity.requires_grad_(True)
+    shuffle_loss(reliability, probs, labels, random_permutations(4, 3)).backward()
+    assert probs.grad is not None and probs.grad.abs().sum() > 0  # through the threshold
+    assert reliability.sensitivity.grad.abs().sum() > 0
 
 
 def test_multihead_loss_is_cross_entropy_per_rater():

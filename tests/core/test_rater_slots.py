@@ -7,9 +7,14 @@ import torch
 
 from mrprism_core.data import RaterSlots, RaterSubset, make_dataset
 from mrprism_core.data.factory import build_dataset
-from mrprism_core.fusion import fuse, majority_vote
+from mrprism_core.fusion import Reliability, fuse, majority_vote, reliability_from_confidence
 from mrprism_core.losses import random_permutations, shuffle_loss
 from mrprism_core.metrics import MetricAccumulator, generalized_energy_distance, soft_dice
+
+
+def _reliability(probs: torch.Tensor) -> Reliability:
+    """Reliabilities that differ per rater and pixel (informative: in [0.5, 1])."""
+    return reliability_from_confidence(probs)
 
 
 def _batch(raters: int = 3, slots: int = 5, offset: int = 1):
@@ -27,7 +32,11 @@ def _batch(raters: int = 3, slots: int = 5, offset: int = 1):
 
 def test_fusion_and_majority_vote_ignore_empty_slots():
     labels, probs, padded, padded_probs, valid = _batch()
-    assert torch.allclose(fuse(padded_probs, padded, valid=valid), fuse(probs, labels))
+    assert torch.allclose(
+        fuse(_reliability(padded_probs), padded, valid=valid),
+        fuse(_reliability(probs), labels),
+        atol=1e-6,
+    )
     assert torch.equal(majority_vote(padded, valid), majority_vote(labels))
 
 
@@ -49,16 +58,17 @@ def test_metrics_ignore_empty_slots():
 def test_shuffle_loss_ignores_labels_of_empty_slots():
     labels, probs, padded, padded_probs, valid = _batch()
     perms = random_permutations(5, 3, torch.Generator().manual_seed(0))
-    base = shuffle_loss(padded_probs, padded, perms, valid=valid)
+    reliability = _reliability(padded_probs)
+    base = shuffle_loss(reliability, padded_probs, padded, perms, valid=valid)
     changed = padded.clone()
     changed[:, 0] = 1 - changed[:, 0]  # an empty slot's "label" changes: no effect
-    assert shuffle_loss(padded_probs, changed, perms, valid=valid).item() == pytest.approx(
-        base.item()
-    )
+    assert shuffle_loss(
+        reliability, padded_probs, changed, perms, valid=valid
+    ).item() == pytest.approx(base.item())
     changed[:, 2] = 1 - changed[:, 2]  # a real rater's label changes: the loss moves
-    assert shuffle_loss(padded_probs, changed, perms, valid=valid).item() != pytest.approx(
-        base.item()
-    )
+    assert shuffle_loss(
+        reliability, padded_probs, changed, perms, valid=valid
+    ).item() != pytest.approx(base.item())
 
 
 def test_views_recut_a_site():

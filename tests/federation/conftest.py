@@ -12,7 +12,7 @@ from client.site import compose_site_config
 from client.state import SiteStore
 from mrprism_core.federated import PACKED_KEY, StateLayout
 from server.config import RunConfig
-from server.federation import initial_arrays
+from server.federation import initial_arrays, round_config
 
 SMALL = ["data.splits.train=4", "data.splits.val=4", "data.image_size=32"]
 
@@ -52,10 +52,7 @@ def train_message(cfg: RunConfig | None = None, server_round: int = 1):
     layout = StateLayout.of(initial)
     config = ConfigRecord(
         {
-            "model-spec": json.dumps(cfg.model_spec()),
-            "layout": layout.fingerprint,
-            "lr": cfg.lr,
-            "seed": cfg.seed,
+            **round_config(cfg, layout),  # what the server sends every site
             "local-epochs": cfg.local_epochs,
             "server-round": server_round,
         }

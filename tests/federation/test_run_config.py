@@ -2,9 +2,13 @@ from __future__ import annotations
 
 import pytest
 import tomllib
+import torch
 
+from mrprism_core.checkpoint import save_checkpoint
+from mrprism_core.data.factory import DatasetInfo
+from mrprism_core.models import build_model_for_data, split_state
 from server.config import RunConfig
-from server.federation import user_level_privacy
+from server.federation import initial_arrays, user_level_privacy
 from server.strategies import DP_MODES, STRATEGY_NAMES, build_strategy
 
 from .deploy import PROJECT_ROOT
@@ -56,3 +60,33 @@ def test_user_level_epsilon_grows_with_rounds_and_shrinks_with_noise():
     assert louder["epsilon"] < ten
     assert user_level_privacy(RunConfig(dp_mode="server-adaptive"), 3)["epsilon"] is None
     assert user_level_privacy(RunConfig(), 3) == {}
+
+
+def _centralized_checkpoint(path, in_channels: int):
+    """A centralized-style checkpoint (build_args + model_state) of a model trained elsewhere."""
+    spec = {**RunConfig().model_spec(), "in_channels": in_channels}
+    torch.manual_seed(123)
+    model = build_model_for_data(spec, DatasetInfo(in_channels, 2, 5, image_size=32))
+    save_checkpoint(path, {"build_args": model.build_args, "model_state": model.state_dict()})
+    return split_state(model)[0]
+
+
+def test_initial_checkpoint_supplies_the_shared_weights(tmp_path):
+    trained = _centralized_checkpoint(tmp_path / "last.pt", in_channels=3)
+    fresh = initial_arrays(RunConfig())
+    started = initial_arrays(RunConfig(initial_checkpoint=str(tmp_path / "last.pt")))
+    assert set(started) == set(fresh)  # the rater heads of the 5-rater model are not taken
+    assert all(torch.equal(started[key], trained[key]) for key in fresh)
+    assert not all(torch.equal(started[key], fresh[key]) for key in fresh)
+
+
+def test_initial_checkpoint_of_another_architecture_is_refused_naming_both_shapes(tmp_path):
+    grey = _centralized_checkpoint(tmp_path / "grey.pt", in_channels=1)
+    expected = initial_arrays(RunConfig())
+    key = next(k for k in expected if grey[k].shape != expected[k].shape)
+    with pytest.raises(ValueError) as err:
+        initial_arrays(RunConfig(initial_checkpoint=str(tmp_path / "grey.pt")))
+    message = str(err.value)
+    assert key in message
+    assert str(tuple(grey[key].shape)) in message and str(tuple(expected[key].shape)) in message
+    assert "'in_channels': 1" in message  # what the checkpoint was written for

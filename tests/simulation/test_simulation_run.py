@@ -34,7 +34,7 @@ def test_smoke_run_writes_the_contracted_report(tmp_path):
     assert set(results["methods"]) == {"federated", "federated_shared", "local", "centralized"}
     assert results["seed"] == results["config"]["seed"] == 0
     raters = {s["name"]: s["num_raters"] for s in results["sites"]}
-    assert raters == {"synthetic_a": 3, "synthetic_b": 4, "synthetic_c": 5}
+    assert raters == {"synthetic_a": 3, "synthetic_b": 4, "synthetic_hard": 3}
     for name, method in results["methods"].items():
         assert set(method["sites"]) == set(raters), name
         assert 0.0 <= method["mean"]["soft_dice"] <= 1.0
@@ -44,9 +44,16 @@ def test_smoke_run_writes_the_contracted_report(tmp_path):
             assert all(0.0 <= x <= 1.0 for x in row["per_rater_dice"])
             assert row["dice_vs_truth"] is None or 0.0 <= row["dice_vs_truth"] <= 1.0
             assert len(method["history"][site]) == 2  # one score per round
+            # rec0 ... rec3 of MrPrism, the last one being the reported calibrated mask
+            recs = row["recurrences"]
+            assert len(recs) == 4, (name, site)
+            assert recs[-1]["soft_dice"] == pytest.approx(row["soft_dice"])
+            assert recs[-1]["dice_vs_truth"] == pytest.approx(row["dice_vs_truth"])
+            assert all(0.0 <= r["per_rater_dice"] <= 1.0 for r in recs)
     assert len(results["targets"]) == 3
     markdown = (out / "results.md").read_text()
     assert "| federated |" in markdown and "## Targets" in markdown
+    assert "| federated | rec3 |" in markdown  # the per-recurrence table
     for plot in ("rounds.png", "methods.png", "cases.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
 
