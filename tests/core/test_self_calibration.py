@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import default_collate
 
 from mrprism_core.data.synthetic import ImageStyle, RaterProfile, make_dataset
-from mrprism_core.fusion import EQUAL_CONFIDENCE, fuse, reliability_from_confidence
+from mrprism_core.fusion import fuse
 from mrprism_core.models import build_model
 
 
@@ -26,7 +26,7 @@ def _batch(dataset, count: int) -> dict:
     return default_collate([dataset[i] for i in range(count)])
 
 
-def test_divp_reliabilities_move_the_fused_target_away_from_the_vote_where_raters_disagree():
+def test_divp_learns_which_rater_over_draws_and_the_fusion_leaves_the_raters_mean():
     torch.manual_seed(0)
     # one steady expert and two raters who dilate by different amounts: they disagree on rings
     raters = [
@@ -38,25 +38,32 @@ def test_divp_reliabilities_move_the_fused_target_away_from_the_vote_where_rater
     batch = _batch(data, 4)
     labels = batch["raters"]
     model = build_model(
-        "mrprism", in_channels=3, num_classes=1, num_raters=3, image_size=32, preset="tiny"
+        "mrprism",
+        in_channels=3,
+        num_classes=1,
+        num_raters=3,
+        image_size=32,
+        preset="tiny",
+        divp_supervision="shuffle+multihead",
     )
-    equal = reliability_from_confidence(torch.full_like(labels, EQUAL_CONFIDENCE))
-    vote = fuse(equal, labels)
     disagree = (labels.amax(1) != labels.amin(1)).float()
     assert disagree.sum() > 50
 
-    def departure() -> float:
+    def specificity_where_they_disagree() -> list[float]:
         with torch.no_grad():
-            fused = fuse(model(batch["image"]).reliability, labels)
-        return float(((fused - vote).abs() * disagree).sum() / disagree.sum())
+            q = model(batch["image"]).reliability.specificity
+        return [float((q[:, m] * disagree).sum() / disagree.sum()) for m in range(3)]
 
-    untrained = departure()
-    _train(model, batch, steps=40)
-    trained = departure()
-    assert trained > 0.15 and trained > 1.5 * untrained
-    # where every rater agrees the fusion keeps their label
+    expert, wide, _ = specificity_where_they_disagree()
+    assert abs(expert - wide) < 0.1  # DivP starts without an opinion
+    _train(model, batch, steps=60)
+    expert, wide, _ = specificity_where_they_disagree()
+    assert expert > wide + 0.1  # the widest rater draws where the structure is not
     with torch.no_grad():
         fused = fuse(model(batch["image"]).reliability, labels)
+    mean = labels.mean(1)
+    assert float(((fused - mean).abs() * disagree).sum() / disagree.sum()) > 0.05
+    # where every rater agrees the fusion keeps their label
     agree = 1 - disagree
     assert float((((fused > 0.5).float() - labels[:, 0]).abs() * agree).sum()) == 0.0
 
