@@ -47,9 +47,8 @@ class SiteStore:
 
     def load_optimizer(self) -> dict[str, Any] | None:
         """The optimizer state the site saved after its last round, or None."""
-        if not self.optimizer_path.exists():
-            return None
-        return load_checkpoint(self.optimizer_path)["optimizer_state"]
+        saved = _load_if_present(self.optimizer_path)
+        return None if saved is None else saved["optimizer_state"]
 
     def save_optimizer(self, state: dict[str, Any], *, server_round: int) -> Path:
         """Atomically replace the site's optimizer state (it never leaves the site)."""
@@ -63,9 +62,7 @@ class SiteStore:
 
     def load_personal(self) -> dict[str, Any] | None:
         """Ditto's personal model (``build_args``, ``model_state``), or None."""
-        if not self.personal_path.exists():
-            return None
-        return load_checkpoint(self.personal_path)
+        return _load_if_present(self.personal_path)
 
     def save_personal(
         self, build_args: dict[str, Any], state: dict[str, Tensor], *, server_round: int
@@ -82,9 +79,7 @@ class SiteStore:
     def load_snapshot(self) -> dict[str, Any] | None:
         """The last snapshot, or None before the first round. A damaged file raises
         :class:`~mrprism_core.checkpoint.CorruptCheckpointError` naming it."""
-        if not self.snapshot_path.exists():
-            return None
-        return load_checkpoint(self.snapshot_path)
+        return _load_if_present(self.snapshot_path)
 
     def save_snapshot(
         self,
@@ -109,3 +104,8 @@ class SiteStore:
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             },
         )
+
+
+def _load_if_present(path: Path) -> dict[str, Any] | None:
+    """A checkpoint the site wrote, or None before it first did (a damaged one raises)."""
+    return load_checkpoint(path) if path.exists() else None
