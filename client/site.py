@@ -495,11 +495,8 @@ class SiteRuntime:
         """Ditto: ``local_epochs`` on the site's personal model, pulled toward the global
         weights received this round; saved in the state dir, never sent."""
         personal = model_from_build_args(model.build_args).to(self.device)
-        saved = self.store.load_personal()
-        if saved is not None and saved["build_args"] == model.build_args:
-            personal.load_state_dict(saved["model_state"])
-        else:  # the first round: the personal model starts from what the site received
-            personal.load_state_dict(dict(received))
+        # the first round: the personal model starts from what the site received
+        personal.load_state_dict(self._personal_state(model.build_args) or dict(received))
         optimizer = torch.optim.Adam(personal.parameters(), lr=lr)
         loss = 0.0
         for epoch in range(local_epochs):
@@ -519,14 +516,19 @@ class SiteRuntime:
     def evaluated_model(self, model: SegmentationModel, personalization: str) -> SegmentationModel:
         """What the site scores and predicts with: Ditto's personal model once it has one,
         else ``model`` (the received shared weights with this site's heads)."""
-        if personalization != "ditto":
+        state = self._personal_state(model.build_args) if personalization == "ditto" else None
+        if state is None:
             return model
-        saved = self.store.load_personal()
-        if saved is None or saved["build_args"] != model.build_args:
-            return model
-        personal = model_from_build_args(saved["build_args"])
-        personal.load_state_dict(saved["model_state"])
+        personal = model_from_build_args(model.build_args)
+        personal.load_state_dict(state)
         return personal.to(self.device)
+
+    def _personal_state(self, build_args: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
+        """Ditto's saved personal weights when they belong to this architecture, else None."""
+        saved = self.store.load_personal()
+        if saved is None or saved["build_args"] != build_args:
+            return None
+        return saved["model_state"]
 
     def _restore_optimizer(self, optimizer: torch.optim.Optimizer, lr: float) -> None:
         """Load the saved Adam state when it fits this model (same parameters, same shapes);
@@ -568,6 +570,8 @@ class SiteRuntime:
         centralized ``last.pt``/``best.pt``) or else from the site's snapshot. Saved heads
         that fit are adapted further; a changed rater count starts fresh heads.
         """
+        if epochs < 1:
+            raise SiteDataError(f"site {self.name}: --adapt needs at least one epoch, got {epochs}")
         snapshot = self._snapshot_or_error()
         if source is not None:
             payload = load_checkpoint(source)
@@ -590,21 +594,18 @@ class SiteRuntime:
         saved_heads = (snapshot or {}).get("local_state") or {}
         if {k: v.shape for k, v in saved_heads.items()} == {k: v.shape for k, v in local.items()}:
             model.load_state_dict(saved_heads, strict=False)
-        for name, param in model.named_parameters():
-            param.requires_grad_(name in local)
         model.to(self.device)
-        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+        # frozen parameters get no gradient, so Adam leaves them bit-identical
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         train_set = self.dataset("train")
         count = len(train_set) if cases is None else min(int(cases), len(train_set))
+        subset = CaseSubset(train_set, range(count))
         batch_size = int(self.cfg.get("train", {}).get("batch_size", 8))
         losses = []
-        for epoch in range(epochs):
-            loader = make_loader(
-                CaseSubset(train_set, range(count)), batch_size, shuffle=True, seed=epoch
-            )
-            losses.append(train_epoch(model, loader, optimizer, self.device)["loss"])
-        for param in model.parameters():
-            param.requires_grad_(True)
+        with trainable(model, "heads"):
+            for epoch in range(epochs):
+                loader = make_loader(subset, batch_size, shuffle=True, seed=epoch)
+                losses.append(train_epoch(model, loader, optimizer, self.device)["loss"])
         self.save(
             model,
             server_round=int((snapshot or {}).get("round", 0)),
