@@ -33,3 +33,13 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def simulation_config(overrides: list[str]) -> dict[str, Any]:
+    """The simulation config (``site_configs/simulation.yaml``) with Hydra ``overrides``."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    with initialize_config_module("site_configs", version_base="1.3"):
+        cfg = compose("simulation", overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

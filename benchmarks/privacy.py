@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .common import RESULTS_DIR, write_json
+from .common import RESULTS_DIR, simulation_config, write_json
 
 BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
 SITES = ("synthetic_a", "synthetic_b", "synthetic_c")
@@ -73,21 +73,17 @@ class CountingGrid:
 
 
 def _simulation_config(out_dir: Path, args: argparse.Namespace, methods: list[str]) -> dict:
-    from hydra import compose, initialize_config_module
-    from omegaconf import OmegaConf
-
-    overrides = [
-        f"out_dir={out_dir}",
-        "progress=false",
-        f"federation.rounds={args.rounds}",
-        f"methods=[{','.join(methods)}]",
-        "partition.source_overrides=["
-        f"'data.image_size={args.image_size}','data.splits.train={args.cases}',"
-        f"'data.splits.val=0','data.splits.test={args.cases // 2}']",
-    ]
-    with initialize_config_module("site_configs", version_base="1.3"):
-        cfg = compose("simulation", overrides=overrides)
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return simulation_config(
+        [
+            f"out_dir={out_dir}",
+            "progress=false",
+            f"federation.rounds={args.rounds}",
+            f"methods=[{','.join(methods)}]",
+            "partition.source_overrides=["
+            f"'data.image_size={args.image_size}','data.splits.train={args.cases}',"
+            f"'data.splits.val=0','data.splits.test={args.cases // 2}']",
+        ]
+    )
 
 
 def quality_vs_epsilon(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
@@ -115,8 +111,9 @@ def dp_sgd_alone(work: Path, epochs: int = 15, cases: int = 32) -> list[dict[str
 
     from client.privacy import PrivacyConfig, PrivacyLedger, PrivateRound
     from mrprism_core.data.synthetic import make_dataset
+    from mrprism_core.local_training import DPSGD, run_epochs
     from mrprism_core.models import build_model
-    from mrprism_core.train import evaluate, make_loader, train_epoch
+    from mrprism_core.train import evaluate, make_loader
 
     train, test = make_dataset(cases, 3, 32, 0), make_dataset(16, 3, 32, 99)
     rows = []
@@ -134,8 +131,8 @@ def dp_sgd_alone(work: Path, epochs: int = 15, cases: int = 32) -> list[dict[str
             private = PrivateRound(cfg, ledger, epochs)
             optimizer, loader = private.wrap(model, optimizer, loader, epochs)
         started = time.perf_counter()
-        for _ in range(epochs):
-            train_epoch(model, loader, optimizer, "cpu", backward_once=private is not None)
+        strategy = DPSGD() if private is not None else None
+        run_epochs(model, optimizer, lambda _, batches=loader: batches, "cpu", epochs, strategy)
         seconds = time.perf_counter() - started
         epsilon = private.finish()["dp-epsilon"] if private is not None else None
         score = evaluate(model, make_loader(test, 8, shuffle=False), "cpu")["soft_dice"]

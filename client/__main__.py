@@ -82,7 +82,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--cases", type=int, default=8, help="--adapt: training cases used")
     parser.add_argument("--epochs", type=int, default=20, help="--adapt: passes over them")
-    parser.add_argument("--lr", type=float, default=1e-3, help="--adapt: Adam learning rate")
+    parser.add_argument(
+        "--lr", type=float, default=None, help="--adapt: Adam learning rate (default: the preset's)"
+    )
     parser.add_argument(
         "--from",
         dest="source",

@@ -4,9 +4,8 @@ weights and metrics only. Rater heads and data stay in the site's state director
 from __future__ import annotations
 
 import functools
-import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from flwr.common.constant import ErrorCode
 from mrprism_core.checkpoint import CorruptCheckpointError
 from mrprism_core.federated import PACKED_KEY, StateLayout, split_evaluation
 from mrprism_core.models import SegmentationModel, split_state
+from mrprism_core.protocol import RoundInstructions, SiteReply
 
 from .site import SiteDataError, SiteRuntime
 
@@ -61,52 +61,52 @@ def node_state_dir(context: Context) -> Path:
 
 
 def _site_model(
-    site: SiteRuntime, config: Mapping[str, Any], packed: torch.Tensor
+    site: SiteRuntime, instructions: RoundInstructions, packed: torch.Tensor
 ) -> tuple[SegmentationModel, StateLayout]:
     """The site's model with the server's shared weights and its own rater heads."""
-    model = site.build_model(json.loads(str(config["model-spec"])))
+    model = site.build_model(instructions.model_spec)
     layout = StateLayout.of(split_state(model)[0])
-    if layout.fingerprint != str(config["layout"]):
+    if layout.fingerprint != instructions.layout:
         raise ValueError(
             f"site {site.name}: shared-weight layout {layout.fingerprint} differs from the "
-            f"server's {config['layout']}; both sides must run the same code and model spec"
+            f"server's {instructions.layout}; both sides must run the same code and model spec"
         )
     site.load_shared(model, layout.unpack(packed))
     return model, layout
 
 
 def _train_round(
-    site: SiteRuntime, config: Mapping[str, Any], packed: torch.Tensor, run_id: int
-) -> tuple[torch.Tensor, dict[str, Any], dict[str, Any]]:
-    """One round at the site: (packed shared weights to send, metrics, site details)."""
-    model, layout = _site_model(site, config, packed)
+    site: SiteRuntime, instructions: RoundInstructions, packed: torch.Tensor, run_id: int
+) -> tuple[torch.Tensor, SiteReply]:
+    """One round at the site: the packed shared weights to send, and the reply."""
+    model, layout = _site_model(site, instructions, packed)
     heads_from = site.heads_round  # before this round's save replaces the snapshot
-    server_round = int(config["server-round"])
+    server_round = instructions.server_round
     result = site.train(
         model,
-        local_epochs=int(config["local-epochs"]),
-        lr=float(config["lr"]),
-        seed=site.round_seed(int(config["seed"]), server_round),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
-        planned_rounds=int(config.get("num-server-rounds", server_round)),
-        persist_optimizer=bool(config.get("persist-optimizer", True)),
+        local_epochs=instructions.local_epochs,
+        lr=instructions.lr,
+        seed=site.round_seed(instructions.seed, server_round),
+        proximal_mu=instructions.proximal_mu,
+        planned_rounds=instructions.num_server_rounds,
+        persist_optimizer=instructions.persist_optimizer,
         server_round=server_round,
-        personalization=str(config.get("personalization", "fedper")),
-        ditto_lambda=float(config.get("ditto-lambda", 0.1)),
+        personalization=instructions.personalization,
+        ditto_lambda=instructions.ditto_lambda,
     )
     site.save(model, server_round=server_round, run_id=run_id)
-    metrics = {
-        "train-loss": float(result["loss"]),
-        "skipped-steps": int(result["skipped_steps"]),
-        "num-examples": int(result["num_examples"]),
-        **{k: float(v) for k, v in result.items() if k.startswith("dp-")},
-    }
-    details = {
-        "name": site.name,
-        "num-raters": site.info.num_raters,
-        "heads-from-round": heads_from,
-    }
-    return layout.pack(split_state(model)[0]), metrics, details  # rater heads stay here
+    reply = SiteReply(
+        site=site.name,
+        num_raters=site.info.num_raters,
+        heads_from_round=heads_from,
+        num_examples=int(result["num_examples"]),
+        metrics={
+            "train-loss": float(result["loss"]),
+            "skipped-steps": int(result["skipped_steps"]),
+            **{k: float(v) for k, v in result.items() if k.startswith("dp-")},
+        },
+    )
+    return layout.pack(split_state(model)[0]), reply  # rater heads stay here
 
 
 def _secure_aggregation_when_asked(msg: Message, context: Context, call_next: Any) -> Message:
@@ -146,14 +146,14 @@ def create_client_app(state_dirs: Sequence[str] | None = None) -> ClientApp:
         site = SiteRuntime.from_state_dir(state_dir_of(context))
         if "config" not in msg.content.config_records:  # SecAgg+ speaks the legacy records
             return _legacy_train(site, msg, context)
-        config = msg.content["config"]
+        instructions = RoundInstructions.from_config(msg.content["config"])
         packed = msg.content["arrays"].to_torch_state_dict()[PACKED_KEY]
-        shared, metrics, details = _train_round(site, config, packed, context.run_id)
+        shared, reply = _train_round(site, instructions, packed, context.run_id)
         content = RecordDict(
             {
                 "arrays": ArrayRecord({PACKED_KEY: shared}),
-                "metrics": MetricRecord(metrics),
-                "site": ConfigRecord(details),
+                "metrics": MetricRecord(reply.to_metrics()),
+                "site": ConfigRecord(reply.to_site()),
             }
         )
         return Message(content=content, reply_to=msg)
@@ -161,23 +161,25 @@ def create_client_app(state_dirs: Sequence[str] | None = None) -> ClientApp:
     @app.evaluate()
     @functools.partial(_faults_as_error_replies, state_dir_of=state_dir_of)
     def evaluate(msg: Message, context: Context) -> Message:
-        config = msg.content["config"]
+        instructions = RoundInstructions.from_config(msg.content["config"])
         site = SiteRuntime.from_state_dir(state_dir_of(context))
         packed = msg.content["arrays"].to_torch_state_dict()[PACKED_KEY]
-        model, _ = _site_model(site, config, packed)
-        model = site.evaluated_model(model, str(config.get("personalization", "fedper")))
-        result = site.evaluate(model, str(config.get("eval-split", "val")))
+        model, _ = _site_model(site, instructions, packed)
+        model = site.evaluated_model(model, instructions.personalization)
+        result = site.evaluate(model, instructions.eval_split)
         scalars, details = split_evaluation(result)
-        metrics = MetricRecord({**scalars, "num-examples": int(result["num_examples"])})
-        site_record = ConfigRecord(
-            {
-                "name": site.name,
-                "num-raters": site.info.num_raters,
-                "heads-from-round": site.heads_round,
-                **details,
-            }
+        reply = SiteReply(
+            site=site.name,
+            num_raters=site.info.num_raters,
+            heads_from_round=site.heads_round,
+            num_examples=int(result["num_examples"]),
+            metrics=scalars,
+            details=details,
         )
-        return Message(content=RecordDict({"metrics": metrics, "site": site_record}), reply_to=msg)
+        content = RecordDict(
+            {"metrics": MetricRecord(reply.to_metrics()), "site": ConfigRecord(reply.to_site())}
+        )
+        return Message(content=content, reply_to=msg)
 
     return app
 
@@ -190,12 +192,13 @@ def _legacy_train(site: SiteRuntime, msg: Message, context: Context) -> Message:
 
     instruction = recorddict_to_fitins(msg.content, keep_input=True)
     packed = torch.from_numpy(parameters_to_ndarrays(instruction.parameters)[0])
-    shared, metrics, details = _train_round(site, instruction.config, packed, context.run_id)
+    instructions = RoundInstructions.from_config(instruction.config)
+    shared, reply = _train_round(site, instructions, packed, context.run_id)
     result = FitRes(
         status=Status(Code.OK, ""),
         parameters=ndarrays_to_parameters([shared.numpy()]),
-        num_examples=int(metrics["num-examples"]),
-        metrics={**metrics, "site": site.name, "heads-from-round": details["heads-from-round"]},
+        num_examples=reply.num_examples,
+        metrics=reply.to_config(),
     )
     return Message(fitres_to_recorddict(result, keep_input=True), reply_to=msg)
 

@@ -32,6 +32,7 @@ from mrprism_core.data.factory import (
 )
 from mrprism_core.data.files import FileDataset, RaterAgreement
 from mrprism_core.data.views import CaseSubset
+from mrprism_core.local_training import FedProx, HeadsOnly, local_strategy, run_epochs
 from mrprism_core.models import (
     SegmentationModel,
     build_model_for_data,
@@ -39,8 +40,8 @@ from mrprism_core.models import (
     spec_from_build_args,
     split_state,
 )
-from mrprism_core.personalization import check_personalization, phases, trainable
-from mrprism_core.train import evaluate, make_loader, resolve_device, train_epoch
+from mrprism_core.personalization import check_personalization
+from mrprism_core.train import evaluate, make_loader, preset_lr, resolve_device
 
 from .privacy import PrivacyConfig, PrivacyLedger, PrivateRound
 from .state import PRIVACY_LEDGER, SiteStore
@@ -413,9 +414,10 @@ class SiteRuntime:
         personalization: str = "fedper",
         ditto_lambda: float = 0.1,
     ) -> dict[str, float]:
-        """``local_epochs`` passes of :func:`~mrprism_core.train.train_epoch`, in the phases
-        of ``personalization`` (:mod:`mrprism_core.personalization`); with the site's
-        ``privacy.enabled``, as DP-SGD, and the spent epsilon is in the result. With
+        """``local_epochs`` passes of :func:`~mrprism_core.local_training.run_epochs` with the
+        strategy for this round (:func:`~mrprism_core.local_training.local_strategy`: FedProx
+        when ``proximal_mu``, the phases of ``personalization``; with the site's
+        ``privacy.enabled``, DP-SGD, and the spent epsilon is in the result). With
         ``persist_optimizer`` the Adam state is read from and written back to the site's
         state directory. With ``ditto`` the site's personal model trains afterwards."""
         torch.manual_seed(seed)
@@ -428,6 +430,12 @@ class SiteRuntime:
         reference = {k: v for k, v in received.items() if k in shared_keys} or None
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         private = self._private_round(planned_rounds * local_epochs)
+        try:
+            strategy = local_strategy(
+                personalization, proximal_mu, reference, private=private is not None
+            )
+        except ValueError as err:
+            raise SiteDataError(f"site {self.name}: {err}") from err
         # Adam's moments carry over from the site's last round (a fresh Adam every round
         # re-runs its warm-up on every site); DP-SGD rounds start afresh: Opacus' optimizer
         # owns the noise and its state is not ours to carry
@@ -435,44 +443,24 @@ class SiteRuntime:
         if keep_optimizer:
             self._restore_optimizer(optimizer, lr)
         if private is not None:
-            if proximal_mu:
-                raise SiteDataError(
-                    f"site {self.name}: DP-SGD and FedProx's proximal term cannot be combined "
-                    "(the proximal gradient would bypass the clipping); use strategy=fedavg"
-                )
-            if personalization != "fedper":
-                raise SiteDataError(
-                    f"site {self.name}: DP-SGD is accounted for whole-model rounds; "
-                    f"personalization={personalization} is not supported with it, use fedper"
-                )
             optimizer, dp_loader = private.wrap(
                 model, optimizer, self.loader("train", shuffle=True, seed=seed), local_epochs
             )
-        totals: dict[str, float] = {"loss": 0.0, "num_examples": 0, "skipped_steps": 0}
-        plan = phases(personalization, local_epochs)
-        total_epochs, epoch = sum(count for _, count in plan), 0
         try:
-            for part, count in plan:
-                with trainable(model, part):
-                    for _ in range(count):
-                        result = train_epoch(
-                            model,
-                            dp_loader
-                            if private
-                            else self.loader("train", shuffle=True, seed=seed + epoch),
-                            optimizer,
-                            self.device,
-                            proximal_mu=proximal_mu,
-                            proximal_reference=reference,
-                            backward_once=private is not None,
-                        )
-                        epoch += 1
-                        totals["loss"] += result["loss"] / total_epochs
-                        totals["skipped_steps"] += result["skipped_steps"]
-            totals["num_examples"] = len(self.dataset("train"))
-        finally:
-            if private is not None:
-                totals.update(private.finish())
+            totals: dict[str, float] = run_epochs(
+                model,
+                optimizer,
+                (lambda _: dp_loader)
+                if private is not None
+                else (lambda epoch: self.loader("train", shuffle=True, seed=seed + epoch)),
+                self.device,
+                local_epochs,
+                strategy,
+            )
+        finally:  # the accountant books the noisy steps taken, even when a step failed
+            spent = private.finish() if private is not None else {}
+        totals.update(spent)
+        totals["num_examples"] = len(self.dataset("train"))
         if keep_optimizer:
             self.store.save_optimizer(optimizer.state_dict(), server_round=server_round)
         if personalization == "ditto":
@@ -498,20 +486,17 @@ class SiteRuntime:
         # the first round: the personal model starts from what the site received
         personal.load_state_dict(self._personal_state(model.build_args) or dict(received))
         optimizer = torch.optim.Adam(personal.parameters(), lr=lr)
-        loss = 0.0
-        for epoch in range(local_epochs):
-            result = train_epoch(
-                personal,
-                self.loader("train", shuffle=True, seed=seed + 7_919 + epoch),
-                optimizer,
-                self.device,
-                proximal_mu=ditto_lambda,
-                proximal_reference=global_shared,
-            )
-            loss += result["loss"] / local_epochs
+        result = run_epochs(
+            personal,
+            optimizer,
+            lambda epoch: self.loader("train", shuffle=True, seed=seed + 7_919 + epoch),
+            self.device,
+            local_epochs,
+            FedProx(mu=ditto_lambda, reference=global_shared),
+        )
         state = {k: v.detach().cpu() for k, v in personal.state_dict().items()}
         self.store.save_personal(model.build_args, state, server_round=server_round)
-        return loss
+        return result["loss"]
 
     def evaluated_model(self, model: SegmentationModel, personalization: str) -> SegmentationModel:
         """What the site scores and predicts with: Ditto's personal model once it has one,
@@ -560,7 +545,7 @@ class SiteRuntime:
 
     # --- onboarding -----------------------------------------------------------------------
     def adapt(
-        self, *, cases: int | None, epochs: int, lr: float, source: str | None = None
+        self, *, cases: int | None, epochs: int, lr: float | None, source: str | None = None
     ) -> dict[str, Any]:
         """Onboarding a new site or rater: train only this site's own modules (rater heads
         and identities) on its first ``cases`` training cases, the shared weights frozen,
@@ -596,16 +581,21 @@ class SiteRuntime:
             model.load_state_dict(saved_heads, strict=False)
         model.to(self.device)
         # frozen parameters get no gradient, so Adam leaves them bit-identical
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr or preset_lr(model))
         train_set = self.dataset("train")
         count = len(train_set) if cases is None else min(int(cases), len(train_set))
         subset = CaseSubset(train_set, range(count))
         batch_size = int(self.cfg.get("train", {}).get("batch_size", 8))
-        losses = []
-        with trainable(model, "heads"):
-            for epoch in range(epochs):
-                loader = make_loader(subset, batch_size, shuffle=True, seed=epoch)
-                losses.append(train_epoch(model, loader, optimizer, self.device)["loss"])
+        losses: list[float] = []
+        run_epochs(
+            model,
+            optimizer,
+            lambda epoch: make_loader(subset, batch_size, shuffle=True, seed=epoch),
+            self.device,
+            epochs,
+            HeadsOnly(),
+            on_epoch=lambda _, result: losses.append(result["loss"]),
+        )
         self.save(
             model,
             server_round=int((snapshot or {}).get("round", 0)),

@@ -1,7 +1,8 @@
 """The one training step and the one evaluation, plus centralized training.
 
-``train_epoch`` and ``evaluate`` are what the federated ClientApp calls at each site and what
-centralized (pooled) runs call here; there is no second loop.
+``train_epoch`` is one pass of training steps and ``evaluate`` the one evaluation; every
+trainer (this module's :func:`fit`, a site's round, the simulation) drives ``train_epoch``
+through :func:`mrprism_core.local_training.run_epochs`, so there is no second loop.
 
 Run ``python -m mrprism_core.train`` (Hydra; ``--help`` lists the options) to train on the
 synthetic default, e.g. ``python -m mrprism_core.train train.epochs=20 model.preset=paper``.
@@ -37,6 +38,7 @@ __all__ = [
     "evaluate",
     "load_model",
     "fit",
+    "preset_lr",
 ]
 
 log = logging.getLogger(__name__)
@@ -253,7 +255,7 @@ def fit(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "options": model_cfg.get("options") or {},
     }
     model = build_model_for_data(spec, info).to(device)
-    lr = float(train_cfg.get("lr") or _preset_lr(model))
+    lr = float(train_cfg.get("lr") or preset_lr(model))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
 
     start_epoch, history = 0, []
@@ -273,17 +275,14 @@ def fit(cfg: Mapping[str, Any]) -> dict[str, Any]:
     epochs = int(train_cfg["epochs"])
     progress = bool(train_cfg.get("progress", True))
     val_loader = make_loader(val_set, batch_size, shuffle=False, num_workers=workers)
-    for epoch in tqdm(
-        range(start_epoch, epochs), desc="epochs", disable=not progress, unit="epoch"
-    ):
-        train_loader = make_loader(
-            train_set,
-            batch_size,
-            shuffle=True,
-            seed=int(train_cfg["seed"]) + epoch,
-            num_workers=workers,
-        )
-        train_metrics = train_epoch(model, train_loader, optimizer, device, progress=progress)
+    bar = tqdm(total=epochs, initial=start_epoch, desc="epochs", disable=not progress, unit="epoch")
+
+    def train_loader(epoch: int) -> DataLoader:
+        seed = int(train_cfg["seed"]) + epoch
+        return make_loader(train_set, batch_size, shuffle=True, seed=seed, num_workers=workers)
+
+    def after_epoch(epoch: int, train_metrics: dict[str, Any]) -> None:
+        nonlocal best_epoch, best_score
         val_metrics = evaluate(model, val_loader, device, progress=progress)
         record = {"epoch": epoch + 1, "train": train_metrics, "val": val_metrics}
         history.append(record)
@@ -299,6 +298,22 @@ def fit(cfg: Mapping[str, Any]) -> dict[str, Any]:
             train_metrics["loss"],
             val_metrics["soft_dice"],
         )
+        bar.update(1)
+
+    from .local_training import run_epochs  # it drives train_epoch, defined above
+
+    if epochs > start_epoch:
+        run_epochs(
+            model,
+            optimizer,
+            train_loader,
+            device,
+            epochs - start_epoch,
+            first_epoch=start_epoch,
+            progress=progress,
+            on_epoch=after_epoch,
+        )
+    bar.close()
 
     tested_epoch = best_epoch if keep_best and best.exists() else len(history)
     if tested_epoch != len(history):
@@ -316,7 +331,8 @@ def fit(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return results
 
 
-def _preset_lr(model: SegmentationModel) -> float:
+def preset_lr(model: SegmentationModel) -> float:
+    """The learning rate of the model's architecture preset (1e-4 for a model without one)."""
     arch = getattr(model, "arch", None)
     return float(arch.lr) if arch is not None else 1e-4
 

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from mrprism_core.models.config import get_preset
+
 __all__ = ["RunConfig"]
 
 
@@ -17,7 +19,7 @@ class RunConfig:
 
     num_server_rounds: int = 3  # federated rounds
     local_epochs: int = 1  # passes over the site's training split per round
-    strategy: str = "fedavg"  # fedavg, fedprox, fedadam, fedyogi, fedmedian, fedtrimmedavg, krum
+    strategy: str = "fedavg"  # fedavg, fedavgm, fedprox, fedadam, fedyogi, fedmedian, ...
     fraction_train: float = 1.0  # share of connected sites sampled for training each round
     fraction_evaluate: float = 1.0  # share of connected sites sampled for evaluation
     min_train_nodes: int = 2  # a training round waits for at least this many sites
@@ -26,6 +28,7 @@ class RunConfig:
     min_train_replies: int = 1  # usable updates a round needs to change the global model
     proximal_mu: float = 0.01  # FedProx proximal weight
     server_lr: float = 0.01  # FedAdam/FedYogi server learning rate (eta)
+    server_momentum: float = 0.9  # FedAvgM: momentum of the server's averaged update
     trim_beta: float = 0.2  # FedTrimmedAvg: fraction trimmed at each end
     krum_malicious: int = 0  # Krum: number of malicious sites tolerated
     dp_mode: str = "none"  # user-level DP: none, server-fixed, client-fixed, server-adaptive
@@ -45,7 +48,7 @@ class RunConfig:
     in_channels: int = 3  # image channels every site must have
     num_classes: int = 2  # classes every site must have
     num_raters: int = 1  # rater slots of the global model; matters only if rater heads are shared
-    lr: float = 1e-3  # Adam learning rate at the sites
+    lr: float = 0.0  # Adam learning rate at the sites; 0 = the preset's (tiny 1e-2, paper 1e-4)
     persist_optimizer: bool = True  # sites keep their Adam state between rounds (at the site)
     personalization: str = (
         "fedper"  # fedper, fedrep, fedbabu or ditto (mrprism_core.personalization)
@@ -74,6 +77,10 @@ class RunConfig:
     def as_run_config(self) -> dict[str, Any]:
         """The kebab-case mapping :meth:`from_mapping` reads back."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    def site_lr(self) -> float:
+        """The learning rate the sites train with: ``lr``, or the preset's when it is 0."""
+        return self.lr if self.lr > 0 else get_preset(self.preset).lr
 
     def model_spec(self) -> dict[str, Any]:
         """Architecture every site must build (sent to sites in the message config)."""

@@ -20,6 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,10 @@ from mrprism_core.data.factory import DatasetInfo
 from mrprism_core.federated import PACKED_KEY, StateLayout, update_problem
 from mrprism_core.models import build_model_for_data, split_state
 from mrprism_core.personalization import check_personalization
+from mrprism_core.protocol import RoundInstructions, SiteReply
 
 from .config import RunConfig
+from .strategies import restore_server_optimizer_state, server_optimizer_state
 
 __all__ = [
     "GLOBAL_CHECKPOINT",
@@ -140,18 +143,20 @@ def _usable_updates(
     return kept
 
 
-def round_config(cfg: RunConfig, layout: StateLayout) -> dict[str, Any]:
-    """What every site needs to build the run's model and train a round."""
-    return {
-        "model-spec": json.dumps(cfg.model_spec(), sort_keys=True),
-        "layout": layout.fingerprint,
-        "lr": cfg.lr,
-        "seed": cfg.seed,
-        "num-server-rounds": cfg.num_server_rounds,  # sites calibrate DP-SGD noise on it
-        "persist-optimizer": cfg.persist_optimizer,
-        "personalization": check_personalization(cfg.personalization),
-        "ditto-lambda": cfg.ditto_lambda,
-    }
+def round_config(cfg: RunConfig, layout: StateLayout) -> RoundInstructions:
+    """What every site needs to build the run's model and train or evaluate a round."""
+    return RoundInstructions(
+        model_spec=cfg.model_spec(),
+        layout=layout.fingerprint,
+        lr=cfg.site_lr(),
+        seed=cfg.seed,
+        num_server_rounds=cfg.num_server_rounds,
+        persist_optimizer=cfg.persist_optimizer,
+        personalization=check_personalization(cfg.personalization),
+        ditto_lambda=cfg.ditto_lambda,
+        local_epochs=cfg.local_epochs,
+        eval_split=cfg.eval_split,
+    )
 
 
 def log_site_privacy(rows: dict[str, dict[str, Any]]) -> None:
@@ -206,17 +211,20 @@ def _site_name(msg: Message) -> str:
 
 
 def _site_rows(replies: Iterable[Message]) -> dict[str, dict[str, Any]]:
+    """Each site's reply (:class:`SiteReply`) as one flat row, by site name."""
     rows = {}
     for msg in replies:
-        row: dict[str, Any] = {}
-        for record in msg.content.metric_records.values():
-            row.update(dict(record))
-        if "site" in msg.content.config_records:
-            row.update(dict(msg.content.config_records["site"]))
+        site = msg.content.config_records.get("site")
+        metrics = msg.content.metric_records.get("metrics", {})
+        if site is None:  # not one of our sites' replies: keep what there is
+            rows[_site_name(msg)] = dict(metrics)
+            continue
+        reply = SiteReply.from_records(metrics, site)
+        row: dict[str, Any] = {**reply.to_metrics(), **reply.to_site()}
         for record in msg.content.array_records.values():
             # what the site sent, for audit: names and shapes only
             row["reply-arrays"] = {k: list(v.shape) for k, v in record.items()}
-        rows[_site_name(msg)] = row
+        rows[reply.site] = row
     return rows
 
 
@@ -228,9 +236,12 @@ class RunFiles:
         self.checkpoint = self.root / GLOBAL_CHECKPOINT
         self.metrics = self.root / METRICS_LOG
 
-    def start(self, cfg: RunConfig) -> tuple[StateLayout, int, ArrayRecord, list[dict]]:
+    def start(
+        self, cfg: RunConfig, strategy: Strategy | None = None
+    ) -> tuple[StateLayout, int, ArrayRecord, list[dict]]:
         """The shared-weight layout, the rounds already done, the global weights to start
-        from (the checkpoint's when resuming, else freshly initialised) and the log so far."""
+        from (the checkpoint's when resuming, else freshly initialised) and the log so far.
+        When resuming, ``strategy`` gets its server-optimizer moments back."""
         initial = initial_arrays(cfg)
         layout = StateLayout.of(initial)
         if not (cfg.resume and self.checkpoint.exists()):
@@ -244,6 +255,8 @@ class RunFiles:
         done = int(payload["round"])
         history = [r for r in self.history() if int(r["round"]) <= done]
         log.info("resuming from %s after round %d", self.checkpoint, done)
+        if strategy is not None:
+            restore_server_optimizer_state(strategy, payload.get("server_optimizer", {}))
         packed = layout.pack(payload["shared_state"])
         return layout, done, ArrayRecord({PACKED_KEY: packed}), history
 
@@ -271,6 +284,7 @@ class RunFiles:
         server_round: int,
         run_id: int,
         history: list,
+        server_optimizer: dict[str, Any] | None = None,
     ) -> None:
         # the log first: a crash between the two leaves a log one round ahead, which resume
         # trims back to the checkpoint's round
@@ -284,6 +298,7 @@ class RunFiles:
                 "run_id": run_id,
                 "model_spec": cfg.model_spec(),
                 "run_config": cfg.as_run_config(),
+                "server_optimizer": server_optimizer or {},
             },
         )
 
@@ -300,14 +315,14 @@ def run_federation(
     ``on_round`` receives each round's record once it is saved (progress bars, tests).
     """
     files = RunFiles(cfg.out_dir)
-    layout, done, arrays, history = files.start(cfg)
-    base_config = round_config(cfg, layout)
+    layout, done, arrays, history = files.start(cfg, strategy)
+    instructions_of_run = round_config(cfg, layout)
     sites = _SiteDirectory()
     for server_round in range(done + 1, cfg.num_server_rounds + 1):
         started = time.time()
         log.info("round %d/%d", server_round, cfg.num_server_rounds)
-        train_config = ConfigRecord({**base_config, "local-epochs": cfg.local_epochs})
-        instructions = strategy.configure_train(server_round, arrays, train_config, grid)
+        config = ConfigRecord(replace(instructions_of_run, server_round=server_round).to_config())
+        instructions = strategy.configure_train(server_round, arrays, config, grid)
         replies, dropped = _exchange(grid, instructions, cfg.round_timeout, sites)
         updates = _usable_updates(replies, arrays, dropped)
         aggregated = len(updates) >= cfg.min_train_replies
@@ -324,17 +339,17 @@ def run_federation(
                 len(updates),
                 cfg.min_train_replies,
             )
-        for msg in updates:
-            skipped = int(msg.content.metric_records["metrics"].get("skipped-steps", 0))
-            if skipped:
+        train_rows = _site_rows(updates)
+        for name, row in train_rows.items():
+            if row.get("skipped-steps"):
                 log.warning(
                     "%s skipped %d optimizer step(s) with a non-finite loss",
-                    _site_name(msg),
-                    skipped,
+                    name,
+                    int(row["skipped-steps"]),
                 )
 
-        eval_config = ConfigRecord({**base_config, "eval-split": cfg.eval_split})
-        instructions = strategy.configure_evaluate(server_round, arrays, eval_config, grid)
+        config = ConfigRecord(replace(instructions_of_run, server_round=server_round).to_config())
+        instructions = strategy.configure_evaluate(server_round, arrays, config, grid)
         eval_replies, eval_dropped = _exchange(grid, instructions, cfg.round_timeout, sites)
         eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
         record = {
@@ -345,14 +360,16 @@ def run_federation(
             "user_level_dp": user_level_privacy(cfg, server_round),
             "train": dict(train_metrics or MetricRecord()),
             "evaluate": dict(eval_metrics or MetricRecord()),
-            "train_sites": _site_rows(updates),
+            "train_sites": train_rows,
             "evaluate_sites": _site_rows(eval_replies),
             "dropped": dropped,
             "evaluate_dropped": eval_dropped,
         }
         log_site_privacy(record["train_sites"])
         history.append(record)
-        files.save_round(cfg, layout, arrays, server_round, run_id, history)
+        files.save_round(
+            cfg, layout, arrays, server_round, run_id, history, server_optimizer_state(strategy)
+        )
         log.info("round %d done: %s", server_round, record["evaluate"])
         if on_round is not None:
             on_round(record)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid
 
 from mrprism_core.federated import PACKED_KEY
+from mrprism_core.protocol import SiteReply
 
 from .config import RunConfig
 from .federation import (
@@ -57,23 +59,21 @@ def run_secure_federation(
     packed = arrays[PACKED_KEY].numpy()
     if done >= cfg.num_server_rounds:
         return _summary(cfg, files, history)
-    base_config = round_config(cfg, layout)
+    instructions = round_config(cfg, layout)
     round_sites: dict[int, dict[str, dict[str, Any]]] = {}
     started = [time.time()]
 
     def fit_config(local_round: int) -> dict[str, Any]:
         started[0] = time.time()
-        return {
-            **base_config,
-            "local-epochs": cfg.local_epochs,
-            "server-round": done + local_round,
-        }
+        return replace(instructions, server_round=done + local_round).to_config()
 
     def site_metrics(results: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
-        rows = {str(m.get("site", f"site-{i}")): dict(m) for i, (_, m) in enumerate(results)}
+        replies = [SiteReply.from_records(m) for _, m in results]
+        rows = {r.site: {**r.to_metrics(), **r.to_site()} for r in replies}
         round_sites[len(round_sites) + 1] = rows
         total = sum(n for n, _ in results) or 1
-        return {"train-loss": sum(n * float(m["train-loss"]) for n, m in results) / total}
+        loss = sum(r.num_examples * r.metrics["train-loss"] for r in replies)
+        return {"train-loss": loss / total}
 
     def after_round(local_round: int, weights: list[np.ndarray], _config: dict) -> None:
         # Flower calls this with the new global weights after every round (0 = initial)

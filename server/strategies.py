@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import torch
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -20,9 +23,24 @@ from flwr.serverapp.strategy import (
 
 from .config import RunConfig
 
-__all__ = ["DP_MODES", "STRATEGY_NAMES", "build_strategy"]
+__all__ = [
+    "DP_MODES",
+    "STRATEGY_NAMES",
+    "build_strategy",
+    "restore_server_optimizer_state",
+    "server_optimizer_state",
+]
 
-STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+STRATEGY_NAMES = (
+    "fedavg",
+    "fedavgm",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+)
 DP_MODES = ("none", "server-fixed", "client-fixed", "server-adaptive")
 
 
@@ -59,6 +77,8 @@ def _base_strategy(cfg: RunConfig) -> Strategy:
     name = cfg.strategy.lower()
     if name == "fedavg":
         return FedAvg(**common)
+    if name == "fedavgm":  # server momentum on the averaged update (Hsu et al. 2019)
+        return FedAvgM(**common, server_learning_rate=1.0, server_momentum=cfg.server_momentum)
     if name == "fedprox":
         return FedProx(**common, proximal_mu=cfg.proximal_mu)
     if name == "fedadam":
@@ -72,3 +92,40 @@ def _base_strategy(cfg: RunConfig) -> Strategy:
     if name == "krum":
         return Krum(**common, num_malicious_nodes=cfg.krum_malicious)
     raise ValueError(f"unknown strategy {cfg.strategy!r}; choose one of {list(STRATEGY_NAMES)}")
+
+
+#: attributes in which Flower's strategies keep their server-optimizer state: FedAvgM's
+#: momentum, FedAdam/FedYogi's first and second moments
+_SERVER_OPTIMIZER_STATE = ("momentum_vector", "m_t", "v_t")
+
+
+def _inner(strategy: Strategy) -> Strategy:
+    """The strategy a DP wrapper aggregates with (the wrapper itself keeps no moments)."""
+    return getattr(strategy, "strategy", strategy)
+
+
+def server_optimizer_state(strategy: Strategy) -> dict[str, Any]:
+    """The strategy's server-optimizer state as tensors (for the run checkpoint); empty for
+    strategies without one, or before their first aggregation."""
+    inner = _inner(strategy)
+    state: dict[str, Any] = {}
+    for name in _SERVER_OPTIMIZER_STATE:
+        value = getattr(inner, name, None)
+        if isinstance(value, dict):
+            state[name] = {k: torch.from_numpy(np.asarray(v)) for k, v in value.items()}
+        elif isinstance(value, list):
+            state[name] = [torch.from_numpy(np.asarray(v)) for v in value]
+    return state
+
+
+def restore_server_optimizer_state(strategy: Strategy, state: dict[str, Any]) -> None:
+    """Put :func:`server_optimizer_state`'s output back, so FedAvgM/FedAdam/FedYogi resume
+    with their moments instead of restarting them."""
+    inner = _inner(strategy)
+    for name, value in state.items():
+        if name not in _SERVER_OPTIMIZER_STATE or not hasattr(inner, name):
+            continue
+        if isinstance(value, dict):
+            setattr(inner, name, {k: v.numpy() for k, v in value.items()})
+        else:
+            setattr(inner, name, [v.numpy() for v in value])

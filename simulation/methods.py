@@ -37,19 +37,28 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from torch.utils.data import ConcatDataset
+from torch.utils.data import ConcatDataset, DataLoader
 
 from client.site import SiteRuntime
 from client.state import SiteStore
 from mrprism_core.data.factory import build_dataset, dataset_info
 from mrprism_core.federated import recurrences_from_details
+from mrprism_core.local_training import run_epochs
 from mrprism_core.metrics import recurrence_table
 from mrprism_core.models import MODEL_NAMES, build_model_for_data
-from mrprism_core.train import evaluate, make_loader, resolve_device, train_epoch
+from mrprism_core.train import evaluate, make_loader, resolve_device
 
 from .partition import VirtualSite
 
-__all__ = ["METHODS", "Experiment", "check_methods", "parse_method", "run_method"]
+__all__ = [
+    "METHODS",
+    "Experiment",
+    "check_methods",
+    "evaluate_at_sites",
+    "parse_method",
+    "run_method",
+    "write_site_dirs",
+]
 
 METHODS = (
     "federated",
@@ -97,6 +106,8 @@ class Experiment:
     rounds: int = 3
     local_epochs: int = 1
     strategy: str = "fedavg"
+    server_momentum: float = 0.9
+    server_lr: float = 0.01
     lr: float = 1e-3
     persist_optimizer: bool = True
     preset: str = "tiny"
@@ -141,7 +152,9 @@ def _row(result: Mapping[str, Any], slots: slice | None = None) -> dict[str, Any
 def _site_config(
     exp: Experiment, site: VirtualSite, state_dir: Path, data: Mapping, privacy: Mapping
 ) -> dict:
-    train = {"batch_size": exp.batch_size, "num_workers": 0, **dict(site.settings.get("train", {}))}
+    # every method steps with the experiment's batch size, whatever the site config says
+    train = {**dict(site.settings.get("train", {})), "batch_size": exp.batch_size}
+    train.setdefault("num_workers", 0)
     return {
         "site": site.name,
         "state_dir": str(state_dir),
@@ -153,9 +166,10 @@ def _site_config(
     }
 
 
-def _write_sites(
+def write_site_dirs(
     exp: Experiment, method: str, data_of=lambda s: s.data, privacy: Mapping | None = None
 ) -> list[Path]:
+    """One state directory per site under ``<work_dir>/<method>/sites/``, with its config."""
     dirs = []
     for site in exp.sites:
         state_dir = exp.work_dir / method / "sites" / site.name
@@ -191,7 +205,7 @@ def _run_federated(
     if shared_everything:
         options = {"local_modules": []}
         data_of = lambda s: {**s.data, "rater_slots": {"total": most, "offset": 0}}  # noqa: E731
-    dirs = _write_sites(exp, method, data_of, privacy)
+    dirs = write_site_dirs(exp, method, data_of, privacy)
     out_dir = exp.work_dir / method / "server"
     count = len(exp.sites)
     if secure and count < 3:
@@ -201,6 +215,8 @@ def _run_federated(
         "model": exp.model,
         "local-epochs": exp.local_epochs,
         "strategy": exp.strategy,
+        "server-momentum": exp.server_momentum,
+        "server-lr": exp.server_lr,
         "lr": exp.lr,
         "persist-optimizer": exp.persist_optimizer,
         "personalization": personalization,
@@ -254,7 +270,7 @@ def _run_federated(
     if secure or personalization == "fedbabu":
         # no federated evaluation under SecAgg+ / of the fine-tuned heads: each site scores
         # its final model itself
-        finals = _evaluate_at_sites(exp, dirs, out_dir)
+        finals = evaluate_at_sites(exp, dirs, out_dir)
         if secure:
             for name, row in finals.items():
                 history[name].append(float(row["soft-dice"]))
@@ -282,7 +298,7 @@ def _run_federated(
     return result
 
 
-def _evaluate_at_sites(exp: Experiment, dirs: list[Path], out_dir: Path) -> dict[str, Any]:
+def evaluate_at_sites(exp: Experiment, dirs: list[Path], out_dir: Path) -> dict[str, Any]:
     """Each site's final personalised model (global shared weights + its own heads) on its
     evaluation split, as the site itself would score it."""
     from mrprism_core.checkpoint import load_checkpoint
@@ -300,7 +316,7 @@ def _evaluate_at_sites(exp: Experiment, dirs: list[Path], out_dir: Path) -> dict
 
 
 def _run_local(exp: Experiment) -> dict[str, Any]:
-    dirs = _write_sites(exp, "local")
+    dirs = write_site_dirs(exp, "local")
     sites, history = {}, {}
     for site, state_dir in zip(exp.sites, dirs):
         runtime = SiteRuntime.from_state_dir(state_dir)
@@ -351,13 +367,14 @@ def _run_centralized(exp: Experiment) -> dict[str, Any]:
     optimizer = torch.optim.Adam(model.parameters(), lr=exp.lr)
     history: dict[str, list[float]] = {s.name: [] for s in exp.sites}
     results: dict[str, Any] = {}
-    epoch = 0
+
+    def loader(epoch: int) -> DataLoader:
+        torch.manual_seed(exp.seed * 1_000_003 + epoch)  # the epoch's shuffles of Eq. 10-12
+        return make_loader(pooled, exp.batch_size, shuffle=True, seed=exp.seed + epoch)
+
     for server_round in range(1, exp.rounds + 1):
-        for _ in range(exp.local_epochs):
-            torch.manual_seed(exp.seed * 1_000_003 + epoch)
-            loader = make_loader(pooled, exp.batch_size, shuffle=True, seed=exp.seed + epoch)
-            train_epoch(model, loader, optimizer, device)
-            epoch += 1
+        first = (server_round - 1) * exp.local_epochs
+        run_epochs(model, optimizer, loader, device, exp.local_epochs, first_epoch=first)
         for site in exp.sites:
             results[site.name] = evaluate(
                 model, make_loader(tests[site.name], exp.batch_size, shuffle=False), device

@@ -19,6 +19,7 @@ from client.site import compose_site_config
 from client.state import SiteStore
 from mrprism_core.data.factory import EmptySplitError, build_dataset, dataset_info
 from mrprism_core.models import model_from_build_args
+from mrprism_core.models.config import get_preset
 from mrprism_core.train import seed_everything
 
 from .methods import Experiment, check_methods, mean_row, run_method
@@ -90,7 +91,9 @@ def run_experiment(cfg: dict[str, Any]) -> dict[str, Any]:
         rounds=int(fed["rounds"]),
         local_epochs=int(fed["local_epochs"]),
         strategy=str(fed["strategy"]),
-        lr=float(fed["lr"]),
+        server_momentum=float(fed.get("server_momentum", Experiment.server_momentum)),
+        server_lr=float(fed.get("server_lr", Experiment.server_lr)),
+        lr=float(fed["lr"] or get_preset(str(fed["preset"])).lr),
         persist_optimizer=bool(fed.get("persist_optimizer", True)),
         preset=str(fed["preset"]),
         model_options=dict(fed.get("model_options") or {}),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -50,13 +51,8 @@ def train_message(cfg: RunConfig | None = None, server_round: int = 1):
     cfg = cfg or RunConfig()
     initial = initial_arrays(cfg)
     layout = StateLayout.of(initial)
-    config = ConfigRecord(
-        {
-            **round_config(cfg, layout),  # what the server sends every site
-            "local-epochs": cfg.local_epochs,
-            "server-round": server_round,
-        }
-    )
+    # what the server sends every site
+    config = ConfigRecord(replace(round_config(cfg, layout), server_round=server_round).to_config())
     content = RecordDict(
         {"arrays": ArrayRecord({PACKED_KEY: layout.pack(initial)}), "config": config}
     )

@@ -7,6 +7,7 @@ import torch
 from mrprism_core.checkpoint import save_checkpoint
 from mrprism_core.data.factory import DatasetInfo
 from mrprism_core.models import build_model_for_data, split_state
+from mrprism_core.models.config import get_preset
 from server.config import RunConfig
 from server.federation import initial_arrays, user_level_privacy
 from server.strategies import DP_MODES, STRATEGY_NAMES, build_strategy
@@ -30,6 +31,13 @@ def test_run_config_coerces_and_rejects():
         RunConfig.from_mapping({"local-epochs": 1.5})
     spec = RunConfig(local_modules="divp, confidence.rater_identity").model_spec()
     assert spec["options"]["local_modules"] == ["divp", "confidence.rater_identity"]
+
+
+def test_site_learning_rate_is_the_presets_unless_set():
+    assert RunConfig(preset="paper").site_lr() == get_preset("paper").lr
+    assert RunConfig(preset="tiny").site_lr() == get_preset("tiny").lr
+    assert get_preset("paper").lr != get_preset("tiny").lr  # the lookup is by preset
+    assert RunConfig(preset="paper", lr=0.02).site_lr() == 0.02
 
 
 @pytest.mark.parametrize("name", STRATEGY_NAMES)

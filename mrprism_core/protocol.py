@@ -1,0 +1,146 @@
+"""The round protocol: what the server asks of a site in a round, and what the site answers.
+
+Two typed records with ``to_config``/``from_config`` (plain dicts of scalars, lists and
+strings, what Flower's ``ConfigRecord``/``MetricRecord`` carry). The server, the SecAgg+ path,
+the ClientApp and the simulation use them instead of spelling the string keys themselves, so a
+renamed or added field changes in one place. Nothing here imports Flower.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+__all__ = ["RoundInstructions", "SiteReply"]
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class RoundInstructions:
+    """The server's instructions for one round, the same for every site.
+
+    ``server_round`` and ``proximal_mu`` are also written by Flower's strategies themselves
+    (``server-round`` by all, ``proximal-mu`` by FedProx); other keys a strategy or mod adds
+    (e.g. a DP clipping norm) are left to their own readers.
+    """
+
+    model_spec: dict[str, Any]  # the architecture every site builds (models.build_model_for_data)
+    layout: str  # fingerprint of the shared-weight layout (federated.StateLayout)
+    lr: float  # Adam learning rate at the sites
+    seed: int  # seeds each site's per-round shuffles
+    num_server_rounds: int  # rounds planned (sites calibrate DP-SGD noise on it)
+    persist_optimizer: bool = True  # sites keep their Adam state between rounds
+    personalization: str = "fedper"  # mrprism_core.personalization.PERSONALIZATIONS
+    ditto_lambda: float = 0.1  # Ditto's pull toward the global model
+    local_epochs: int = 1  # training: passes over the site's training split
+    eval_split: str = "val"  # evaluation: the split scored
+    server_round: int = 0  # this round (Flower's strategies set it too)
+    proximal_mu: float = 0.0  # FedProx's proximal weight (set by Flower's FedProx)
+
+    def to_config(self) -> dict[str, Any]:
+        """Kebab-case keys; the model spec as a JSON string (records hold no nested dicts)."""
+        config = {_kebab(f.name): getattr(self, f.name) for f in fields(self)}
+        config["model-spec"] = json.dumps(self.model_spec, sort_keys=True)
+        return config
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> RoundInstructions:
+        """Read :meth:`to_config`'s output (or Flower's copy of it); missing optional keys take
+        their defaults, keys of other readers are ignored."""
+        required = [f for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [_kebab(f.name) for f in required if _kebab(f.name) not in config]
+        if missing:
+            raise ValueError(f"round instructions lack {missing}; is the server up to date?")
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = _kebab(f.name)
+            if key not in config:
+                continue
+            value = config[key]
+            if f.name == "model_spec":
+                value = json.loads(str(value)) if isinstance(value, str) else dict(value)
+            else:
+                value = _cast(f.type, value)
+            values[f.name] = value
+        return cls(**values)
+
+
+def _cast(kind: Any, value: Any) -> Any:
+    kind = str(kind)
+    if kind == "bool":
+        return value if isinstance(value, bool) else str(value).lower() in ("true", "1")
+    if kind == "int":
+        return int(value)
+    if kind == "float":
+        return float(value)
+    return str(value)
+
+
+@dataclass(frozen=True)
+class SiteReply:
+    """What a site answers after a round: who it is, what it trained on, and its numbers.
+
+    ``metrics`` are the scalars Flower aggregates across sites weighted by ``num_examples``
+    (the same keys at every site); ``details`` are per-site extras (lists, strings) that are
+    logged but never aggregated. Neither ever holds a rater head or an image.
+    """
+
+    site: str  # the site's name (its config's ``site``)
+    num_raters: int  # raters at the site
+    heads_from_round: int  # the round the site's rater heads were last saved in (0 = fresh)
+    num_examples: int  # cases the numbers are over (training or evaluation split)
+    metrics: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_metrics(self) -> dict[str, Any]:
+        """The ``MetricRecord``: the aggregatable numbers and ``num-examples``."""
+        return {**self.metrics, "num-examples": self.num_examples}
+
+    def to_site(self) -> dict[str, Any]:
+        """The ``site`` ``ConfigRecord``: identity and the per-site details."""
+        return {
+            "name": self.site,
+            "num-raters": self.num_raters,
+            "heads-from-round": self.heads_from_round,
+            **self.details,
+        }
+
+    def to_config(self) -> dict[str, Any]:
+        """Everything in one flat mapping (the SecAgg+ path's legacy ``FitRes.metrics``)."""
+        site = self.to_site()
+        site["site"] = site.pop("name")
+        return {**self.to_metrics(), **site}
+
+    @classmethod
+    def from_records(
+        cls, metrics: Mapping[str, Any], site: Mapping[str, Any] | None = None
+    ) -> SiteReply:
+        """Read :meth:`to_metrics` and :meth:`to_site` back; or, with ``site`` None,
+        :meth:`to_config`'s flat mapping (every number in it is then a metric)."""
+        numbers = dict(metrics)
+        details = dict(site) if site is not None else {}
+        if site is None:  # the flat form: identity and strings came with the metrics
+            details = {k: numbers.pop(k) for k in list(numbers) if not _is_number(numbers[k])}
+            for key in ("num-raters", "heads-from-round"):
+                if key in numbers:
+                    details[key] = numbers.pop(key)
+        name = details.pop("name", None) or details.pop("site", None)
+        if name is None:
+            raise ValueError("a site reply without the site's name")
+        return cls(
+            site=str(name),
+            num_raters=int(details.pop("num-raters", 0)),
+            heads_from_round=int(details.pop("heads-from-round", 0)),
+            num_examples=int(numbers.pop("num-examples", 0)),
+            metrics={k: float(v) for k, v in numbers.items()},
+            details=details,
+        )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
