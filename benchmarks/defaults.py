@@ -3,7 +3,7 @@ epochs, learning rate and server optimizer at a fixed number of passes over the 
 federated run set against centralized training with the same passes, learning rate and
 batch size.
 
-``python -m benchmarks.defaults [--seeds 1] [--candidates NAME ...] [--out PATH]``
+``python -m benchmarks.defaults [--seeds 1] [--first-seed 0] [--candidates NAME ...] [--out PATH]``
 
 A candidate is a named list of ``python -m simulation.run`` overrides (``CANDIDATES``). Every
 candidate runs the embedded default (``preset=default``) with those overrides; centralized
@@ -82,14 +82,14 @@ def _summary(values: list[float]) -> dict[str, float]:
     return {"mean": round(statistics.mean(values), 2), "std": round(spread, 2)}
 
 
-def sweep(names: list[str], seeds: int, work: Path) -> dict[str, Any]:
+def sweep(names: list[str], seeds: list[int], work: Path) -> dict[str, Any]:
     centralized: dict[tuple, dict[str, Any]] = {}
     rows: dict[str, Any] = {}
     for name in names:
         overrides = CANDIDATES[name]
         reference = _centralized_overrides(overrides)
         runs = []
-        for seed in range(seeds):
+        for seed in seeds:
             key = (*reference, seed)
             if key not in centralized:
                 folder = work / f"centralized-{len(centralized)}"
@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
         description="Sweep the default experiment's federated settings against centralized "
         "training at the same passes over the data.",
     )
-    parser.add_argument("--seeds", type=int, default=1, help="seeds per candidate (0, 1, ...)")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per candidate")
+    parser.add_argument("--first-seed", type=int, default=0, help="the first seed")
     parser.add_argument(
         "--candidates",
         nargs="+",
@@ -136,8 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(RESULTS_DIR / "defaults.json"), help="JSON path")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = sweep(args.candidates, args.seeds, Path(tmp))
-    write_json(args.out, {"seeds": args.seeds, "candidates": rows})
+        seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+        rows = sweep(args.candidates, seeds, Path(tmp))
+    write_json(args.out, {"seeds": seeds, "candidates": rows})
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ __all__ = [
     "RunFiles",
     "initial_arrays",
     "log_site_privacy",
-    "round_config",
+    "round_instructions",
     "run_federation",
     "user_level_privacy",
 ]
@@ -143,7 +143,7 @@ def _usable_updates(
     return kept
 
 
-def round_config(cfg: RunConfig, layout: StateLayout) -> RoundInstructions:
+def round_instructions(cfg: RunConfig, layout: StateLayout) -> RoundInstructions:
     """What every site needs to build the run's model and train or evaluate a round."""
     return RoundInstructions(
         model_spec=cfg.model_spec(),
@@ -316,14 +316,14 @@ def run_federation(
     """
     files = RunFiles(cfg.out_dir)
     layout, done, arrays, history = files.start(cfg, strategy)
-    instructions_of_run = round_config(cfg, layout)
+    standing = round_instructions(cfg, layout)  # the same every round but for its number
     sites = _SiteDirectory()
     for server_round in range(done + 1, cfg.num_server_rounds + 1):
         started = time.time()
         log.info("round %d/%d", server_round, cfg.num_server_rounds)
-        config = ConfigRecord(replace(instructions_of_run, server_round=server_round).to_config())
-        instructions = strategy.configure_train(server_round, arrays, config, grid)
-        replies, dropped = _exchange(grid, instructions, cfg.round_timeout, sites)
+        config = ConfigRecord(replace(standing, server_round=server_round).to_config())
+        messages = strategy.configure_train(server_round, arrays, config, grid)
+        replies, dropped = _exchange(grid, messages, cfg.round_timeout, sites)
         updates = _usable_updates(replies, arrays, dropped)
         aggregated = len(updates) >= cfg.min_train_replies
         train_metrics = None
@@ -348,9 +348,9 @@ def run_federation(
                     int(row["skipped-steps"]),
                 )
 
-        config = ConfigRecord(replace(instructions_of_run, server_round=server_round).to_config())
-        instructions = strategy.configure_evaluate(server_round, arrays, config, grid)
-        eval_replies, eval_dropped = _exchange(grid, instructions, cfg.round_timeout, sites)
+        config = ConfigRecord(replace(standing, server_round=server_round).to_config())
+        messages = strategy.configure_evaluate(server_round, arrays, config, grid)
+        eval_replies, eval_dropped = _exchange(grid, messages, cfg.round_timeout, sites)
         eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
         record = {
             "round": server_round,

@@ -30,7 +30,7 @@ from .federation import (
     RunFiles,
     log,
     log_site_privacy,
-    round_config,
+    round_instructions,
     user_level_privacy,
 )
 
@@ -59,7 +59,7 @@ def run_secure_federation(
     packed = arrays[PACKED_KEY].numpy()
     if done >= cfg.num_server_rounds:
         return _summary(cfg, files, history)
-    instructions = round_config(cfg, layout)
+    instructions = round_instructions(cfg, layout)
     round_sites: dict[int, dict[str, dict[str, Any]]] = {}
     started = [time.time()]
 

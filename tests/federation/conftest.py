@@ -13,7 +13,7 @@ from client.site import compose_site_config
 from client.state import SiteStore
 from mrprism_core.federated import PACKED_KEY, StateLayout
 from server.config import RunConfig
-from server.federation import initial_arrays, round_config
+from server.federation import initial_arrays, round_instructions
 
 SMALL = ["data.splits.train=4", "data.splits.val=4", "data.image_size=32"]
 
@@ -51,8 +51,8 @@ def train_message(cfg: RunConfig | None = None, server_round: int = 1):
     cfg = cfg or RunConfig()
     initial = initial_arrays(cfg)
     layout = StateLayout.of(initial)
-    # what the server sends every site
-    config = ConfigRecord(replace(round_config(cfg, layout), server_round=server_round).to_config())
+    instructions = replace(round_instructions(cfg, layout), server_round=server_round)
+    config = ConfigRecord(instructions.to_config())  # what the server sends every site
     content = RecordDict(
         {"arrays": ArrayRecord({PACKED_KEY: layout.pack(initial)}), "config": config}
     )

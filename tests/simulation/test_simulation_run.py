@@ -21,6 +21,7 @@ def test_smoke_run_writes_the_contracted_report(tmp_path):
             "-m",
             "simulation.run",
             "preset=smoke",
+            "methods=[federated,federated_shared,local,centralized]",  # all three targets
             f"out_dir={out}",
             "progress=false",
         ],
