@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
         nargs="+",
         default=list(CANDIDATES),
         choices=list(CANDIDATES),
-        help="which settings to run (default: all)",
+        metavar="NAME",
+        help=f"which settings to run (default: all): {', '.join(CANDIDATES)}",
     )
     parser.add_argument("--out", default=str(RESULTS_DIR / "defaults.json"), help="JSON path")
     args = parser.parse_args(argv)
