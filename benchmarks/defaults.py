@@ -17,12 +17,11 @@ seeds. Results:
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from .common import RESULTS_DIR, simulation_config, write_json
+from .common import RESULTS_DIR, simulation_config, spread, write_json
 
 
 def _candidate(rounds: int, epochs: int, lr: float, *extra: str) -> list[str]:
@@ -77,11 +76,6 @@ def _centralized_overrides(overrides: list[str]) -> list[str]:
     return sorted([f"federation.rounds={passes}", "federation.local_epochs=1", *kept])
 
 
-def _summary(values: list[float]) -> dict[str, float]:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": round(statistics.mean(values), 2), "std": round(spread, 2)}
-
-
 def sweep(names: list[str], seeds: list[int], work: Path) -> dict[str, Any]:
     centralized: dict[tuple, dict[str, Any]] = {}
     rows: dict[str, Any] = {}
@@ -100,10 +94,10 @@ def sweep(names: list[str], seeds: list[int], work: Path) -> dict[str, Any]:
         rows[name] = {
             "overrides": overrides,
             "passes": runs[0]["federated"]["passes"],
-            "federated_soft_dice": _summary([r["federated"]["soft_dice"] for r in runs]),
-            "centralized_soft_dice": _summary([r["centralized"]["soft_dice"] for r in runs]),
-            "federated_minus_centralized": _summary(gaps),
-            "federated_seconds": _summary([r["federated"]["seconds"] for r in runs]),
+            "federated_soft_dice": spread([r["federated"]["soft_dice"] for r in runs], 2),
+            "centralized_soft_dice": spread([r["centralized"]["soft_dice"] for r in runs], 2),
+            "federated_minus_centralized": spread(gaps, 2),
+            "federated_seconds": spread([r["federated"]["seconds"] for r in runs], 2),
             "runs": runs,
         }
         row = rows[name]

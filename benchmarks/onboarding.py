@@ -19,13 +19,12 @@ standard deviation over the seeds. Results: ``benchmarks/results/onboarding.json
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .common import RESULTS_DIR, simulation_config, write_json
+from .common import RESULTS_DIR, simulation_config, spread, write_json
 
 
 def _per_rater(row: dict[str, Any]) -> float:
@@ -76,11 +75,6 @@ def one_seed(site: str, cases: list[int], epochs: int, seed: int, work: Path) ->
     return row
 
 
-def _summary(values: list[float]) -> dict[str, float]:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": round(statistics.mean(values), 2), "std": round(spread, 2)}
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.onboarding",
@@ -101,10 +95,10 @@ def main(argv: list[str] | None = None) -> None:
             runs.append(one_seed(args.site, args.cases, args.epochs, seed, Path(tmp) / str(seed)))
     summary: dict[str, Any] = {}
     for key in runs[0]:
-        summary[key] = {m: _summary([r[key][m] for r in runs]) for m in runs[0][key]}
+        summary[key] = {m: spread([r[key][m] for r in runs], 2) for m in runs[0][key]}
         if key != "present":
             gaps = [r[key]["per_rater_dice"] - r["present"]["per_rater_dice"] for r in runs]
-            summary[key]["per_rater_minus_present"] = _summary(gaps)
+            summary[key]["per_rater_minus_present"] = spread(gaps, 2)
     for key, row in summary.items():
         line = f"{key:14s} per-rater Dice {row['per_rater_dice']['mean']:5.1f}"
         line += f"  soft Dice {row['soft_dice']['mean']:5.1f}"

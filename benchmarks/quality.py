@@ -21,7 +21,6 @@ the embedded synthetic default is used. Results: ``benchmarks/results/quality.js
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -34,7 +33,7 @@ from mrprism_core.metrics import RECURRENCE_METRICS, recurrence_table
 from mrprism_core.models import MODEL_NAMES
 from mrprism_core.train import fit, load_model, make_loader
 
-from .common import RESULTS_DIR, write_json
+from .common import RESULTS_DIR, spread, write_json
 
 #: Test metrics summarised per model.
 MODEL_METRICS = ("soft_dice", "dice_vs_truth", "per_rater_dice", "ged", "ece", "train_seconds")
@@ -83,15 +82,6 @@ def config(
 def _mean_per_rater(test: Mapping[str, Any]) -> float | None:
     values = [x for x in test.get("per_rater_dice") or [] if x is not None]
     return sum(values) / len(values) if values else None
-
-
-def spread(values: Sequence[float | None]) -> dict[str, float] | None:
-    """Mean and sample standard deviation (0 for one value); None if any value is missing."""
-    if not values or any(v is None for v in values):
-        return None
-    numbers = [float(v) for v in values]  # type: ignore[arg-type]
-    std = statistics.stdev(numbers) if len(numbers) > 1 else 0.0
-    return {"mean": statistics.fmean(numbers), "std": std}
 
 
 def summarise(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
