@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-__all__ = ["RoundInstructions", "SiteReply"]
+__all__ = ["RoundInstructions", "SiteReply", "coerce"]
 
 
 def _kebab(name: str) -> str:
@@ -65,20 +65,31 @@ class RoundInstructions:
             if f.name == "model_spec":
                 value = json.loads(str(value)) if isinstance(value, str) else dict(value)
             else:
-                value = _cast(f.type, value)
+                value = coerce(str(f.type), value, f"round instruction {key!r}")
             values[f.name] = value
         return cls(**values)
 
 
-def _cast(kind: Any, value: Any) -> Any:
-    kind = str(kind)
-    if kind == "bool":
-        return value if isinstance(value, bool) else str(value).lower() in ("true", "1")
-    if kind == "int":
-        return int(value)
-    if kind == "float":
-        return float(value)
-    return str(value)
+def coerce(kind: str, value: Any, what: str) -> Any:
+    """``value`` as the field type ``kind`` (``bool``, ``int``, ``float``, else ``str``), the
+    way config records and command lines spell them; a value that is not one raises, naming
+    ``what`` (e.g. ``"run-config 'lr'"``)."""
+    try:
+        if kind == "bool":
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1")
+            return bool(value)
+        if kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if kind == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what} must be {kind}, got {value!r}") from err
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from mrprism_core.models.config import get_preset
+from mrprism_core.protocol import coerce
 
 __all__ = ["RunConfig"]
 
@@ -71,7 +72,7 @@ class RunConfig:
             if name not in types:
                 valid = sorted(n.replace("_", "-") for n in types)
                 raise ValueError(f"unknown run-config key {key!r}; valid keys: {valid}")
-            kwargs[name] = _coerce(str(types[name]), value, key)
+            kwargs[name] = coerce(str(types[name]), value, f"run-config {key!r}")
         return cls(**kwargs)
 
     def as_run_config(self) -> dict[str, Any]:
@@ -97,22 +98,3 @@ class RunConfig:
             "num_classes": self.num_classes,
             "options": options,
         }
-
-
-def _coerce(kind: str, value: Any, key: str) -> Any:
-    try:
-        if kind == "bool":
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(value)
-                return value.lower() in ("true", "1")
-            return bool(value)
-        if kind == "int":
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if kind == "float":
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"run-config {key!r} must be {kind}, got {value!r}") from err
