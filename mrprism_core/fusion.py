@@ -33,6 +33,7 @@ __all__ = [
     "Reliability",
     "fuse",
     "fusion_logits",
+    "weighted_vote_logits",
     "self_fuse",
     "threshold",
     "majority_vote",
@@ -75,11 +76,17 @@ class Reliability(NamedTuple):
         s, q = self.clamped()
         return torch.log(s) - torch.log1p(-q), torch.log1p(-s) - torch.log(q)
 
-    def log_confidence(self) -> Tensor:
-        """The confidence maps ``w = log P(z | y)`` ConP is given (Eq. 7): the log-likelihood
-        of a correct vote on the structure and on the background, (B, M, 2K, H, W)."""
+    def log_confidence(self, whole_table: bool = True) -> Tensor:
+        """The confidence maps ``w = log P(z | y)`` ConP is given (Eq. 7): the whole
+        log-likelihood table of a vote, ``log s, log(1 - s), log q, log(1 - q)`` per class,
+        (B, M, 4K, H, W). The wrong-vote entries carry what tells a reliable rater from a very
+        reliable one (``log(1 - q)`` is -4.6 at q = 0.99 and -6.9 at 0.999, where ``log q``
+        barely moves); with the correct-vote entries alone (``whole_table=False``,
+        (B, M, 2K, H, W)) ConP ignored the confidences (README: how we read the paper)."""
         s, q = self.clamped()
-        return torch.cat([torch.log(s), torch.log(q)], dim=2)
+        if not whole_table:
+            return torch.cat([torch.log(s), torch.log(q)], dim=2)
+        return torch.cat([torch.log(s), torch.log1p(-s), torch.log(q), torch.log1p(-q)], dim=2)
 
     def rater_probabilities(self, calibrated: Tensor) -> Tensor:
         """Each rater's mask ``z~^m = P(z^m = 1)`` when the structure is ``calibrated``
@@ -143,9 +150,20 @@ def fusion_logits(
 ) -> Tensor:
     """Log-odds of the structure given the votes (see :func:`fuse`), shape (B, K, H, W)."""
     _check_rater_shapes(reliability, labels)
+    return weighted_vote_logits(*reliability.vote_weights(), labels, prior, valid)
+
+
+def weighted_vote_logits(
+    for_vote: Tensor,
+    against_vote: Tensor,
+    labels: Tensor,
+    prior: float = DEFAULT_PRIOR,
+    valid: Tensor | None = None,
+) -> Tensor:
+    """:func:`fusion_logits` from the vote weights of :meth:`Reliability.vote_weights`, for
+    callers that fuse several label sets under weights computed once (the shuffle loss)."""
     if not 0.0 < prior < 1.0:
         raise ValueError(f"prior must be a probability in (0, 1), got {prior}")
-    for_vote, against_vote = reliability.vote_weights()
     evidence = labels * for_vote + (1.0 - labels) * against_vote
     weights = rater_weights(valid, labels)
     if weights is not None:

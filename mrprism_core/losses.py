@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from pytorch_msssim import ssim
 from torch import Tensor
 
-from .fusion import DEFAULT_PRIOR, Reliability, fuse, threshold
+from .fusion import DEFAULT_PRIOR, Reliability, shuffle_raters, threshold, weighted_vote_logits
 
 __all__ = [
     "MrPrismLossConfig",
@@ -123,22 +123,26 @@ def shuffle_loss(
         valid: optional (B, M) mask of the rater slots that hold an annotation.
     """
     hard = threshold(rater_probs, 0.5, straight_through=True)
+    # the vote weights are logs of the reliabilities: computed once, a permutation only
+    # reorders them
+    vote_weights = reliability.vote_weights()
     total = rater_probs.new_zeros(())
     for permutation in permutations:
-        shuffled = reliability.permute(permutation)
-        if valid is not None:  # an empty slot lends no reliability to a real rater
-            shuffled = Reliability(*(_keep_valid(x, valid, permutation) for x in shuffled))
-        predicted = fuse(shuffled, hard, prior, valid)
-        target = fuse(shuffled, labels, prior, valid).detach()
+        shuffled = [shuffle_raters(w, permutation) for w in vote_weights]
+        if valid is not None:  # an empty slot lends no weight to a real rater
+            shuffled = [_keep_valid(w, valid, permutation) for w in shuffled]
+        predicted = torch.sigmoid(weighted_vote_logits(*shuffled, hard, prior, valid))
+        target = torch.sigmoid(weighted_vote_logits(*shuffled, labels, prior, valid)).detach()
         total = total + binary_cross_entropy(predicted, target)
     return total / len(permutations)
 
 
 def _keep_valid(shuffled: Tensor, valid: Tensor, permutation: Tensor) -> Tensor:
-    """Where rater ``m`` borrows from an empty slot, it keeps a neutral reliability (0.5)."""
+    """Where rater ``m`` borrows from an empty slot, its vote weighs nothing (the weight of a
+    rater with reliability 0.5)."""
     lends = valid.index_select(1, permutation.to(valid.device)).to(shuffled.dtype)
     lends = lends.view(*lends.shape, *([1] * (shuffled.dim() - 2)))
-    return shuffled * lends + 0.5 * (1 - lends)
+    return shuffled * lends
 
 
 def multihead_loss(rater_probs: Tensor, labels: Tensor, valid: Tensor | None = None) -> Tensor:

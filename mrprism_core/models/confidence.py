@@ -34,7 +34,7 @@ class _SeparableDown(nn.Module):
 class ConfidenceEmbedding(nn.Module):
     """Confidence maps (B, M, C, H, W) -> a pyramid of embeddings at strides 2^levels..2.
 
-    ``C`` is 2K for MrPrism: the log-likelihoods ``w = log P(z | y)`` of a correct vote on the
+    ``C`` is 4K for MrPrism: the log-likelihood table ``w = log P(z | y)`` of a vote on the
     structure and on the background for each class (:meth:`Reliability.log_confidence`).
 
     The per-rater part runs at stride 2 (the finest level ConP attends at): a 2x2 stride-2

@@ -20,6 +20,9 @@ class MrPrismArch:
     conp_dim: int = 128  # token dimension of ConP attention
     conp_heads: int = 4  # attention heads per ConP stage
     conp_confidence_head: bool = True  # ConP's output layer also sees the confidence embedding
+    # ConP reads log s, log(1-s), log q, log(1-q) per rater (the whole table of w = log P(z|y));
+    # False: log s and log q only, with which ConP ignored the confidences (README)
+    conp_whole_likelihood: bool = True
     confidence_width: int = 16  # channels of the rater-confidence embedding
     divp_patch_size: int = 8  # patch size of DivP's self-attention
     divp_dim: int = 128  # token dimension of DivP

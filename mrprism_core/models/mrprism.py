@@ -66,7 +66,10 @@ class MrPrism(SegmentationModel):
             in_channels, arch.stem_width, arch.encoder_widths, arch.encoder_depths
         )
         self.confidence = ConfidenceEmbedding(
-            2 * num_classes, num_raters, arch.confidence_width, levels=len(arch.conp_widths)
+            (4 if arch.conp_whole_likelihood else 2) * num_classes,
+            num_raters,
+            arch.confidence_width,
+            levels=len(arch.conp_widths),
         )
         self.conp = ConP(
             self.encoder.channels,
@@ -103,7 +106,7 @@ class MrPrism(SegmentationModel):
             reliabilities and the rater masks they imply (B, M, K, H, W). DivP sees ``y~``
             detached: each prism learns only from its own target (Eq. 6).
         """
-        embedded = self.confidence(reliability.log_confidence())
+        embedded = self.confidence(reliability.log_confidence(self.arch.conp_whole_likelihood))
         calibrated = torch.sigmoid(self.conp(features, embedded))
         seen = calibrated.detach()
         new_reliability = self.divp(seen)

@@ -136,3 +136,19 @@ def test_initial_confidence_follows_eq14():
     assert means.std() > 0.02  # raters really get different levels
     repeat = initial_confidence(6, (2, 64, 64), generator=torch.Generator().manual_seed(0))
     assert torch.equal(conf, repeat)
+
+
+def test_conp_is_given_the_whole_log_likelihood_table_of_a_vote():
+    # a reliable (q = 0.99) and a very reliable (q = 0.999) rater: log q barely differs, the
+    # wrong-vote entry log(1 - q) does, and it is what ConP needs to tell them apart
+    maps = _reliability([0.9, 0.9], [0.99, 0.999]).log_confidence()
+    assert maps.shape == (1, 2, 4, 1, 1)  # log s, log(1 - s), log q, log(1 - q) for K = 1
+    expected = [[math.log(0.9), math.log(0.1), math.log(q), math.log(1 - q)] for q in (0.99, 0.999)]
+    for rater, row in enumerate(expected):
+        assert maps[0, rater, :, 0, 0].tolist() == pytest.approx(row, rel=1e-9)
+    assert float(maps[0, 1, 3] - maps[0, 0, 3]) == pytest.approx(math.log(0.001 / 0.01), rel=1e-9)
+    # the correct-vote entries alone (the reading before; an option for comparison)
+    short = _reliability([0.9, 0.9], [0.99, 0.999]).log_confidence(whole_table=False)
+    assert short[0, :, :, 0, 0].flatten().tolist() == pytest.approx(
+        [value for row in expected for value in (row[0], row[2])], rel=1e-9
+    )

@@ -114,3 +114,12 @@ def test_memory_saving_backward_gives_the_same_gradients_as_the_plain_loss(
     assert any(n.startswith("encoder.") for n in plain)  # the encoder really gets gradients
     for name in plain:
         assert torch.allclose(plain[name], streamed[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_conp_reads_two_or_four_likelihood_maps_per_rater_and_class():
+    whole, short = _mrprism(3), _mrprism(3, conp_whole_likelihood=False)
+    assert whole.confidence.embed.in_channels == 4 * 2  # K = 2 classes
+    assert short.confidence.embed.in_channels == 2 * 2
+    with torch.no_grad():
+        out = short(torch.rand(1, 3, 32, 32))
+    assert out.calibrated.shape == (1, 2, 32, 32)
