@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -85,9 +86,15 @@ def run_experiment(cfg: dict[str, Any]) -> dict[str, Any]:
     check_methods(methods)
     sites = resolve_sites(cfg)
     fed = dict(cfg["federation"])
+    work_dir = out_dir / "work"
+    if work_dir.exists():
+        # the sites' state (heads, snapshots, optimizer moments) of an earlier run into the
+        # same out_dir would give this run's methods a head start: every run starts bare
+        log.info("removing the previous run's site state under %s", work_dir)
+        shutil.rmtree(work_dir)
     exp = Experiment(
         sites=sites,
-        work_dir=out_dir / "work",
+        work_dir=work_dir,
         rounds=int(fed["rounds"]),
         local_epochs=int(fed["local_epochs"]),
         strategy=str(fed["strategy"]),

@@ -96,7 +96,8 @@ def _tiny_config(out_dir) -> dict:
 
 def test_same_seed_same_partition_and_round_one_metrics(tmp_path):
     first = run_experiment(_tiny_config(tmp_path / "a"))
-    second = run_experiment(_tiny_config(tmp_path / "b"))
+    # into the same out_dir: the first run's site state (heads, optimizer) must not carry over
+    second = run_experiment(_tiny_config(tmp_path / "a"))
     first_sites = first["methods"]["federated"]["sites"]
     second_sites = second["methods"]["federated"]["sites"]
     assert first["sites"] == second["sites"]
