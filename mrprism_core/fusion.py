@@ -119,8 +119,8 @@ def reliability_from_confidence(confidence: Tensor) -> Reliability:
     return Reliability(level, level)
 
 
-def _check_rater_shapes(reliability: Reliability, labels: Tensor) -> None:
-    sensitivity = reliability.sensitivity
+def _check_rater_shapes(sensitivity: Tensor, labels: Tensor) -> None:
+    """Per-rater maps and rater masks are (B, M, K, H, W) with the same M."""
     if sensitivity.dim() != 5 or labels.dim() != 5:
         raise ValueError(
             "fusion expects (B, M, K, H, W) tensors; got reliability "
@@ -149,7 +149,6 @@ def fusion_logits(
     valid: Tensor | None = None,
 ) -> Tensor:
     """Log-odds of the structure given the votes (see :func:`fuse`), shape (B, K, H, W)."""
-    _check_rater_shapes(reliability, labels)
     return weighted_vote_logits(*reliability.vote_weights(), labels, prior, valid)
 
 
@@ -162,6 +161,7 @@ def weighted_vote_logits(
 ) -> Tensor:
     """:func:`fusion_logits` from the vote weights of :meth:`Reliability.vote_weights`, for
     callers that fuse several label sets under weights computed once (the shuffle loss)."""
+    _check_rater_shapes(for_vote, labels)
     if not 0.0 < prior < 1.0:
         raise ValueError(f"prior must be a probability in (0, 1), got {prior}")
     evidence = labels * for_vote + (1.0 - labels) * against_vote
