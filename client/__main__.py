@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .site import SiteDataError, SiteRuntime, available_sites, compose_site_config
+from .site import SITE_CONFIGS_ENV, SiteDataError, SiteRuntime, compose_site_config, site_sources
 
 EXAMPLES = """
 examples:
@@ -28,6 +28,7 @@ examples:
   python -m client --site synthetic_a privacy=dp_sgd privacy.target_epsilon=4
   python -m client --site synthetic_a --info
   python -m client --site synthetic_a --predict new_cases/ --out predictions/
+  python -m client --site synthetic_a --raters --out rater_report/
   python -m client --site synthetic_a --adapt --cases 8 --from runs/federated/global_model.pt
   python -m client --site refuge data.root=/mnt/refuge supernode.insecure=false \\
       supernode.root_certificates=/etc/mrprism/ca.crt \\
@@ -52,10 +53,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "preprocessing cache) and print a summary: cases per split, raters, classes, size, "
         "the raters' agreement",
     )
-    parser.add_argument("--list", action="store_true", help="list the known site configs")
+    parser.add_argument(
+        "--list", action="store_true", help="list the known site configs and where each is from"
+    )
     parser.add_argument(
         "--config-dir",
-        help="folder of site YAML files to use instead of the packaged site_configs/",
+        help="the hospital's own folder of site YAML files, looked up before the packaged "
+        f"site_configs/ (whose data/ and privacy/ groups stay available); default: "
+        f"${SITE_CONFIGS_ENV}",
     )
     parser.add_argument(
         "--dry-run",
@@ -73,7 +78,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="segment new cases with the site's own model: an image, NIfTI file, DICOM series "
         "folder or a folder of them (needs --out; no coordinator needed)",
     )
-    parser.add_argument("--out", help="output folder for --predict")
+    parser.add_argument(
+        "--raters",
+        action="store_true",
+        help="write the site's rater report from its own model and data: agreement of each "
+        "rater with the calibrated consensus, area bias, DivP's sensitivity/specificity, "
+        "missed structures, where and on which cases each rater departs (raters.json, "
+        "raters.md, PNG plots in --out; default <state_dir>/rater_report). It stays at the site",
+    )
+    parser.add_argument(
+        "--split",
+        default="all",
+        choices=("all", "train", "val", "test"),
+        help="--raters: the cases the report covers (default: every split)",
+    )
+    parser.add_argument("--out", help="output folder for --predict and --raters")
     parser.add_argument(
         "--adapt",
         action="store_true",
@@ -139,14 +158,21 @@ def supernode_command(cfg: Mapping[str, Any], state_dir: Path) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.list:
-        print("\n".join(available_sites(args.config_dir)))
-        return 0
     try:
+        if args.list:
+            for name, root in site_sources(args.config_dir).items():
+                print(f"{name:24s} {root}")
+            return 0
         cfg = compose_site_config(args.site, args.overrides, args.config_dir)
         site = SiteRuntime(cfg)
         if args.info:
             print("\n".join(site.describe()))
+            return 0
+        if args.raters:
+            out = Path(args.out) if args.out else site.store.root / "rater_report"
+            written = site.rater_report(out, args.split)
+            print(f"rater report of {site.name} ({args.split}): {out}")
+            print("\n".join(f"  {path.name}" for path in written))
             return 0
         if args.predict:
             from mrprism_core.predict import run_cli

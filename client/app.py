@@ -23,7 +23,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from mrprism_core.checkpoint import CorruptCheckpointError
-from mrprism_core.federated import PACKED_KEY, StateLayout, split_evaluation
+from mrprism_core.federated import PACKED_KEY, QUALITY_KEY, StateLayout, split_evaluation
 from mrprism_core.models import SegmentationModel, split_state
 from mrprism_core.protocol import RoundInstructions, SiteReply
 
@@ -95,16 +95,19 @@ def _train_round(
         ditto_lambda=instructions.ditto_lambda,
     )
     site.save(model, server_round=server_round, run_id=run_id)
+    metrics = {
+        "train-loss": float(result["loss"]),
+        "skipped-steps": int(result["skipped_steps"]),
+        **{k: float(v) for k, v in result.items() if k.startswith("dp-")},
+    }
+    if site.shares_quality:  # the one number of the rater report a site may send (opt-in)
+        metrics[QUALITY_KEY] = site.annotation_quality(model)
     reply = SiteReply(
         site=site.name,
         num_raters=site.info.num_raters,
         heads_from_round=heads_from,
         num_examples=int(result["num_examples"]),
-        metrics={
-            "train-loss": float(result["loss"]),
-            "skipped-steps": int(result["skipped_steps"]),
-            **{k: float(v) for k, v in result.items() if k.startswith("dp-")},
-        },
+        metrics=metrics,
     )
     return layout.pack(split_state(model)[0]), reply  # rater heads stay here
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from mrprism_core.checkpoint import (
     CorruptCheckpointError,
@@ -41,9 +42,12 @@ from mrprism_core.models import (
     split_state,
 )
 from mrprism_core.personalization import check_personalization
+from mrprism_core.rater_quality import RaterAssessment, assess_raters
+from mrprism_core.rater_report import write_rater_report
 from mrprism_core.train import evaluate, make_loader, preset_lr, resolve_device
 
 from .privacy import PrivacyConfig, PrivacyLedger, PrivateRound
+from .site_schema import check_site_config
 from .state import PRIVACY_LEDGER, SiteStore
 
 log = logging.getLogger(__name__)
@@ -111,26 +115,61 @@ def _describe_agreement(dice: Sequence[float | None], classes: Sequence[str] | N
     return "mean pairwise rater Dice (train): " + ", ".join(parts)
 
 
-def _config_root(config_dir: str | Path | None) -> Path:
-    if config_dir is not None:
-        return Path(config_dir)
-    return Path(str(resources.files("site_configs")))
+#: environment variable naming a hospital-owned folder of site configs (like --config-dir)
+SITE_CONFIGS_ENV = "MRPRISM_SITE_CONFIGS"
+
+
+def packaged_configs() -> Path:
+    """The site configs shipped with the package (``site_configs/``)."""
+    return Path(str(resources.files("site_configs"))).resolve()
+
+
+def config_roots(config_dir: str | Path | None = None) -> list[Path]:
+    """Where site configs are looked up, first match wins: the hospital's own folder
+    (``config_dir``, else ``$MRPRISM_SITE_CONFIGS``), then the packaged ``site_configs/``."""
+    own = config_dir if config_dir is not None else os.environ.get(SITE_CONFIGS_ENV) or None
+    roots = [packaged_configs()]
+    if own is not None:
+        own_root = Path(own).expanduser().resolve()
+        if not own_root.is_dir():
+            raise SiteDataError(f"config folder {own_root} does not exist")
+        if own_root != roots[0]:
+            roots.insert(0, own_root)
+    return roots
+
+
+def _sites_in(root: Path) -> list[str]:
+    """Names of the site configs in ``root`` (top-level YAML files with a ``site:`` key)."""
+    return [
+        path.stem
+        for path in sorted(root.glob("*.yaml"))
+        if any(line.startswith("site:") for line in path.read_text().splitlines())
+    ]
+
+
+def site_sources(config_dir: str | Path | None = None) -> dict[str, Path]:
+    """Every known site and the folder its YAML is taken from (the hospital's own first)."""
+    sources: dict[str, Path] = {}
+    for root in config_roots(config_dir):
+        for name in _sites_in(root):
+            sources.setdefault(name, root)
+    return dict(sorted(sources.items()))
 
 
 def available_sites(config_dir: str | Path | None = None) -> list[str]:
-    """Names of the site configs (top-level YAML files with a ``site:`` key)."""
-    root = _config_root(config_dir)
-    names = []
-    for path in sorted(root.glob("*.yaml")):
-        if any(line.startswith("site:") for line in path.read_text().splitlines()):
-            names.append(path.stem)
-    return names
+    """Names of the known site configs (the hospital's own folder and the packaged ones)."""
+    return list(site_sources(config_dir))
 
 
 def compose_site_config(
     site: str, overrides: Sequence[str] = (), config_dir: str | Path | None = None
 ) -> dict[str, Any]:
-    """Resolve ``site_configs/<site>.yaml`` with Hydra (groups, interpolation, overrides).
+    """Resolve ``<site>.yaml`` with Hydra (groups, interpolation, overrides).
+
+    The YAML comes from the hospital's own folder (``config_dir`` or ``$MRPRISM_SITE_CONFIGS``)
+    when it is there, else from the packaged ``site_configs/``; the packaged groups (``data``,
+    ``privacy``) stay available to it either way, and a site of the same name in both is
+    taken from the hospital's folder with a notice.
 
     Raises:
         SiteDataError: unknown site (the message lists the known ones) or bad override.
@@ -141,23 +180,35 @@ def compose_site_config(
     from omegaconf import OmegaConf
     from omegaconf.errors import MissingMandatoryValue
 
-    root = _config_root(config_dir).resolve()
-    known = available_sites(root)
-    if site not in known:
-        raise SiteDataError(f"unknown site {site!r}: no {root / (site + '.yaml')}; known: {known}")
+    sources = site_sources(config_dir)
+    if site not in sources:
+        searched = " and ".join(str(root) for root in config_roots(config_dir))
+        raise SiteDataError(
+            f"unknown site {site!r}: no {site}.yaml in {searched}; known: {list(sources)}"
+        )
+    root, packaged = sources[site], packaged_configs()
+    extra = []
+    if root != packaged:  # the hospital's folder, with the packaged groups behind it
+        extra = [f"hydra.searchpath=[file://{packaged}]"]
+        if site in _sites_in(packaged):
+            log.warning("site %s: using %s, not the packaged config", site, root / f"{site}.yaml")
     # inside another Hydra app (simulation.run) the global Hydra is taken: set it aside
     global_hydra = GlobalHydra.instance()
     outer = global_hydra.hydra if global_hydra.is_initialized() else None
     global_hydra.clear()
     try:
         with initialize_config_dir(config_dir=str(root), version_base="1.3"):
-            cfg = compose(config_name=site, overrides=list(overrides))
+            cfg = compose(config_name=site, overrides=[*overrides, *extra])
     except (HydraException, ValueError) as err:  # bad override, bad YAML, unknown group
         raise SiteDataError(f"site {site!r}: {err}") from err
     finally:
         if outer is not None:
             GlobalHydra.instance().clear()
             GlobalHydra.instance().initialize(outer)
+    try:
+        cfg = check_site_config(cfg)  # types and key names, before anything runs
+    except ValueError as err:
+        raise SiteDataError(f"site {site!r}: {err}") from err
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise SiteDataError(
@@ -605,3 +656,51 @@ class SiteRuntime:
 
     def evaluate(self, model: SegmentationModel, split: str = "val") -> dict[str, Any]:
         return evaluate(model, self.loader(split, shuffle=False), self.device)
+
+    # --- raters -----------------------------------------------------------------------
+    @property
+    def shares_quality(self) -> bool:
+        """Whether the site opted in to send its annotation-quality score each round."""
+        return bool(self.cfg.get("share_quality", False))
+
+    def _cases_of(self, split: str) -> Dataset:
+        """One split's cases, or every split's (``all``) that holds any."""
+        if split != "all":
+            if split not in SPLITS:
+                raise SiteDataError(f"unknown split {split!r}; choose all or one of {SPLITS}")
+            return self.dataset(split)
+        parts = []
+        for name in SPLITS:
+            try:
+                parts.append(self.dataset(name))
+            except EmptySplitError:
+                continue
+        return ConcatDataset(parts)
+
+    def assess_raters(
+        self, model: SegmentationModel | None = None, split: str = "all"
+    ) -> RaterAssessment:
+        """Every rater of the site against the calibrated consensus of ``model`` (default: the
+        site's own personalised model) on ``split``."""
+        model = self.personal_model() if model is None else model
+        train_cfg = self.cfg.get("train", {})
+        loader = make_loader(
+            self._cases_of(split),
+            int(train_cfg.get("batch_size", 8)),
+            shuffle=False,
+            num_workers=int(train_cfg.get("num_workers", 0)),
+        )
+        return assess_raters(model, loader, self.device, self.cfg["data"].get("classes"))
+
+    def rater_report(self, out_dir: str | Path, split: str = "all") -> list[Path]:
+        """Write the site's rater report (``raters.json``, ``raters.md``, PNGs) to ``out_dir``."""
+        return write_rater_report(self.assess_raters(split=split), out_dir, self.name, split)
+
+    def annotation_quality(self, model: SegmentationModel) -> float:
+        """The bounded score a site that opted in sends: measured on the validation split,
+        which the round did not train on (the training split when there is none)."""
+        try:
+            split = "val" if len(self.dataset("val")) else "train"
+        except EmptySplitError:
+            split = "train"
+        return self.assess_raters(model, split).quality  # bounded to [QUALITY_FLOOR, 1]

@@ -16,9 +16,14 @@ import numpy as np
 import torch
 
 from .metrics import RECURRENCE_METRICS, recurrence_table
+from .rater_quality import bounded_quality
 
 __all__ = [
+    "AGGREGATION_WEIGHTS",
     "PACKED_KEY",
+    "QUALITY_KEY",
+    "WEIGHT_KEY",
+    "aggregation_weights",
     "StateLayout",
     "split_evaluation",
     "recurrences_from_details",
@@ -27,6 +32,43 @@ __all__ = [
 
 #: Name of the one array that carries the shared weights in a message.
 PACKED_KEY = "shared-weights"
+
+#: Metric in which a site that opted in (``share_quality``) sends its annotation-quality score.
+QUALITY_KEY = "annotation-quality"
+
+#: Metric the server writes into each usable update for a quality-aware aggregation; Flower's
+#: strategies weight by it (``weighted_by_key``).
+WEIGHT_KEY = "aggregation-weight"
+
+#: What a site's update is weighted by: its training cases, its annotation-quality score, or both.
+AGGREGATION_WEIGHTS = ("examples", "quality", "examples*quality")
+
+
+def aggregation_weights(
+    examples: list[int], scores: list[float | None], mode: str
+) -> tuple[list[float], list[float]]:
+    """Each site's aggregation weight under ``mode`` (:data:`AGGREGATION_WEIGHTS`), and the
+    quality scores used.
+
+    Scores are clipped to ``[QUALITY_FLOOR, 1]`` here, on the server, whatever a site claims.
+    A site that did not share a score (or sent a non-finite one) gets the median of the
+    others' this round: neither rewarded nor punished for keeping it. With no score at all,
+    every site counts as 1 (``quality`` is then a plain mean, ``examples*quality`` FedAvg).
+    """
+    if mode not in AGGREGATION_WEIGHTS:
+        raise ValueError(
+            f"unknown aggregation-weight {mode!r}; choose one of {list(AGGREGATION_WEIGHTS)}"
+        )
+    if len(examples) != len(scores):
+        raise ValueError(f"{len(examples)} example counts for {len(scores)} quality scores")
+    shared = [bounded_quality(s) for s in scores if s is not None and math.isfinite(s)]
+    fallback = float(np.median(shared)) if shared else 1.0
+    used = [bounded_quality(s) if s is not None and math.isfinite(s) else fallback for s in scores]
+    if mode == "examples":
+        return [float(n) for n in examples], used
+    if mode == "quality":
+        return used, used
+    return [float(n) * q for n, q in zip(examples, used)], used
 
 
 @dataclass(frozen=True)

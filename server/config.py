@@ -27,6 +27,7 @@ class RunConfig:
     min_evaluate_nodes: int = 2  # an evaluation round waits for at least this many sites
     min_available_nodes: int = 2  # sites that must be connected before round 1 starts
     min_train_replies: int = 1  # usable updates a round needs to change the global model
+    aggregation_weight: str = "examples"  # update weight: examples, quality, examples*quality
     proximal_mu: float = 0.01  # FedProx proximal weight
     server_lr: float = 0.01  # FedAdam/FedYogi server learning rate (eta)
     server_momentum: float = 0.9  # FedAvgM: momentum of the server's averaged update

@@ -37,7 +37,14 @@ from mrprism_core.checkpoint import (
     shared_weights_from_checkpoint,
 )
 from mrprism_core.data.factory import DatasetInfo
-from mrprism_core.federated import PACKED_KEY, StateLayout, update_problem
+from mrprism_core.federated import (
+    PACKED_KEY,
+    QUALITY_KEY,
+    WEIGHT_KEY,
+    StateLayout,
+    aggregation_weights,
+    update_problem,
+)
 from mrprism_core.models import build_model_for_data, split_state
 from mrprism_core.personalization import check_personalization
 from mrprism_core.protocol import RoundInstructions, SiteReply
@@ -141,6 +148,41 @@ def _usable_updates(
             continue
         kept.append(msg)
     return kept
+
+
+def _metric_record(msg: Message) -> MetricRecord:
+    """A reply's (only) MetricRecord: the one Flower's strategies read weights from."""
+    return next(iter(msg.content.metric_records.values()))
+
+
+def weigh_updates(updates: list[Message], mode: str) -> dict[str, dict[str, float]]:
+    """Write each update's ``aggregation-weight`` under ``mode`` (examples, quality or
+    examples*quality; :func:`~mrprism_core.federated.aggregation_weights`), which the strategy
+    then weights by; return, per site, the quality score used and its share of the weight."""
+    records = [_metric_record(msg) for msg in updates]
+    examples = [int(record["num-examples"]) for record in records]
+    claimed = [record.get(QUALITY_KEY) for record in records]
+    weights, used = aggregation_weights(
+        examples, [None if q is None else float(q) for q in claimed], mode
+    )
+    total = sum(weights) or 1.0
+    shares = {}
+    for msg, record, weight, quality, sent in zip(updates, records, weights, used, claimed):
+        record[WEIGHT_KEY] = float(weight)
+        shares[_site_name(msg)] = {
+            "quality": quality,
+            "quality-shared": sent is not None,
+            "weight-share": weight / total,
+        }
+    return shares
+
+
+def weigh_by_examples(replies: list[Message]) -> None:
+    """Evaluation replies are averaged by their test cases even when training updates are
+    weighted by quality (the strategy reads one weighting key for both)."""
+    for msg in replies:
+        record = _metric_record(msg)
+        record[WEIGHT_KEY] = float(record["num-examples"])
 
 
 def round_instructions(cfg: RunConfig, layout: StateLayout) -> RoundInstructions:
@@ -327,6 +369,10 @@ def run_federation(
         updates = _usable_updates(replies, arrays, dropped)
         aggregated = len(updates) >= cfg.min_train_replies
         train_metrics = None
+        weighting = {}
+        if updates and cfg.aggregation_weight != "examples":
+            weighting = weigh_updates(updates, cfg.aggregation_weight)
+            log.info("round %d: aggregation weights %s", server_round, weighting)
         if aggregated:
             new_arrays, train_metrics = strategy.aggregate_train(server_round, updates)
             aggregated = new_arrays is not None
@@ -351,6 +397,8 @@ def run_federation(
         config = ConfigRecord(replace(standing, server_round=server_round).to_config())
         messages = strategy.configure_evaluate(server_round, arrays, config, grid)
         eval_replies, eval_dropped = _exchange(grid, messages, cfg.round_timeout, sites)
+        if cfg.aggregation_weight != "examples":
+            weigh_by_examples(eval_replies)
         eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
         record = {
             "round": server_round,
@@ -365,6 +413,8 @@ def run_federation(
             "dropped": dropped,
             "evaluate_dropped": eval_dropped,
         }
+        if weighting:
+            record["aggregation_weights"] = weighting
         log_site_privacy(record["train_sites"])
         history.append(record)
         files.save_round(

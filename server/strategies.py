@@ -21,11 +21,15 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from mrprism_core.federated import AGGREGATION_WEIGHTS, WEIGHT_KEY
+
 from .config import RunConfig
 
 __all__ = [
     "DP_MODES",
     "STRATEGY_NAMES",
+    "WEIGHTED_STRATEGIES",
+    "check_aggregation_weight",
     "build_strategy",
     "restore_server_optimizer_state",
     "server_optimizer_state",
@@ -42,14 +46,20 @@ STRATEGY_NAMES = (
     "krum",
 )
 DP_MODES = ("none", "server-fixed", "client-fixed", "server-adaptive")
+#: strategies whose aggregate of the weights is a weighted mean (the others take a median,
+#: a trimmed mean or one chosen update, and would ignore a quality weighting)
+WEIGHTED_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi")
 
 
 def build_strategy(cfg: RunConfig) -> Strategy:
     """The strategy named by ``cfg.strategy``, wrapped in Flower's user-level DP strategy
     named by ``cfg.dp_mode`` (clipping each site's update, Gaussian noise on the aggregate).
 
-    Aggregation is weighted by ``num-examples`` (samples, never batches).
+    Aggregation is weighted by ``num-examples`` (samples, never batches), or, with
+    ``aggregation-weight`` quality or examples*quality, by the ``aggregation-weight`` metric
+    the server writes into each update (:func:`server.federation.weigh_updates`).
     """
+    check_aggregation_weight(cfg)
     strategy = _base_strategy(cfg)
     mode = cfg.dp_mode.lower()
     noise, clip, sites = cfg.dp_noise_multiplier, cfg.dp_clipping_norm, cfg.dp_sampled_sites
@@ -66,13 +76,36 @@ def build_strategy(cfg: RunConfig) -> Strategy:
     raise ValueError(f"unknown dp-mode {cfg.dp_mode!r}; choose one of {list(DP_MODES)}")
 
 
+def check_aggregation_weight(cfg: RunConfig) -> None:
+    """Refuse a quality weighting that the chosen strategy or SecAgg+ would not apply."""
+    mode = cfg.aggregation_weight
+    if mode not in AGGREGATION_WEIGHTS:
+        raise ValueError(
+            f"unknown aggregation-weight {mode!r}; choose one of {list(AGGREGATION_WEIGHTS)}"
+        )
+    if mode == "examples":
+        return
+    if cfg.strategy.lower() not in WEIGHTED_STRATEGIES:
+        raise ValueError(
+            f"aggregation-weight={mode} needs a strategy that takes a weighted mean "
+            f"({', '.join(WEIGHTED_STRATEGIES)}); {cfg.strategy} ignores the weights"
+        )
+    if cfg.secure_aggregation:
+        raise ValueError(
+            f"aggregation-weight={mode} is not available under SecAgg+: the masked sum is "
+            "weighted by example counts, which the sites apply before masking"
+        )
+
+
 def _base_strategy(cfg: RunConfig) -> Strategy:
+    weighted_by = "num-examples" if cfg.aggregation_weight == "examples" else WEIGHT_KEY
     common: dict[str, Any] = {
         "fraction_train": cfg.fraction_train,
         "fraction_evaluate": cfg.fraction_evaluate,
         "min_train_nodes": cfg.min_train_nodes,
         "min_evaluate_nodes": cfg.min_evaluate_nodes,
         "min_available_nodes": cfg.min_available_nodes,
+        "weighted_by_key": weighted_by,
     }
     name = cfg.strategy.lower()
     if name == "fedavg":

@@ -13,6 +13,11 @@ federated_secagg  the same under SecAgg+ (the server sees only the sum of the up
                   once at the end, from the global checkpoint and each site's own heads
 federated_shared  the same, but every site has the largest site's number of rater slots and
                   *everything* is aggregated (head m of every site averaged): no personalisation
+federated_quality the same, every site sending its annotation-quality score (``share_quality``)
+                  and the server weighting updates by it (``federation.quality_weight``:
+                  examples*quality or quality)
+federated_without_SITE  the same without site SITE in the rounds; SITE then fits only its own
+                  rater heads to the final global model (``SiteRuntime.adapt``) and is scored
 local             each site alone, same epochs, same ``SiteRuntime.train`` as the ClientApp
 centralized       all sites' training cases pooled into one model; each site's raters get their
                   own rater slots, so no rater is mixed with another
@@ -69,11 +74,13 @@ METHODS = (
     "federated_fedrep",
     "federated_fedbabu",
     "federated_ditto",
+    "federated_quality",
 )
 #: federated_<personalization> methods (plain ``federated`` is FedPer)
 PERSONALIZED = {f"federated_{name}": name for name in ("fedrep", "fedbabu", "ditto")}
 DP_METHOD = re.compile(r"federated_dp_eps(\d+(?:\.\d+)?)")  # federated_dp_eps<epsilon>
 DP_DELTA = 1e-5
+WITHOUT_METHOD = re.compile(r"federated_without_(.+)")  # federated_without_<site>
 
 
 def parse_method(name: str) -> tuple[str, str]:
@@ -87,11 +94,13 @@ def check_methods(names: list[str]) -> None:
     unknown = []
     for name in names:
         model, method = parse_method(name)
-        if model not in MODEL_NAMES or (method not in METHODS and not DP_METHOD.fullmatch(method)):
+        patterned = DP_METHOD.fullmatch(method) or WITHOUT_METHOD.fullmatch(method)
+        if model not in MODEL_NAMES or (method not in METHODS and not patterned):
             unknown.append(name)
     if unknown:
         raise ValueError(
-            f"unknown method(s) {unknown}; choose from {list(METHODS)} or federated_dp_eps<E>, "
+            f"unknown method(s) {unknown}; choose from {list(METHODS)}, federated_dp_eps<E> "
+            "or federated_without_<site>, "
             f"optionally as <model>:<method> with a model of {list(MODEL_NAMES)}"
         )
 
@@ -118,6 +127,7 @@ class Experiment:
     eval_split: str = "test"
     ray_num_cpus: int | None = None
     client_num_gpus: float = 0.0
+    quality_weight: str = "examples*quality"  # federated_quality's aggregation-weight
     on_progress: Callable[[str], None] | None = None
 
     def spec(self, info: Any) -> dict[str, Any]:
@@ -150,7 +160,12 @@ def _row(result: Mapping[str, Any], slots: slice | None = None) -> dict[str, Any
 
 
 def _site_config(
-    exp: Experiment, site: VirtualSite, state_dir: Path, data: Mapping, privacy: Mapping
+    exp: Experiment,
+    site: VirtualSite,
+    state_dir: Path,
+    data: Mapping,
+    privacy: Mapping,
+    share_quality: bool = False,
 ) -> dict:
     # every method steps with the experiment's batch size, whatever the site config says
     train = {**dict(site.settings.get("train", {})), "batch_size": exp.batch_size}
@@ -163,17 +178,22 @@ def _site_config(
         "train": train,
         "data": dict(data),
         "privacy": dict(privacy),
+        "share_quality": share_quality,
     }
 
 
 def write_site_dirs(
-    exp: Experiment, method: str, data_of=lambda s: s.data, privacy: Mapping | None = None
+    exp: Experiment,
+    method: str,
+    data_of=lambda s: s.data,
+    privacy: Mapping | None = None,
+    share_quality: bool = False,
 ) -> list[Path]:
     """One state directory per site under ``<work_dir>/<method>/sites/``, with its config."""
     dirs = []
     for site in exp.sites:
         state_dir = exp.work_dir / method / "sites" / site.name
-        cfg = _site_config(exp, site, state_dir, data_of(site), privacy or {})
+        cfg = _site_config(exp, site, state_dir, data_of(site), privacy or {}, share_quality)
         SiteStore(state_dir).write_config(OmegaConf.to_yaml(OmegaConf.create(cfg)))
         dirs.append(state_dir)
     return dirs
@@ -190,6 +210,8 @@ def _run_federated(
     privacy: Mapping[str, Any] | None = None,
     secure: bool = False,
     personalization: str = "fedper",
+    quality_weighted: bool = False,
+    without: str | None = None,
 ) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
@@ -205,9 +227,14 @@ def _run_federated(
     if shared_everything:
         options = {"local_modules": []}
         data_of = lambda s: {**s.data, "rater_slots": {"total": most, "offset": 0}}  # noqa: E731
-    dirs = write_site_dirs(exp, method, data_of, privacy)
+    dirs = write_site_dirs(exp, method, data_of, privacy, share_quality=quality_weighted)
     out_dir = exp.work_dir / method / "server"
-    count = len(exp.sites)
+    names = [site.name for site in exp.sites]
+    if without is not None and without not in names:
+        raise ValueError(f"{method}: no site named {without!r} to leave out; sites: {names}")
+    # the sites in the rounds (all but a left-out one)
+    rounds_dirs = [d for name, d in zip(names, dirs) if name != without]
+    count = len(rounds_dirs)
     if secure and count < 3:
         raise ValueError(f"{method}: SecAgg+ needs at least 3 sites, the partition has {count}")
     run_config = {
@@ -233,17 +260,20 @@ def _run_federated(
         "resume": False,
         "eval-split": exp.eval_split,
         "secure-aggregation": secure,
+        "aggregation-weight": exp.quality_weight if quality_weighted else "examples",
         # the largest site weighs in with its example count: the finest SecAgg+ quantization
         "secagg-max-weight": float(max(len(dataset) for dataset in train_sets.values())),
     }
     history: dict[str, list[float]] = {s.name: [] for s in exp.sites}
     finals: dict[str, dict[str, Any]] = {}
     spent: dict[str, dict[str, float]] = {}
+    weighting: dict[str, Any] = {}
 
     def on_round(record: dict[str, Any]) -> None:
         for name, row in record["evaluate_sites"].items():
             history[name].append(float(row["soft-dice"]))
             finals[name] = row
+        weighting.update(record.get("aggregation_weights", {}))  # the last round's
         for name, row in record["train_sites"].items():
             if "dp-epsilon" in row:
                 spent[name] = {"epsilon": float(row["dp-epsilon"]), "delta": row["dp-delta"]}
@@ -255,7 +285,7 @@ def _run_federated(
     }
     run_simulation(
         server_app=create_server_app(run_config, on_round=on_round),
-        client_app=create_client_app([str(d) for d in dirs]),
+        client_app=create_client_app([str(d) for d in rounds_dirs]),
         num_supernodes=count,
         backend_config=backend,
     )
@@ -267,6 +297,15 @@ def _run_federated(
                 lr=exp.lr,
                 source=str(out_dir / "global_model.pt"),
             )
+    if without is not None:  # the left-out site fits its own heads to the global model
+        SiteRuntime.from_state_dir(dirs[names.index(without)]).adapt(
+            cases=None,
+            epochs=exp.rounds * exp.local_epochs,  # the passes it would have had in the rounds
+            lr=exp.lr,
+            source=str(out_dir / "global_model.pt"),
+        )
+        finals[without] = evaluate_at_sites(exp, [dirs[names.index(without)]], out_dir)[without]
+        history[without].append(float(finals[without]["soft-dice"]))
     if secure or personalization == "fedbabu":
         # no federated evaluation under SecAgg+ / of the fine-tuned heads: each site scores
         # its final model itself
@@ -295,6 +334,8 @@ def _run_federated(
     }
     if privacy:
         result["privacy"] = spent
+    if weighting:
+        result["aggregation_weights"] = weighting
     return result
 
 
@@ -406,6 +447,10 @@ def run_method(name: str, exp: Experiment) -> dict[str, Any]:
         result = _run_federated(exp, name, secure=True)
     elif name == "federated_shared":
         result = _run_federated(exp, name, shared_everything=True)
+    elif name == "federated_quality":
+        result = _run_federated(exp, name, quality_weighted=True)
+    elif WITHOUT_METHOD.fullmatch(name):
+        result = _run_federated(exp, name, without=WITHOUT_METHOD.fullmatch(name).group(1))
     elif name in PERSONALIZED:
         result = _run_federated(exp, name, personalization=PERSONALIZED[name])
     elif name == "local":

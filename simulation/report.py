@@ -124,6 +124,31 @@ def _markdown(results: Mapping[str, Any]) -> str:
             cells = [f"{spent[s]['epsilon']:.2f}" if s in spent else "-" for s in sites]
             delta = next(iter(spent.values()))["delta"] if spent else "-"
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {delta} |")
+    weighted = {
+        n: m["aggregation_weights"] for n, m in methods.items() if m.get("aggregation_weights")
+    }
+    if weighted:
+        lines += [
+            "",
+            "## Annotation-quality weighting (last round)",
+            "",
+            "Each site's annotation-quality score as the server used it, and its share of the "
+            "aggregation weight (share by examples alone in brackets).",
+            "",
+            "| method | " + " | ".join(sites) + " |",
+            "|---" * (len(sites) + 1) + "|",
+        ]
+        cases = {site["name"]: site["cases"].get("train", 0) for site in results["sites"]}
+        total = sum(cases.values()) or 1
+        for name, rows in weighted.items():
+            cells = [
+                f"{rows[s]['quality']:.3f}: {100 * rows[s]['weight-share']:.0f} % "
+                f"({100 * cases[s] / total:.0f} %)"
+                if s in rows
+                else "-"
+                for s in sites
+            ]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if "federated_secagg" in methods:
         lines += [
             "",

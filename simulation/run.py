@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,10 @@ def resolve_sites(cfg: dict[str, Any]) -> list[VirtualSite]:
     part = dict(cfg["partition"])
     if part.get("kind", "source") == "source":
         overrides = list(part.get("source_overrides") or [])
-        part["sources"] = [compose_site_config(name, overrides) for name in part["sources"]]
+        own = part.get("config_dir")  # a hospital-owned folder overlaying site_configs/
+        part["sources"] = [
+            compose_site_config(name, overrides, own) for name in part["sources"]
+        ]
     return partition(part, int(cfg["seed"]))
 
 
@@ -110,6 +114,7 @@ def run_experiment(cfg: dict[str, Any]) -> dict[str, Any]:
         eval_split=str(fed["eval_split"]),
         ray_num_cpus=fed.get("ray_num_cpus"),
         client_num_gpus=float(fed.get("client_num_gpus") or 0.0),
+        quality_weight=str(fed.get("quality_weight", Experiment.quality_weight)),
     )
     bar = tqdm(
         total=sum(exp.rounds * (len(sites) if m.endswith("local") else 1) for m in methods),
@@ -155,7 +160,14 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path="pkg://site_configs", config_name="simulation")
     def _run(cfg: DictConfig) -> None:
-        results = run_experiment(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+        container: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+        try:  # a bad method or site name: the message alone, before anything runs
+            check_methods(list(container["methods"]))
+            resolve_sites(container)
+        except (ValueError, FileNotFoundError) as err:  # SiteDataError is a ValueError
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        results = run_experiment(container)
         for name, method in results["methods"].items():
             print(f"{name:17} mean soft Dice {method['mean']['soft_dice']:.4f}")
         for target in results["targets"]:

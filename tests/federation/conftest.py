@@ -86,3 +86,26 @@ def simulate(config: dict, state_dirs: list[str], client_app=None, on_round=None
     )
     metrics = Path(config["out-dir"]) / "metrics.jsonl"
     return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+
+
+# one long round (160 optimizer steps) so the model has learnt the structures
+# the uncertainty map reads the personalised heads: train them with the multi-head term too
+# (the faithful shuffle loss alone leaves them soft after one round; README, Benchmarks)
+ROUND = RunConfig(
+    local_epochs=20,
+    lr=3e-3,
+    model_options=json.dumps({"recurrences": 1, "divp_supervision": "shuffle+multihead"}),
+)
+
+
+@pytest.fixture
+def trained_site(make_site, task_identity):
+    """synthetic_a after one (long) federated round: its snapshot is its personalised model."""
+    state_dir = make_site(
+        "synthetic_a", "data.splits.train=32", "train.batch_size=4", "data.image_size=32"
+    )
+    from client.app import create_client_app
+
+    reply = create_client_app()(train_message(ROUND)[0], node_context(state_dir))
+    assert not reply.has_error(), reply.error
+    return state_dir

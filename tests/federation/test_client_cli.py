@@ -35,6 +35,12 @@ def test_bad_sites_and_settings_give_clear_errors_not_tracebacks(tmp_path):
     assert empty.returncode == 2 and "no training cases" in empty.stderr
     no_site = _client("--check")
     assert no_site.returncode == 2 and "--site is required" in no_site.stderr
+    # a value of the wrong type, or a misspelt key, is named before anything runs
+    typed = _client("--site", "synthetic_a", "--check", "train.batch_size=abc")
+    assert typed.returncode == 2 and "train.batch_size='abc' is refused" in typed.stderr
+    assert "converted to Integer" in typed.stderr and "Traceback" not in typed.stderr
+    typo = _client("--site", "synthetic_a", "--check", "+trian.batch_size=4")
+    assert typo.returncode == 2 and "unknown key 'trian'" in typo.stderr
 
 
 def test_dry_run_writes_the_resolved_config_and_shows_the_supernode_command(tmp_path):
@@ -78,3 +84,43 @@ def test_check_reports_the_snapshot_and_refuses_a_damaged_one(tmp_path):
     damaged = _client("--site", "synthetic_a", "--check", f"state_dir={state}")
     assert damaged.returncode == 2 and "Traceback" not in damaged.stderr
     assert f"{store.snapshot_path}: checksum mismatch" in damaged.stderr
+
+
+def test_a_hospitals_own_config_folder_overlays_the_packaged_one(tmp_path):
+    import os
+
+    from simulation.run import resolve_sites
+
+    own = tmp_path / "our_configs"
+    own.mkdir()
+    packaged = (PROJECT_ROOT / "site_configs" / "synthetic_a.yaml").read_text()
+    # a new hospital on the packaged data group, and our own version of synthetic_b
+    (own / "st_mary.yaml").write_text(packaged.replace("synthetic_a", "st_mary"))
+    (own / "synthetic_b.yaml").write_text(packaged.replace("synthetic_a", "synthetic_b"))
+
+    listed = _client("--list", "--config-dir", str(own))
+    assert listed.returncode == 0, listed.stderr
+    rows = dict(line.split() for line in listed.stdout.splitlines())
+    assert rows["st_mary"] == str(own) and rows["synthetic_b"] == str(own)
+    assert rows["synthetic_c"] == str(PROJECT_ROOT / "site_configs")
+
+    mine = _client("--site", "st_mary", "--config-dir", str(own), "--check", "privacy=dp_sgd")
+    assert mine.returncode == 0, mine.stderr
+    assert "site:        st_mary" in mine.stdout and "raters:      3" in mine.stdout
+    assert "epsilon" in mine.stdout  # the packaged privacy group is there for it
+
+    env = {**os.environ, "MRPRISM_SITE_CONFIGS": str(own)}
+    shadowed = subprocess.run(
+        [sys.executable, "-m", "client", "--site", "synthetic_b", "--check"],
+        capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120, env=env,
+    )  # fmt: skip
+    assert shadowed.returncode == 0, shadowed.stderr
+    assert "raters:      3" in shadowed.stdout  # ours (3 raters), not the packaged 4
+    assert f"using {own / 'synthetic_b.yaml'}, not the packaged config" in shadowed.stderr
+    assert _client("--site", "st_mary", "--check").returncode == 2  # not without the folder
+
+    sites = resolve_sites(
+        {"seed": 0, "partition": {"kind": "source", "sources": ["st_mary", "synthetic_c"],
+                                  "config_dir": str(own)}}
+    )  # fmt: skip
+    assert [s.name for s in sites] == ["st_mary", "synthetic_c"]

@@ -14,7 +14,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pydicom
-import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -28,26 +27,6 @@ from server.config import RunConfig
 
 from .conftest import node_context, train_message
 from .deploy import PROJECT_ROOT
-
-# one long round (160 optimizer steps) so the model has learnt the structures
-# the uncertainty map reads the personalised heads: train them with the multi-head term too
-# (the faithful shuffle loss alone leaves them soft after one round; README, Benchmarks)
-ROUND = RunConfig(
-    local_epochs=20,
-    lr=3e-3,
-    model_options=json.dumps({"recurrences": 1, "divp_supervision": "shuffle+multihead"}),
-)
-
-
-@pytest.fixture
-def trained_site(make_site, task_identity):
-    """synthetic_a after one (long) federated round: its snapshot is its personalised model."""
-    state_dir = make_site(
-        "synthetic_a", "data.splits.train=32", "train.batch_size=4", "data.image_size=32"
-    )
-    reply = create_client_app()(train_message(ROUND)[0], node_context(state_dir))
-    assert not reply.has_error(), reply.error
-    return state_dir
 
 
 def _client(*args: str) -> subprocess.CompletedProcess:

@@ -155,3 +155,20 @@ def test_unknown_models_and_methods_are_named():
 
     with pytest.raises(ValueError, match=r"\['unet_x:local', 'mrnet:sideways'\]"):
         check_methods(["federated", "unet_x:local", "mrnet:sideways", "dpersona:federated"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("methods=[bogus]", "unknown method(s) ['bogus']"),
+        ("partition.sources=[nope]", "unknown site 'nope'"),
+    ],
+)
+def test_a_bad_method_or_site_is_one_message_not_a_traceback(override, message, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "simulation.run", override, f"out_dir={tmp_path}"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {message}"), result.stderr
+    assert "Traceback" not in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr

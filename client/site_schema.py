@@ -1,0 +1,68 @@
+"""The typed shape of a site config (``site_configs/<site>.yaml``), checked when it is composed.
+
+OmegaConf merges the composed YAML into these dataclasses: a value of the wrong type
+(``train.batch_size=abc``) or a key the schema does not know (``trian.batch_size=4``) is refused
+with the key, the value and what was expected, before anything runs. The ``data`` block is
+checked by its reader (each kind has its own options) when the data set is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .privacy import PrivacyConfig
+
+__all__ = ["SiteSchema", "check_site_config"]
+
+
+@dataclass
+class TrainSchema:
+    batch_size: int = 8  # cases per optimizer step at this site
+    num_workers: int = 0  # DataLoader worker processes
+
+
+@dataclass
+class SupernodeSchema:
+    port: int = 9094  # local Runtime API port
+    insecure: bool = True  # plain HTTP to the SuperLink (trials only)
+    root_certificates: str | None = None  # CA certificate of the SuperLink (TLS)
+    auth_private_key: str | None = None  # this site's key for SuperNode authentication
+    max_retries: int | None = None  # stop reconnecting after this many tries (None: never)
+
+
+@dataclass
+class SiteSchema:
+    site: str = "???"  # the site's name, reported with its metrics
+    superlink: str = "127.0.0.1:9092"  # SuperLink address host:port
+    state_dir: str = "???"  # site-local state: heads, snapshot, resolved config
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    share_quality: bool = False  # send one annotation-quality score per round (opt-in)
+    seed: int = 0  # seeds the site's rater heads and shuffles
+    train: TrainSchema = field(default_factory=TrainSchema)
+    supernode: SupernodeSchema = field(default_factory=SupernodeSchema)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def check_site_config(cfg: Any) -> Any:
+    """``cfg`` (a composed OmegaConf config) merged into :class:`SiteSchema`.
+
+    Raises:
+        ValueError: naming the key, the value and the expected type, or the unknown key.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, ValidationError
+
+    schema = OmegaConf.structured(SiteSchema)
+    OmegaConf.set_readonly(schema.privacy, False)  # PrivacyConfig is a frozen dataclass
+    try:
+        return OmegaConf.merge(schema, cfg)
+    except ValidationError as err:
+        expected = getattr(err, "msg", str(err)).splitlines()[0]
+        raise ValueError(f"{err.full_key}={err.value!r} is refused: {expected}") from err
+    except ConfigKeyError as err:
+        raise ValueError(
+            f"unknown key {err.full_key!r} (a typo?); a site config has "
+            f"{sorted(f for f in SiteSchema.__dataclass_fields__)} and their sub-keys"
+        ) from err
