@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
-from .data.factory import build_dataset, dataset_info
+from .data.factory import EmptySplitError, build_dataset, dataset_info
 from .metrics import MetricAccumulator
 from .models import SegmentationModel, build_model_for_data, model_from_build_args
 
@@ -235,7 +235,8 @@ def fit(cfg: Mapping[str, Any]) -> dict[str, Any]:
     Resumes from ``<out_dir>/last.pt`` when present (and ``resume`` is true); writes
     ``last.pt`` every epoch, ``best.pt`` whenever the validation soft Dice improves,
     ``metrics.jsonl`` (one line per epoch) and ``results.json``. With ``train.keep_best``
-    (default) the test split scores the best validation epoch, not the last.
+    (default) the test split scores the best validation epoch, not the last; a data set
+    without a validation split trains all the same and the test scores the last epoch.
     """
     train_cfg, model_cfg, data_cfg = cfg["train"], cfg["model"], cfg["data"]
     seed_everything(int(train_cfg["seed"]))
@@ -244,7 +245,11 @@ def fit(cfg: Mapping[str, Any]) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     train_set = build_dataset(data_cfg, "train")
-    val_set = build_dataset(data_cfg, "val")
+    try:
+        val_set: Dataset | None = build_dataset(data_cfg, "val")
+    except EmptySplitError:
+        val_set = None
+        log.warning("no validation split: no epoch is selected, the test scores the last one")
     test_set = build_dataset(data_cfg, "test")
     info = dataset_info(train_set)
     spec = {
@@ -274,7 +279,9 @@ def fit(cfg: Mapping[str, Any]) -> dict[str, Any]:
     workers = int(train_cfg.get("num_workers", 0))
     epochs = int(train_cfg["epochs"])
     progress = bool(train_cfg.get("progress", True))
-    val_loader = make_loader(val_set, batch_size, shuffle=False, num_workers=workers)
+    val_loader = None
+    if val_set is not None:
+        val_loader = make_loader(val_set, batch_size, shuffle=False, num_workers=workers)
     bar = tqdm(total=epochs, initial=start_epoch, desc="epochs", disable=not progress, unit="epoch")
 
     def train_loader(epoch: int) -> DataLoader:
@@ -283,21 +290,19 @@ def fit(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     def after_epoch(epoch: int, train_metrics: dict[str, Any]) -> None:
         nonlocal best_epoch, best_score
-        val_metrics = evaluate(model, val_loader, device, progress=progress)
+        val_metrics = None
+        if val_loader is not None:
+            val_metrics = evaluate(model, val_loader, device, progress=progress)
         record = {"epoch": epoch + 1, "train": train_metrics, "val": val_metrics}
         history.append(record)
         _write_history(out_dir / "metrics.jsonl", history)
         payload = _checkpoint_payload(model, optimizer, epoch + 1, record)
         save_checkpoint(last, payload)
-        if val_metrics["soft_dice"] > best_score:
+        if val_metrics is not None and val_metrics["soft_dice"] > best_score:
             best_epoch, best_score = epoch + 1, float(val_metrics["soft_dice"])
             save_checkpoint(best, payload)
-        log.info(
-            "epoch %d: loss %.4f, val soft Dice %.4f",
-            epoch + 1,
-            train_metrics["loss"],
-            val_metrics["soft_dice"],
-        )
+        scored = "" if val_metrics is None else f", val soft Dice {val_metrics['soft_dice']:.4f}"
+        log.info("epoch %d: loss %.4f%s", epoch + 1, train_metrics["loss"], scored)
         bar.update(1)
 
     from .local_training import run_epochs  # it drives train_epoch, defined above
@@ -324,6 +329,11 @@ def fit(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "epochs": epochs,
         "best_epoch": best_epoch,
         "tested_epoch": tested_epoch,
+        "selected_by": (
+            "best validation soft Dice"
+            if tested_epoch and tested_epoch == best_epoch
+            else "last epoch" + (" (no validation split)" if val_set is None else "")
+        ),
         "test": evaluate(model, test_loader, device, progress=progress),
         "val": history[tested_epoch - 1]["val"] if tested_epoch else None,
     }

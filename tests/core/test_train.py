@@ -121,3 +121,15 @@ def test_fit_writes_results_and_resumes(tmp_path):
     assert [h["epoch"] for h in history] == [1, 2]
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
     assert second["epochs"] == 2
+
+
+def test_fit_without_a_validation_split_trains_and_scores_the_last_epoch(tmp_path):
+    cfg = _config(tmp_path, 2)
+    cfg["data"]["splits"]["val"] = 0
+    results = fit(cfg)
+    assert results["tested_epoch"] == 2 and results["val"] is None
+    assert results["selected_by"] == "last epoch (no validation split)"
+    assert not (tmp_path / "best.pt").exists()
+    with_val = fit(_config(tmp_path / "with_val", 2))
+    assert with_val["selected_by"] == "best validation soft Dice"
+    assert with_val["tested_epoch"] == with_val["best_epoch"]
