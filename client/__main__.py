@@ -211,6 +211,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("starting:    " + " ".join(shlex.quote(part) for part in command), flush=True)
     if args.dry_run:
         return 0
+    node = cfg.get("supernode") or {}
+    if node.get("auth_private_key"):  # a refused activation is retried (client/supervisor.py)
+        from .supervisor import run_supernode
+
+        return run_supernode(
+            command, float(node.get("activation_wait_s", 180.0)), node.get("max_retries")
+        )
     os.execvp(command[0], command)  # the SuperNode replaces this process: signals reach it
     return 0  # pragma: no cover
 

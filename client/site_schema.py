@@ -29,6 +29,7 @@ class SupernodeSchema:
     root_certificates: str | None = None  # CA certificate of the SuperLink (TLS)
     auth_private_key: str | None = None  # this site's key for SuperNode authentication
     max_retries: int | None = None  # stop reconnecting after this many tries (None: never)
+    activation_wait_s: float = 180.0  # retry a refused activation (node auth) this long
 
 
 @dataclass

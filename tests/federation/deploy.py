@@ -196,3 +196,23 @@ class Deployment:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=10)
+
+
+def history(out_dir: Path) -> list[dict]:
+    """The rounds a run has recorded in ``out_dir``'s metrics log so far."""
+    path = out_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for_round(deployment: Deployment, out_dir: Path, server_round: int, timeout=600):
+    """Block until the submitted run has recorded ``server_round``; raise, with its log, if
+    it ends or ``timeout`` passes first."""
+    deadline = time.time() + timeout
+    run = dict(deployment.processes)["flwr-run"]
+    while time.time() < deadline and run.poll() is None:
+        if any(r["round"] >= server_round for r in history(out_dir)):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"round {server_round} not reached:\n{deployment.log('flwr-run')[-3000:]}")

@@ -4,15 +4,13 @@ back, and a coordinator whose SuperLink (and ServerApp with it) is killed and re
 from __future__ import annotations
 
 import json
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from mrprism_core.checkpoint import load_checkpoint
 
-from .deploy import Deployment
+from .deploy import Deployment, history, wait_for_round
 
 TINY = ["data.splits.train=4", "data.splits.val=2", "data.splits.test=2", "data.image_size=32"]
 FAST_MODEL = json.dumps({"recurrences": 1})
@@ -24,23 +22,6 @@ def deployment(tmp_path):
     deploy = Deployment(tmp_path)
     yield deploy
     deploy.stop()
-
-
-def _history(out_dir: Path) -> list[dict]:
-    path = out_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _wait_for_round(deployment: Deployment, out_dir: Path, server_round: int, timeout=600):
-    deadline = time.time() + timeout
-    run = dict(deployment.processes)["flwr-run"]
-    while time.time() < deadline and run.poll() is None:
-        if any(r["round"] >= server_round for r in _history(out_dir)):
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"round {server_round} not reached:\n{deployment.log('flwr-run')[-3000:]}")
 
 
 def test_ten_sites_one_loses_power_mid_round_and_rejoins_with_its_heads(deployment, tmp_path):
@@ -70,7 +51,7 @@ def test_ten_sites_one_loses_power_mid_round_and_rejoins_with_its_heads(deployme
         },
         limit=LONG,
     )
-    _wait_for_round(deployment, out_dir, 1, timeout=900)
+    wait_for_round(deployment, out_dir, 1, timeout=900)
     # round 2 has been sent: hospital_05 goes down with whatever it was doing, then comes back
     lost = "hospital_05"
     deployment.kill(lost)
@@ -78,17 +59,17 @@ def test_ten_sites_one_loses_power_mid_round_and_rejoins_with_its_heads(deployme
     deployment.start_site("synthetic_a", *TINY, "data.seed=4", "seed=4", name=lost, limit=LONG)
 
     assert run.wait(timeout=LONG) == 0, deployment.log("flwr-run")[-4000:]
-    history = _history(out_dir)
-    assert [r["round"] for r in history] == [1, 2, 3], deployment.log("flwr-run")[-6000:]
-    assert set(history[0]["train_sites"]) == set(sites)
+    rounds = history(out_dir)
+    assert [r["round"] for r in rounds] == [1, 2, 3], deployment.log("flwr-run")[-6000:]
+    assert set(rounds[0]["train_sites"]) == set(sites)
     # round 2 went on without the lost site, named as such, and aggregated the other nine
-    assert lost not in history[1]["train_sites"]
-    assert {d["site"] for d in history[1]["dropped"]} == {lost}
-    assert len(history[1]["train_sites"]) == 9 and history[1]["aggregated"] is True
+    assert lost not in rounds[1]["train_sites"]
+    assert {d["site"] for d in rounds[1]["dropped"]} == {lost}
+    assert len(rounds[1]["train_sites"]) == 9 and rounds[1]["aggregated"] is True
     # round 3: it is back and trained from the rater heads it held when it crashed
-    row = history[2]["train_sites"][lost]
+    row = rounds[2]["train_sites"][lost]
     assert row["heads-from-round"] == heads_at_crash["round"] >= 1
-    assert history[2]["aggregated"] is True
+    assert rounds[2]["aggregated"] is True
     final = load_checkpoint(deployment.site_dir(lost) / "site_model.pt")
     assert final["round"] == 3
     assert any(  # trained on from there, not reset
@@ -106,10 +87,10 @@ def test_coordinator_restart_resumes_after_the_last_completed_round(deployment, 
     out_dir = tmp_path / "out"
     config = {"num-server-rounds": 3, "model-options": FAST_MODEL, "out-dir": str(out_dir)}
     run = deployment.submit(config)
-    _wait_for_round(deployment, out_dir, 1)
+    wait_for_round(deployment, out_dir, 1)
     deployment.kill("superlink")  # the ServerApp dies with it
     run.wait(timeout=120)
-    done = len(_history(out_dir))
+    done = len(history(out_dir))
     round_lines = (out_dir / "metrics.jsonl").read_text().splitlines()
 
     deployment.start_superlink("--database", database)
@@ -117,12 +98,12 @@ def test_coordinator_restart_resumes_after_the_last_completed_round(deployment, 
     result = deployment.run(config, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
-    history = _history(out_dir)
-    assert [r["round"] for r in history] == [1, 2, 3]  # nothing counted twice or skipped
+    rounds = history(out_dir)
+    assert [r["round"] for r in rounds] == [1, 2, 3]  # nothing counted twice or skipped
     assert (out_dir / "metrics.jsonl").read_text().splitlines()[:done] == round_lines
-    first_run, second_run = history[0]["run_id"], history[-1]["run_id"]
+    first_run, second_run = rounds[0]["run_id"], rounds[-1]["run_id"]
     assert first_run != second_run
-    assert [r["run_id"] for r in history[done:]] == [second_run] * (3 - done)
+    assert [r["run_id"] for r in rounds[done:]] == [second_run] * (3 - done)
     assert load_checkpoint(out_dir / "global_model.pt")["round"] == 3
     for site in ("synthetic_a", "synthetic_b"):
         assert load_checkpoint(deployment.site_dir(site) / "site_model.pt")["round"] == 3

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from cryptography import x509
@@ -15,7 +16,7 @@ from cryptography import x509
 from client.keys import make_site_keys
 from server.certs import make_certificates
 
-from .deploy import PROJECT_ROOT, Deployment
+from .deploy import PROJECT_ROOT, Deployment, history, wait_for_round
 
 TINY = ["data.splits.train=4", "data.splits.val=2", "data.splits.test=2", "data.image_size=32"]
 
@@ -90,3 +91,39 @@ def test_tls_and_authentication_admit_registered_sites_only(secure, tmp_path):
     record = json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert set(record["train_sites"]) == {"synthetic_a", "synthetic_b"}
     assert record["aggregated"] is True
+
+
+def test_a_site_restarted_at_once_under_node_auth_waits_for_its_old_session_and_rejoins(
+    secure, tmp_path
+):
+    """Flower refuses to activate a SuperNode whose previous session the SuperLink still holds
+    (a crash and an immediate restart): ``python -m client`` retries with backoff, says why,
+    and the site trains again in the next round."""
+    keys = tmp_path / "keys"
+    site_keys = {site: make_site_keys(keys, site) for site in ("synthetic_a", "synthetic_b")}
+    secure.start_superlink("--enable-supernode-auth", "--database", str(tmp_path / "link.db"))
+    for _, public in site_keys.values():
+        registered = secure.flwr("supernode", "register", str(public), "test")
+        assert registered.returncode == 0, registered.stdout + registered.stderr
+    ca = secure.tls_dir / "ca.crt"
+    options = {site: _site_options(ca, key)[:3] + TINY for site, (key, _) in site_keys.items()}
+    for site in site_keys:
+        secure.start_site(site, *options[site])
+    secure.wait_online(2)
+    out_dir = tmp_path / "out"
+    run = secure.submit(
+        {"num-server-rounds": 3, "fraction-evaluate": 0.0, "min-train-replies": 1,
+         "model-options": json.dumps({"recurrences": 1}), "out-dir": str(out_dir)}
+    )  # fmt: skip
+    wait_for_round(secure, out_dir, 1)
+    secure.kill("synthetic_a")  # a power cut in round 2 ...
+    time.sleep(2)
+    secure.start_site("synthetic_a", *options["synthetic_a"])  # ... and an immediate restart
+
+    assert run.wait(timeout=900) == 0, secure.log("flwr-run")[-4000:]
+    rounds = history(out_dir)
+    assert [r["round"] for r in rounds] == [1, 2, 3], secure.log("flwr-run")[-4000:]
+    assert "synthetic_a" not in rounds[1]["train_sites"]  # gone in the round it crashed in
+    assert set(rounds[2]["train_sites"]) == {"synthetic_a", "synthetic_b"}  # back for round 3
+    log = secure.log("synthetic_a")
+    assert "Failed to activate SuperNode" in log and "its old session has not expired" in log

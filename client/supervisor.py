@@ -1,0 +1,98 @@
+"""Run the site's ``flower-supernode`` and start it again when the SuperLink refuses to
+activate it.
+
+Under SuperNode authentication a hospital whose SuperNode crashed and is started again at once
+(by systemd, or by an operator) is refused: the SuperLink still holds the old session as online
+until it misses two heartbeats (Flower's interval is 30 s), and Flower's SuperNode then exits at
+once with ``Failed to activate SuperNode`` instead of waiting. This supervisor waits with
+backoff, says why, and tries again until ``supernode.activation_wait_s`` has passed (or
+``supernode.max_retries`` attempts). Everything else the SuperNode prints passes through, and
+SIGTERM/SIGINT go to it, so a service manager stops the site as before.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import TextIO
+
+__all__ = ["ACTIVATION_REFUSED", "run_supernode"]
+
+#: What Flower's SuperNode prints when the SuperLink refuses to activate it (code 2004).
+ACTIVATION_REFUSED = "Failed to activate SuperNode"
+
+#: Seconds before the first retry; doubled each time up to ``_MAX_DELAY``.
+_FIRST_DELAY = 5.0
+_MAX_DELAY = 30.0
+
+
+def _run_once(command: Sequence[str], out: TextIO) -> tuple[int, bool]:
+    """Run the SuperNode to its end, passing its output through; (exit code, was it refused
+    activation). SIGTERM and SIGINT received meanwhile are passed on to it."""
+    child = subprocess.Popen(
+        list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
+
+    def forward(signum: int, _frame: object) -> None:
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    refused = False
+    try:
+        assert child.stdout is not None
+        for line in child.stdout:
+            out.write(line)
+            out.flush()
+            refused = refused or ACTIVATION_REFUSED in line
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return code, refused
+
+
+def run_supernode(
+    command: Sequence[str],
+    activation_wait_s: float = 180.0,
+    max_retries: int | None = None,
+    out: TextIO | None = None,
+    first_delay: float = _FIRST_DELAY,
+) -> int:
+    """Run ``command`` (``flower-supernode ...``); while the SuperLink refuses to activate it,
+    wait and start it again, for at most ``activation_wait_s`` seconds (and ``max_retries``
+    retries when given), the waits doubling from ``first_delay`` up to 30 s. Returns the
+    SuperNode's last exit code."""
+    out = out or sys.stdout
+    deadline = time.monotonic() + activation_wait_s
+    delay, attempt = first_delay, 0
+    while True:
+        code, refused = _run_once(command, out)
+        if code == 0 or not refused:
+            return code
+        attempt += 1
+        left = deadline - time.monotonic()
+        if left <= 0 or (max_retries is not None and attempt > max_retries):
+            print(
+                f"error: the SuperLink refused to activate this SuperNode {attempt} time(s) "
+                f"over {activation_wait_s:g} s: is this site's public key registered "
+                "(flwr supernode register KEY.pub ...), and is it the key in "
+                "supernode.auth_private_key?",
+                file=sys.stderr,
+                flush=True,
+            )
+            return code
+        wait = min(delay, left)
+        print(
+            "the SuperLink refused to activate this SuperNode. If the site was restarted right "
+            "after a crash, its old session has not expired yet (the SuperLink drops it after "
+            f"two missed heartbeats, about 60 s): retrying in {wait:.0f} s (attempt {attempt}; "
+            f"giving up {left:.0f} s from now, supernode.activation_wait_s). An unregistered "
+            "key is refused the same way.",
+            file=sys.stderr,
+            flush=True,
+        )
+        time.sleep(wait)
+        delay = min(2 * delay, _MAX_DELAY)
