@@ -279,6 +279,9 @@ def fit(cfg: Mapping[str, Any]) -> dict[str, Any]:
     workers = int(train_cfg.get("num_workers", 0))
     epochs = int(train_cfg["epochs"])
     progress = bool(train_cfg.get("progress", True))
+    from .tracking import open_tracker
+
+    tracker = open_tracker(str(cfg.get("tracking", "none")), out_dir)
     val_loader = None
     if val_set is not None:
         val_loader = make_loader(val_set, batch_size, shuffle=False, num_workers=workers)
@@ -301,6 +304,13 @@ def fit(cfg: Mapping[str, Any]) -> dict[str, Any]:
         if val_metrics is not None and val_metrics["soft_dice"] > best_score:
             best_epoch, best_score = epoch + 1, float(val_metrics["soft_dice"])
             save_checkpoint(best, payload)
+        tracker.scalars(
+            epoch + 1,
+            {
+                **{f"train/{k}": v for k, v in train_metrics.items()},
+                **{f"val/{k}": v for k, v in (val_metrics or {}).items()},
+            },
+        )
         scored = "" if val_metrics is None else f", val soft Dice {val_metrics['soft_dice']:.4f}"
         log.info("epoch %d: loss %.4f%s", epoch + 1, train_metrics["loss"], scored)
         bar.update(1)
@@ -337,6 +347,8 @@ def fit(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "test": evaluate(model, test_loader, device, progress=progress),
         "val": history[tested_epoch - 1]["val"] if tested_epoch else None,
     }
+    tracker.scalars(tested_epoch, {f"test/{k}": v for k, v in results["test"].items()})
+    tracker.close()
     atomic_write_json(out_dir / "results.json", results)
     return results
 

@@ -8,6 +8,8 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from mrprism_core.tracking import open_tracker, round_scalars
+
 from .config import RunConfig
 from .federation import run_federation
 from .secure_aggregation import run_secure_federation
@@ -38,10 +40,22 @@ def run_rounds(
     cfg: RunConfig,
     on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict:
-    """The run's rounds: under SecAgg+ when configured, else the plain round loop."""
-    if cfg.secure_aggregation:
-        return run_secure_federation(grid, context, cfg, on_round=on_round)
-    return run_federation(grid, build_strategy(cfg), cfg, run_id=context.run_id, on_round=on_round)
+    """The run's rounds: under SecAgg+ when configured, else the plain round loop; each
+    round's record also goes to the run's tracker (``tracking``)."""
+    tracker = open_tracker(cfg.tracking, cfg.out_dir)
+
+    def record_round(record: dict[str, Any]) -> None:
+        tracker.scalars(int(record["round"]), round_scalars(record))
+        if on_round is not None:
+            on_round(record)
+
+    try:
+        if cfg.secure_aggregation:
+            return run_secure_federation(grid, context, cfg, on_round=record_round)
+        strategy = build_strategy(cfg)
+        return run_federation(grid, strategy, cfg, run_id=context.run_id, on_round=record_round)
+    finally:
+        tracker.close()
 
 
 app = create_server_app()

@@ -51,6 +51,7 @@ from mrprism_core.federated import recurrences_from_details
 from mrprism_core.local_training import run_epochs
 from mrprism_core.metrics import recurrence_table
 from mrprism_core.models import MODEL_NAMES, build_model_for_data
+from mrprism_core.tracking import Tracker, open_tracker, round_scalars
 from mrprism_core.train import evaluate, make_loader, resolve_device
 
 from .partition import VirtualSite
@@ -128,6 +129,8 @@ class Experiment:
     ray_num_cpus: int | None = None
     client_num_gpus: float = 0.0
     quality_weight: str = "examples*quality"  # federated_quality's aggregation-weight
+    tracking: str = "none"  # none or tensorboard: per-round scalars of every method
+    tracking_dir: Path | None = None  # where; default: beside work_dir
     on_progress: Callable[[str], None] | None = None
 
     def spec(self, info: Any) -> dict[str, Any]:
@@ -138,6 +141,10 @@ class Experiment:
             "num_classes": info.num_classes,
             "options": dict(self.model_options),
         }
+
+    def tracker(self, method: str) -> Tracker:
+        """The method's run in ``<out_dir>/tensorboard/<method>`` (or a no-op tracker)."""
+        return open_tracker(self.tracking, self.tracking_dir or self.work_dir.parent, method)
 
     def tick(self, text: str) -> None:
         if self.on_progress is not None:
@@ -269,7 +276,10 @@ def _run_federated(
     spent: dict[str, dict[str, float]] = {}
     weighting: dict[str, Any] = {}
 
+    tracker = exp.tracker(method)
+
     def on_round(record: dict[str, Any]) -> None:
+        tracker.scalars(int(record["round"]), round_scalars(record))
         for name, row in record["evaluate_sites"].items():
             history[name].append(float(row["soft-dice"]))
             finals[name] = row
@@ -283,12 +293,15 @@ def _run_federated(
         "client_resources": {"num_cpus": 1, "num_gpus": exp.client_num_gpus},
         "init_args": {"num_cpus": exp.ray_num_cpus or max(1, torch.get_num_threads())},
     }
-    run_simulation(
-        server_app=create_server_app(run_config, on_round=on_round),
-        client_app=create_client_app([str(d) for d in rounds_dirs]),
-        num_supernodes=count,
-        backend_config=backend,
-    )
+    try:
+        run_simulation(
+            server_app=create_server_app(run_config, on_round=on_round),
+            client_app=create_client_app([str(d) for d in rounds_dirs]),
+            num_supernodes=count,
+            backend_config=backend,
+        )
+    finally:
+        tracker.close()
     if personalization == "fedbabu":  # the heads, frozen in the rounds, are fine-tuned now
         for state_dir in dirs:
             SiteRuntime.from_state_dir(state_dir).adapt(
@@ -356,8 +369,19 @@ def evaluate_at_sites(exp: Experiment, dirs: list[Path], out_dir: Path) -> dict[
     return rows
 
 
+def _site_scalars(site: str, result: Mapping[str, Any]) -> dict[str, Any]:
+    """An evaluation's headline numbers, named like the federated rounds' per-site scalars."""
+    per_rater = [x for x in result.get("per_rater_dice") or [] if x is not None]
+    return {
+        f"evaluate/soft-dice/{site}": result["soft_dice"],
+        f"evaluate/dice-vs-truth/{site}": result.get("dice_vs_truth"),
+        f"evaluate/per-rater-dice/{site}": sum(per_rater) / len(per_rater) if per_rater else None,
+    }
+
+
 def _run_local(exp: Experiment) -> dict[str, Any]:
     dirs = write_site_dirs(exp, "local")
+    tracker = exp.tracker("local")
     sites, history = {}, {}
     for site, state_dir in zip(exp.sites, dirs):
         runtime = SiteRuntime.from_state_dir(state_dir)
@@ -374,9 +398,11 @@ def _run_local(exp: Experiment) -> dict[str, Any]:
             )
             result = runtime.evaluate(model, exp.eval_split)
             history[site.name].append(float(result["soft_dice"]))
+            tracker.scalars(server_round, _site_scalars(site.name, result))
             exp.tick(f"local: {site.name} round {server_round}/{exp.rounds}")
         runtime.save(model, server_round=exp.rounds, run_id=0)
         sites[site.name] = _row(result)
+    tracker.close()
     return {
         "sites": sites,
         "history": history,
@@ -413,6 +439,7 @@ def _run_centralized(exp: Experiment) -> dict[str, Any]:
         torch.manual_seed(exp.seed * 1_000_003 + epoch)  # the epoch's shuffles of Eq. 10-12
         return make_loader(pooled, exp.batch_size, shuffle=True, seed=exp.seed + epoch)
 
+    tracker = exp.tracker("centralized")
     for server_round in range(1, exp.rounds + 1):
         first = (server_round - 1) * exp.local_epochs
         run_epochs(model, optimizer, loader, device, exp.local_epochs, first_epoch=first)
@@ -421,7 +448,9 @@ def _run_centralized(exp: Experiment) -> dict[str, Any]:
                 model, make_loader(tests[site.name], exp.batch_size, shuffle=False), device
             )
             history[site.name].append(float(results[site.name]["soft_dice"]))
+            tracker.scalars(server_round, _site_scalars(site.name, results[site.name]))
         exp.tick(f"centralized: round {server_round}/{exp.rounds}")
+    tracker.close()
     sites = {}
     for site in exp.sites:
         start = offsets[site.name]

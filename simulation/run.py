@@ -22,6 +22,7 @@ from client.state import SiteStore
 from mrprism_core.data.factory import EmptySplitError, build_dataset, dataset_info
 from mrprism_core.models import model_from_build_args
 from mrprism_core.models.config import get_preset
+from mrprism_core.tracking import check_tracking
 from mrprism_core.train import seed_everything
 
 from .methods import Experiment, check_methods, mean_row, run_method
@@ -38,9 +39,7 @@ def resolve_sites(cfg: dict[str, Any]) -> list[VirtualSite]:
     if part.get("kind", "source") == "source":
         overrides = list(part.get("source_overrides") or [])
         own = part.get("config_dir")  # a hospital-owned folder overlaying site_configs/
-        part["sources"] = [
-            compose_site_config(name, overrides, own) for name in part["sources"]
-        ]
+        part["sources"] = [compose_site_config(name, overrides, own) for name in part["sources"]]
     return partition(part, int(cfg["seed"]))
 
 
@@ -115,6 +114,8 @@ def run_experiment(cfg: dict[str, Any]) -> dict[str, Any]:
         ray_num_cpus=fed.get("ray_num_cpus"),
         client_num_gpus=float(fed.get("client_num_gpus") or 0.0),
         quality_weight=str(fed.get("quality_weight", Experiment.quality_weight)),
+        tracking=str(cfg.get("tracking", "none")),
+        tracking_dir=out_dir,
     )
     bar = tqdm(
         total=sum(exp.rounds * (len(sites) if m.endswith("local") else 1) for m in methods),
@@ -163,6 +164,7 @@ def main() -> None:
         container: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
         try:  # a bad method or site name: the message alone, before anything runs
             check_methods(list(container["methods"]))
+            check_tracking(str(container.get("tracking", "none")))
             resolve_sites(container)
         except (ValueError, FileNotFoundError) as err:  # SiteDataError is a ValueError
             print(f"error: {err}", file=sys.stderr)

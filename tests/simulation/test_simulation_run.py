@@ -172,3 +172,15 @@ def test_a_bad_method_or_site_is_one_message_not_a_traceback(override, message, 
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {message}"), result.stderr
     assert "Traceback" not in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr
+
+
+def test_tracking_writes_each_methods_rounds_under_the_out_dir(tmp_path):
+    from ..core.test_tracking import scalars
+
+    cfg = _tiny_config(tmp_path / "tracked")
+    cfg["methods"], cfg["tracking"] = ["local"], "tensorboard"
+    cfg["federation"]["rounds"] = 2
+    results = run_experiment(cfg)
+    logged = scalars(tmp_path / "tracked" / "tensorboard" / "local")
+    for site, values in results["methods"]["local"]["history"].items():
+        assert [v for _, v in logged[f"evaluate/soft-dice/{site}"]] == pytest.approx(values)
