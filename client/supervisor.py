@@ -15,6 +15,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import TextIO
@@ -28,30 +29,43 @@ ACTIVATION_REFUSED = "Failed to activate SuperNode"
 _FIRST_DELAY = 5.0
 _MAX_DELAY = 30.0
 
+#: Seconds to wait for the last lines of an exited SuperNode's output.
+_DRAIN_S = 10.0
+
 
 def _run_once(command: Sequence[str], out: TextIO) -> tuple[int, bool]:
     """Run the SuperNode to its end, passing its output through; (exit code, was it refused
-    activation). SIGTERM and SIGINT received meanwhile are passed on to it."""
+    activation). SIGTERM and SIGINT received meanwhile are passed on to it.
+
+    The SuperNode is reaped as soon as it exits, not when its output ends: its SuperExec child
+    holds the same pipe and leaves only once it sees its parent gone, which an unreaped
+    (zombie) parent never is."""
     child = subprocess.Popen(
         list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     )
+    seen = {"refused": False}
+
+    def relay() -> None:
+        assert child.stdout is not None
+        for line in child.stdout:
+            out.write(line)
+            out.flush()
+            seen["refused"] = seen["refused"] or ACTIVATION_REFUSED in line
+
+    reader = threading.Thread(target=relay, daemon=True)
+    reader.start()
 
     def forward(signum: int, _frame: object) -> None:
         child.send_signal(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    refused = False
     try:
-        assert child.stdout is not None
-        for line in child.stdout:
-            out.write(line)
-            out.flush()
-            refused = refused or ACTIVATION_REFUSED in line
         code = child.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return code, refused
+    reader.join(timeout=_DRAIN_S)  # what it printed last (its SuperExec then leaves too)
+    return code, seen["refused"]
 
 
 def run_supernode(
