@@ -11,10 +11,10 @@ def test_quality_weighting_lowers_the_noisy_site_and_a_left_out_site_is_still_sc
         [
             "preset=noisy_site",
             "methods=[federated_quality,federated_without_synthetic_noisy]",
-            "partition.source_overrides=[data.image_size=32,data.splits.train=8,"
-            "data.splits.val=0,data.splits.test=4]",
+            'partition.source_overrides=["data.image_size=32","data.splits.train=8",'
+            '"data.splits.val=0","data.splits.test=4"]',
             "federation.rounds=2",
-            "federation.model_options={recurrences: 1}",
+            "+federation.model_options.recurrences=1",
             f"out_dir={tmp_path}",
             "progress=false",
         ]
