@@ -155,7 +155,7 @@ def _metric_record(msg: Message) -> MetricRecord:
     return next(iter(msg.content.metric_records.values()))
 
 
-def weigh_updates(updates: list[Message], mode: str) -> dict[str, dict[str, float]]:
+def weigh_updates(updates: list[Message], mode: str) -> dict[str, dict[str, Any]]:
     """Write each update's ``aggregation-weight`` under ``mode`` (examples, quality or
     examples*quality; :func:`~mrprism_core.federated.aggregation_weights`), which the strategy
     then weights by; return, per site, the quality score used and its share of the weight."""
@@ -369,7 +369,7 @@ def run_federation(
         updates = _usable_updates(replies, arrays, dropped)
         aggregated = len(updates) >= cfg.min_train_replies
         train_metrics = None
-        weighting = {}
+        weighting: dict[str, dict[str, Any]] = {}
         if updates and cfg.aggregation_weight != "examples":
             weighting = weigh_updates(updates, cfg.aggregation_weight)
             log.info("round %d: aggregation weights %s", server_round, weighting)
