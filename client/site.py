@@ -42,7 +42,7 @@ from mrprism_core.models import (
     split_state,
 )
 from mrprism_core.personalization import check_personalization
-from mrprism_core.rater_quality import RaterAssessment, assess_raters
+from mrprism_core.rater_quality import RaterAssessment, annotation_quality, assess_raters
 from mrprism_core.rater_report import write_rater_report
 from mrprism_core.train import evaluate, make_loader, preset_lr, resolve_device
 
@@ -258,9 +258,10 @@ class SiteRuntime:
         return dataset_info(self.dataset("train"))
 
     def loader(self, split: str, *, shuffle: bool, seed: int = 0) -> DataLoader:
+        """Batches of ``split`` (or of every split, ``all``) at the site's batch size."""
         train_cfg = self.cfg.get("train", {})
         return make_loader(
-            self.dataset(split),
+            self._cases_of(split),
             int(train_cfg.get("batch_size", 8)),
             shuffle=shuffle,
             seed=seed,
@@ -683,13 +684,7 @@ class SiteRuntime:
         """Every rater of the site against the calibrated consensus of ``model`` (default: the
         site's own personalised model) on ``split``."""
         model = self.personal_model() if model is None else model
-        train_cfg = self.cfg.get("train", {})
-        loader = make_loader(
-            self._cases_of(split),
-            int(train_cfg.get("batch_size", 8)),
-            shuffle=False,
-            num_workers=int(train_cfg.get("num_workers", 0)),
-        )
+        loader = self.loader(split, shuffle=False)
         return assess_raters(model, loader, self.device, self.cfg["data"].get("classes"))
 
     def rater_report(self, out_dir: str | Path, split: str = "all") -> list[Path]:
@@ -703,4 +698,4 @@ class SiteRuntime:
             split = "val" if len(self.dataset("val")) else "train"
         except EmptySplitError:
             split = "train"
-        return self.assess_raters(model, split).quality  # bounded to [QUALITY_FLOOR, 1]
+        return annotation_quality(model, self.loader(split, shuffle=False), self.device)

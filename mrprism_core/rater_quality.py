@@ -143,21 +143,22 @@ def _band(mask: Tensor) -> Tensor:
     return F.max_pool2d(mask, 2 * _BAND + 1, stride=1, padding=_BAND)
 
 
-def _contrast(images: Tensor, consensus: Tensor) -> Tensor:
-    """|mean brightness inside - in the ring just outside| per image and class, (B, K)."""
+def _contrast(images: Tensor, consensus: Tensor, band: Tensor) -> Tensor:
+    """|mean brightness inside - in the ring just outside| per image and class, (B, K);
+    ``band`` is :func:`_band` of ``consensus``."""
     grey = images.mean(dim=1, keepdim=True)  # (B, 1, H, W)
-    ring = _band(consensus) - consensus
+    ring = band - consensus
     inside = (grey * consensus).sum((-2, -1)) / consensus.sum((-2, -1)).clamp_min(1)
     outside = (grey * ring).sum((-2, -1)) / ring.sum((-2, -1)).clamp_min(1)
     return (inside - outside).abs()
 
 
-def _uncertainty(calibrated: Tensor, consensus: Tensor) -> Tensor:
-    """Mean binary entropy (bits) of the calibrated mask around the consensus, (B, K)."""
+def _uncertainty(calibrated: Tensor, band: Tensor) -> Tensor:
+    """Mean binary entropy (bits) of the calibrated mask within ``band`` (the consensus grown
+    by :func:`_band`), (B, K)."""
     p = calibrated.clamp(1e-6, 1 - 1e-6)
     entropy = -(p * p.log2() + (1 - p) * (1 - p).log2())
-    region = _band(consensus)
-    return (entropy * region).sum((-2, -1)) / region.sum((-2, -1)).clamp_min(1)
+    return (entropy * band).sum((-2, -1)) / band.sum((-2, -1)).clamp_min(1)
 
 
 class _Totals:
@@ -168,7 +169,6 @@ class _Totals:
         self.cases = torch.zeros(shape)
         self.dice = torch.zeros(shape)
         self.area_diff = torch.zeros(shape)
-        self.rater_area = torch.zeros(shape)
         self.consensus_area = torch.zeros(shape)
         self.present = torch.zeros(shape)  # cases with the structure in the consensus
         self.empty = torch.zeros(shape)  # ... of which the rater left it empty
@@ -198,6 +198,7 @@ def assess_raters(
     loader: Iterable[Mapping[str, Any]],
     device: torch.device | str = "cpu",
     class_names: Sequence[str] | None = None,
+    keep_cases: bool = True,
 ) -> RaterAssessment:
     """Measure every rater of a data set against the calibrated consensus (module docstring).
 
@@ -209,6 +210,8 @@ def assess_raters(
             ``rater_valid`` (B, M) and ``id``; not shuffled, so the case order is the data set's.
         device: where the model runs.
         class_names: names of the K classes (default ``class 0`` ...).
+        keep_cases: keep the cases where each rater departs most (the report's figures);
+            the per-round quality score does without them.
     """
     totals: _Totals | None = None
     kind = "majority_vote"
@@ -246,14 +249,14 @@ def assess_raters(
         totals.cases += w.expand(-1, -1, classes).sum(0).cpu()
         totals.dice += (dice * w).sum(0).cpu()
         totals.area_diff += ((rater_area - cons_area) * w).sum(0).cpu()
-        totals.rater_area += (rater_area * w).sum(0).cpu()
         totals.consensus_area += (cons_area * w).sum(0).cpu()
         totals.present += (present * w).sum(0).cpu()
         totals.empty += ((rater_area == 0).float() * present * w).sum(0).cpu()
         fg = cons * w[..., None, None]
         # background near the structure only: far away every rater leaves it empty and DivP's
         # specificity there is unconstrained by any vote
-        bg = (_band(consensus) - consensus).unsqueeze(1) * w[..., None, None]
+        band = _band(consensus)
+        bg = (band - consensus).unsqueeze(1) * w[..., None, None]
         totals.sens += (sensitivity.expand_as(labels) * fg).sum((0, -2, -1)).cpu()
         totals.fg += fg.sum((0, -2, -1)).cpu()
         totals.spec += (specificity.expand_as(labels) * bg).sum((0, -2, -1)).cpu()
@@ -262,10 +265,10 @@ def assess_raters(
         totals.rejections += ((1.0 - labels) * bg).sum((0, -2, -1)).cpu()
         totals.disagreement += ((labels - cons).abs() * w[..., None, None]).sum(0).cpu()
         totals.case_dice.append(torch.where(w > 0, dice, torch.nan).cpu())
-        totals.case_contrast.append(_contrast(batch["image"], consensus).cpu())
-        totals.case_uncertainty.append(_uncertainty(calibrated, consensus).cpu())
+        totals.case_contrast.append(_contrast(batch["image"], consensus, band).cpu())
+        totals.case_uncertainty.append(_uncertainty(calibrated, band).cpu())
         ids = batch.get("id") or [f"case {seen + b}" for b in range(batch_size)]
-        for b in range(batch_size):
+        for b in range(batch_size if keep_cases else 0):
             for m in range(raters):
                 if mask[b, m] <= 0:
                     continue
@@ -340,4 +343,4 @@ def annotation_quality(
     device: torch.device | str = "cpu",
 ) -> float:
     """The site's bounded annotation-quality score (see :class:`RaterAssessment.quality`)."""
-    return assess_raters(model, loader, device).quality
+    return assess_raters(model, loader, device, keep_cases=False).quality
