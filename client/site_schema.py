@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from mrprism_core.config_schema import checked
+
 from .privacy import PrivacyConfig
 
 __all__ = ["SiteSchema", "check_site_config"]
@@ -52,18 +54,4 @@ def check_site_config(cfg: Any) -> Any:
     Raises:
         ValueError: naming the key, the value and the expected type, or the unknown key.
     """
-    from omegaconf import OmegaConf
-    from omegaconf.errors import ConfigKeyError, ValidationError
-
-    schema = OmegaConf.structured(SiteSchema)
-    OmegaConf.set_readonly(schema.privacy, False)  # PrivacyConfig is a frozen dataclass
-    try:
-        return OmegaConf.merge(schema, cfg)
-    except ValidationError as err:
-        expected = getattr(err, "msg", str(err)).splitlines()[0]
-        raise ValueError(f"{err.full_key}={err.value!r} is refused: {expected}") from err
-    except ConfigKeyError as err:
-        raise ValueError(
-            f"unknown key {err.full_key!r} (a typo?); a site config has "
-            f"{sorted(f for f in SiteSchema.__dataclass_fields__)} and their sub-keys"
-        ) from err
+    return checked(SiteSchema, cfg, "a site config")

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import random
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -385,8 +386,15 @@ def main() -> None:
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
+    from .config_schema import TrainRunSchema, checked
+
     @hydra.main(version_base="1.3", config_path="pkg://site_configs", config_name="train")
     def _run(cfg: DictConfig) -> None:
+        try:  # a mistyped key or value: the message alone, before anything runs
+            cfg = checked(TrainRunSchema, cfg, "the training config")
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
         results = fit(OmegaConf.to_container(cfg, resolve=True))
         test = results["test"]
         print(

@@ -133,3 +133,25 @@ def test_fit_without_a_validation_split_trains_and_scores_the_last_epoch(tmp_pat
     with_val = fit(_config(tmp_path / "with_val", 2))
     assert with_val["selected_by"] == "best validation soft Dice"
     assert with_val["tested_epoch"] == with_val["best_epoch"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.batch_size=abc", "train.batch_size='abc' is refused"),
+        ("+trian.epochs=3", "unknown key 'trian' (a typo?)"),
+    ],
+)
+def test_a_mistyped_training_config_is_one_message_before_anything_runs(
+    override, message, tmp_path
+):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "mrprism_core.train", override, f"out_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and not (tmp_path / "last.pt").exists()
+    assert result.stderr.startswith(f"error: {message}"), result.stderr
+    assert "Traceback" not in result.stderr

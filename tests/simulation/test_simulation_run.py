@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 
 from simulation.run import run_experiment
 
@@ -162,6 +163,8 @@ def test_unknown_models_and_methods_are_named():
     [
         ("methods=[bogus]", "unknown method(s) ['bogus']"),
         ("partition.sources=[nope]", "unknown site 'nope'"),
+        ("federation.rounds=ten", "federation.rounds='ten' is refused"),
+        ("+federation.round=3", "unknown key 'federation.round' (a typo?)"),
     ],
 )
 def test_a_bad_method_or_site_is_one_message_not_a_traceback(override, message, tmp_path):
@@ -172,6 +175,19 @@ def test_a_bad_method_or_site_is_one_message_not_a_traceback(override, message, 
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {message}"), result.stderr
     assert "Traceback" not in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "preset", sorted(p.stem for p in (PROJECT_ROOT / "site_configs" / "preset").glob("*.yaml"))
+)
+def test_every_preset_passes_the_typed_schema_with_its_values(preset):
+    from benchmarks.common import simulation_config
+    from mrprism_core.config_schema import SimulationSchema, checked
+
+    composed = simulation_config([f"preset={preset}"])
+    typed = checked(SimulationSchema, composed, "the simulation config")
+    # the schema fills nothing in over the preset's values and drops none of them
+    assert OmegaConf.to_container(typed) == composed
 
 
 def test_tracking_writes_each_methods_rounds_under_the_out_dir(tmp_path):

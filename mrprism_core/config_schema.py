@@ -1,0 +1,132 @@
+"""Typed configs: a composed Hydra config merged into a dataclass schema before anything runs.
+
+OmegaConf checks the merge: a value of the wrong type (``train.batch_size=abc``) or a key the
+schema does not know (``trian.epochs=4``) is refused with the key, the value and what was
+expected. Free-form blocks (a data set's reader options, model overrides) are ``dict`` fields
+and are checked by whoever reads them. The site config's schema is ``client/site_schema.py``;
+centralized training's (``site_configs/train.yaml``) and the simulation's
+(``site_configs/simulation.yaml``) are here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+__all__ = ["TrainRunSchema", "SimulationSchema", "checked"]
+
+
+def checked(schema: type, cfg: Any, what: str) -> Any:
+    """``cfg`` (a composed OmegaConf config or a mapping) merged into ``schema``.
+
+    Raises:
+        ValueError: naming the key, the value and the expected type, or the unknown key and
+            the keys ``what`` (e.g. "a site config") has at that level.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, ValidationError
+
+    typed = OmegaConf.structured(schema)
+    _writable(typed)
+    try:
+        return OmegaConf.merge(typed, cfg)
+    except ValidationError as err:
+        expected = getattr(err, "msg", str(err)).splitlines()[0]
+        raise ValueError(f"{err.full_key}={err.value!r} is refused: {expected}") from err
+    except ConfigKeyError as err:
+        raise ValueError(
+            f"unknown key {err.full_key!r} (a typo?); {what} has "
+            f"{sorted(f.name for f in fields(schema))} and their sub-keys"
+        ) from err
+
+
+def _writable(node: Any) -> None:
+    """Frozen dataclasses inside a schema (e.g. ``PrivacyConfig``) arrive read-only; the
+    merge must be able to write into them (each node carries its own flag)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    OmegaConf.set_readonly(node, False)
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            _writable(child)
+
+
+# -- centralized training: python -m mrprism_core.train ---------------------------------------
+
+
+@dataclass
+class TrainOptions:
+    epochs: int = 10  # passes over the training split
+    batch_size: int = 8  # cases per optimizer step
+    lr: float | None = None  # Adam learning rate; None = the preset's
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    seed: int = 0  # seeds weights, shuffling and Eq. 14's random confidences
+    num_workers: int = 0  # DataLoader worker processes
+    progress: bool = True  # progress bars
+    keep_best: bool = True  # test the best validation epoch, not the last
+
+
+@dataclass
+class ModelChoice:
+    name: str = "mrprism"  # registered model name
+    preset: str = "tiny"  # architecture preset
+    options: dict[str, Any] = field(default_factory=dict)  # preset/loss overrides
+
+
+@dataclass
+class TrainRunSchema:
+    train: TrainOptions = field(default_factory=TrainOptions)
+    model: ModelChoice = field(default_factory=ModelChoice)
+    data: dict[str, Any] = field(default_factory=dict)  # checked by its reader
+    out_dir: str = "runs/centralized"  # checkpoints and results
+    resume: bool = True  # continue from <out_dir>/last.pt
+    tracking: str = "none"  # none, tensorboard or mlflow
+
+
+# -- the simulation: python -m simulation.run --------------------------------------------------
+
+
+@dataclass
+class PartitionOptions:
+    kind: str = "source"  # source, iid, dirichlet or raters
+    sources: list[str] = field(default_factory=list)  # site configs (kind=source)
+    source_overrides: list[str] = field(default_factory=list)  # Hydra overrides for each
+    config_dir: str | None = None  # the hospital's own folder of site YAMLs
+    num_sites: int = 3  # iid / dirichlet / raters: virtual sites
+    alpha: float = 0.5  # dirichlet concentration
+    skew: str = "quantity"  # dirichlet: quantity or label
+    min_raters: int = 2  # raters: the smallest rater subset of a site
+    data: dict[str, Any] = field(default_factory=dict)  # the pooled set; checked by its reader
+
+
+@dataclass
+class FederationOptions:
+    rounds: int = 10  # federated rounds
+    local_epochs: int = 1  # passes over a site's cases per round
+    strategy: str = "fedavg"  # server strategy
+    server_momentum: float = 0.9  # fedavgm
+    server_lr: float = 0.01  # fedadam / fedyogi
+    lr: float | None = None  # Adam learning rate; None = the preset's
+    persist_optimizer: bool = True  # sites keep their Adam state between rounds
+    preset: str = "tiny"  # architecture preset
+    model_options: dict[str, Any] = field(default_factory=dict)  # model overrides
+    batch_size: int = 8  # cases per optimizer step
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    eval_split: str = "test"  # split every method is scored on
+    ray_num_cpus: int | None = None  # CPUs of a local Ray (None: all)
+    ray_address: str | None = None  # join this Ray cluster
+    client_num_cpus: float = 1.0  # CPUs one virtual site reserves
+    client_num_gpus: float = 0.0  # GPU share of one virtual site
+    quality_weight: str = "examples*quality"  # federated_quality's update weight
+
+
+@dataclass
+class SimulationSchema:
+    out_dir: str = "runs/simulation"  # report, plots and the sites' state
+    seed: int = 0  # partitions, weights, heads, shuffles
+    methods: list[str] = field(default_factory=list)  # the grid
+    progress: bool = True  # progress bar
+    tracking: str = "none"  # none, tensorboard or mlflow
+    partition: PartitionOptions = field(default_factory=PartitionOptions)
+    federation: FederationOptions = field(default_factory=FederationOptions)
