@@ -62,7 +62,7 @@ class RunConfig:
     initial_checkpoint: str = ""  # start from this checkpoint's shared weights ("" = fresh)
     round_timeout: float = 3600.0  # seconds to wait for replies in each phase of a round
     eval_split: str = "val"  # site split used for the per-round evaluation
-    tracking: str = "none"  # none or tensorboard: per-round scalars in <out-dir>/tensorboard/
+    tracking: str = "none"  # none, tensorboard (<out-dir>/tensorboard/) or mlflow: round scalars
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
