@@ -27,7 +27,10 @@ from typing import Any
 
 from .common import RESULTS_DIR, simulation_config, write_json
 
-BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
+BACKEND = {
+    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+    "init_args": {"address": "local", "num_cpus": 2},
+}
 SITES = ("synthetic_a", "synthetic_b", "synthetic_c")
 
 

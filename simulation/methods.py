@@ -127,9 +127,11 @@ class Experiment:
     device: str = "auto"
     eval_split: str = "test"
     ray_num_cpus: int | None = None
+    ray_address: str | None = None  # join this Ray cluster ("auto", "HOST:6379")
+    client_num_cpus: float = 1.0
     client_num_gpus: float = 0.0
     quality_weight: str = "examples*quality"  # federated_quality's aggregation-weight
-    tracking: str = "none"  # none or tensorboard: per-round scalars of every method
+    tracking: str = "none"  # none, tensorboard or mlflow: per-round scalars of every method
     tracking_dir: Path | None = None  # where; default: beside work_dir
     on_progress: Callable[[str], None] | None = None
 
@@ -149,6 +151,18 @@ class Experiment:
     def tick(self, text: str) -> None:
         if self.on_progress is not None:
             self.on_progress(text)
+
+
+def ray_init_args(exp: Experiment) -> dict[str, Any]:
+    """``ray.init`` arguments: join ``exp.ray_address`` (the cluster's resources count, so no
+    CPU count is passed) or start a local Ray with ``exp.ray_num_cpus`` (all by default).
+
+    The local case names ``address="local"``: without it ``ray.init`` joins whatever cluster
+    ``/tmp/ray/ray_current_cluster`` (or ``RAY_ADDRESS``) names, and waits forever when that
+    cluster has gone without a ``ray stop``."""
+    if exp.ray_address:
+        return {"address": exp.ray_address}
+    return {"address": "local", "num_cpus": exp.ray_num_cpus or max(1, torch.get_num_threads())}
 
 
 def _row(result: Mapping[str, Any], slots: slice | None = None) -> dict[str, Any]:
@@ -275,6 +289,7 @@ def _run_federated(
     finals: dict[str, dict[str, Any]] = {}
     spent: dict[str, dict[str, float]] = {}
     weighting: dict[str, Any] = {}
+    round_seconds: list[float] = []
 
     tracker = exp.tracker(method)
 
@@ -284,14 +299,15 @@ def _run_federated(
             history[name].append(float(row["soft-dice"]))
             finals[name] = row
         weighting.update(record.get("aggregation_weights", {}))  # the last round's
+        round_seconds.append(float(record["seconds"]))
         for name, row in record["train_sites"].items():
             if "dp-epsilon" in row:
                 spent[name] = {"epsilon": float(row["dp-epsilon"]), "delta": row["dp-delta"]}
         exp.tick(f"{method}: round {record['round']}/{exp.rounds}")
 
     backend = {
-        "client_resources": {"num_cpus": 1, "num_gpus": exp.client_num_gpus},
-        "init_args": {"num_cpus": exp.ray_num_cpus or max(1, torch.get_num_threads())},
+        "client_resources": {"num_cpus": exp.client_num_cpus, "num_gpus": exp.client_num_gpus},
+        "init_args": ray_init_args(exp),
     }
     try:
         run_simulation(
@@ -344,6 +360,7 @@ def _run_federated(
         "sites": sites,
         "history": history,
         "state_dirs": {s.name: str(d) for s, d in zip(exp.sites, dirs)},
+        "round_seconds": round_seconds,  # server-measured, train + evaluate, per round
     }
     if privacy:
         result["privacy"] = spent

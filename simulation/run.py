@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from client.site import compose_site_config
 from client.state import SiteStore
+from mrprism_core.config_schema import SimulationSchema, checked
 from mrprism_core.data.factory import EmptySplitError, build_dataset, dataset_info
 from mrprism_core.models import model_from_build_args
 from mrprism_core.models.config import get_preset
@@ -112,6 +113,8 @@ def run_experiment(cfg: dict[str, Any]) -> dict[str, Any]:
         device=str(fed["device"]),
         eval_split=str(fed["eval_split"]),
         ray_num_cpus=fed.get("ray_num_cpus"),
+        ray_address=fed.get("ray_address") or None,
+        client_num_cpus=float(fed.get("client_num_cpus") or 1.0),
         client_num_gpus=float(fed.get("client_num_gpus") or 0.0),
         quality_weight=str(fed.get("quality_weight", Experiment.quality_weight)),
         tracking=str(cfg.get("tracking", "none")),
@@ -161,8 +164,9 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path="pkg://site_configs", config_name="simulation")
     def _run(cfg: DictConfig) -> None:
-        container: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-        try:  # a bad method or site name: the message alone, before anything runs
+        try:  # a bad key, value, method or site name: the message alone, before anything runs
+            cfg = checked(SimulationSchema, cfg, "the simulation config")
+            container: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
             check_methods(list(container["methods"]))
             check_tracking(str(container.get("tracking", "none")))
             resolve_sites(container)

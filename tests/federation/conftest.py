@@ -81,7 +81,7 @@ def simulate(config: dict, state_dirs: list[str], client_app=None, on_round=None
         num_supernodes=len(state_dirs),
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": 2},
+            "init_args": {"address": "local", "num_cpus": 2},
         },
     )
     metrics = Path(config["out-dir"]) / "metrics.jsonl"
