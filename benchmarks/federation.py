@@ -1,13 +1,21 @@
-"""What federation costs: bytes on the wire per round, and Flower's time overhead.
+"""What federation costs: bytes on the wire per round, and the fixed time per message.
 
-``python -m benchmarks.federation [--presets tiny paper] [--cases 16] [--skip-overhead]``
+``python -m benchmarks.federation [--presets tiny paper] [--cases 16] [--rounds 3]
+[--skip-overhead] [--skip-secagg]``
 
 * bytes: per client and round the site downloads and uploads the packed shared weights;
   compared with sending the full model (shared + rater heads), for M = 7 raters.
-* overhead: one real federated round (flower-superlink + one SuperNode started with
+* fixed cost per message: real rounds (flower-superlink + one SuperNode started with
   ``python -m client``, ``flwr run``; 1 local epoch + evaluation) against the same epoch and
-  evaluation run directly with ``train_epoch`` / ``evaluate`` in one process, on the same
-  synthetic site. The round time is the server's own measurement (``metrics.jsonl``).
+  evaluation run directly in one warm process on the same synthetic site; (round - direct) / 2
+  messages, rounds after the first, with the site worker (the default) and without it
+  (``supernode.worker=false``: each ClientApp process imports torch and opens the site).
+  The round time is the server's own measurement (``metrics.jsonl``).
+* breakdown: the pieces a per-message ClientApp process pays without the worker, each timed
+  alone (interpreter + Flower import, our ClientApp module, torch and the round code, site
+  config, data, model build, state read and write); what is left of the fixed cost is Flower's
+  own (process start-up by the SuperNode, polling, message transport).
+* SecAgg+: a SecAgg+ round (four stages, each a message) over a plain one, three tiny sites.
 
 Results: ``benchmarks/results/federation.json``.
 """
@@ -16,8 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -68,60 +80,178 @@ def _site_overrides(preset: str, cases: int) -> list[str]:
     ]
 
 
-def direct_round_seconds(preset: str, cases: int, root: Path) -> float:
-    """The same epoch + evaluation without Flower, in one process."""
-    from omegaconf import OmegaConf
+def _median_seconds(code: str, repeats: int = 3) -> float:
+    """Wall time of ``python -c code`` in a fresh interpreter (the median of ``repeats``)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
-    from client.site import SiteRuntime, compose_site_config
-    from client.state import SiteStore
-    from server.config import RunConfig
 
-    cfg = compose_site_config("synthetic_a", _site_overrides(preset, cases))
-    SiteStore(root).write_config(OmegaConf.to_yaml(OmegaConf.create(cfg)))
-    site = SiteRuntime.from_state_dir(root)
-    spec = RunConfig(preset=preset).model_spec()
+def _timed(work: Callable[[], object]) -> float:
     start = time.perf_counter()
-    model = site.build_model(spec)
-    site.train(model, local_epochs=1, lr=1e-4, seed=0)
-    site.save(model, server_round=1, run_id=0)
-    site.evaluate(model)
+    work()
     return time.perf_counter() - start
 
 
-def federated_round_seconds(preset: str, cases: int, root: Path) -> float:
+def _open_site(preset: str, cases: int, root: Path):
+    from omegaconf import OmegaConf
+
+    from client.site import compose_site_config
+    from client.state import SiteStore
+
+    cfg = compose_site_config("synthetic_a", _site_overrides(preset, cases))
+    SiteStore(root).write_config(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+
+
+def message_breakdown(preset: str, cases: int, root: Path) -> dict[str, float]:
+    """What a fresh per-message ClientApp process pays before and around the work, piece by
+    piece: the interpreter with Flower, our ClientApp module, the round code (torch, models),
+    the site config, its data, the model, and the site state read and written."""
+    from client.site import SiteRuntime
+    from server.config import RunConfig
+
+    _open_site(preset, cases, root)
+    spec = RunConfig(preset=preset).model_spec()
+    python_flower = _median_seconds("import flwr.app, flwr.clientapp")
+    clientapp = _median_seconds("import client.app")
+    round_code = _median_seconds("import client.app, client.rounds")
+    pieces = {"python_start_and_flower_import_s": python_flower}
+    pieces["clientapp_module_import_s"] = clientapp - python_flower
+    pieces["torch_and_round_code_import_s"] = round_code - clientapp
+    site = SiteRuntime.from_state_dir(root)
+    pieces["site_config_s"] = _timed(lambda: SiteRuntime.from_state_dir(root))
+    pieces["site_data_s"] = _timed(lambda: (site.info, site.dataset("val")))
+    model = site.build_model(spec)  # the first build also pays one-off lazy imports
+    pieces["model_build_s"] = _timed(lambda: site.build_model(spec))
+    site.save(model, server_round=1, run_id=0)
+    pieces["state_write_s"] = _timed(lambda: site.save(model, server_round=1, run_id=0))
+    site.forget_saved_state()
+    pieces["state_read_s"] = _timed(lambda: site.build_model(spec)) - pieces["model_build_s"]
+    return pieces
+
+
+def direct_round_seconds(preset: str, cases: int, root: Path) -> float:
+    """The same epoch + evaluation without Flower, in one warm process (data built, imports
+    done): the work a round must do whoever runs it."""
+    from client.site import SiteRuntime
+    from server.config import RunConfig
+
+    _open_site(preset, cases, root)
+    site = SiteRuntime.from_state_dir(root)
+    spec = RunConfig(preset=preset).model_spec()
+    times = []
+    for server_round in (1, 2):  # the first also pays one-off lazy imports and allocations
+        start = time.perf_counter()
+        model = site.build_model(spec)
+        site.train(model, local_epochs=1, lr=1e-4, seed=0)
+        site.save(model, server_round=server_round, run_id=0)
+        site.evaluate(model)
+        times.append(time.perf_counter() - start)
+    return times[-1]
+
+
+def federated_round_seconds(
+    preset: str,
+    cases: int,
+    root: Path,
+    *,
+    worker: bool,
+    sites: int = 1,
+    rounds: int = 3,
+    secure: bool = False,
+) -> list[float]:
+    """Real rounds (flower-superlink, ``python -m client`` per site, ``flwr run``): the
+    server's own time of each round (train + evaluate of every site, ``metrics.jsonl``)."""
     from tests.federation.deploy import Deployment
 
     deployment = Deployment(root)
+    overrides = [*_site_overrides(preset, cases), f"supernode.worker={str(worker).lower()}"]
+    # sites sharing this machine's cores take one thread each (README, Deploy); one site all
+    overrides.append("threads=1" if sites > 1 else "threads=null")
     try:
         deployment.start_superlink(limit=3600)
-        deployment.start_site("synthetic_a", *_site_overrides(preset, cases), limit=3600)
-        deployment.wait_online(1)
+        for index in range(sites):
+            deployment.start_site("synthetic_a", *overrides, name=f"site{index}", limit=3600)
+        deployment.wait_online(sites, timeout=600)
         out_dir = root / "out"
-        result = deployment.run(
-            {
-                "num-server-rounds": 1,
-                "min-available-nodes": 1,
-                "min-train-nodes": 1,
-                "min-evaluate-nodes": 1,
-                "preset": preset,
-                "lr": 1e-4,
-                "out-dir": str(out_dir),
-            },
-            timeout=3600,
-        )
+        run_config = {
+            "num-server-rounds": rounds,
+            "min-available-nodes": sites,
+            "min-train-nodes": sites,
+            "min-evaluate-nodes": sites,
+            "preset": preset,
+            "lr": 1e-4,
+            "out-dir": str(out_dir),
+        }
+        if secure:
+            run_config.update({"secure-aggregation": True, "secagg-max-weight": float(cases)})
+        result = deployment.run(run_config, timeout=3600)
         if result.returncode:
             raise RuntimeError(result.stdout[-2000:] + result.stderr[-2000:])
-        record = json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[0])
-        return float(record["seconds"])
+        lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+        return [float(json.loads(line)["seconds"]) for line in lines if line.strip()]
     finally:
         deployment.stop()
+
+
+def overhead(preset: str, cases: int, rounds: int) -> dict[str, object]:
+    """Fixed cost per message = (a federated round - the same work done directly) / 2, a round
+    being two messages (train, evaluate); rounds after the first (which also installs the
+    app bundle), with and without the site worker."""
+    with tempfile.TemporaryDirectory() as tmp:
+        breakdown = message_breakdown(preset, cases, Path(tmp) / "pieces")
+        direct = direct_round_seconds(preset, cases, Path(tmp) / "direct")
+        round_times = {
+            name: federated_round_seconds(
+                preset, cases, Path(tmp) / name, worker=name == "worker", rounds=rounds
+            )
+            for name in ("worker", "no_worker")
+        }
+    per_message = {
+        name: (statistics.mean(times[1:] or times) - direct) / 2
+        for name, times in round_times.items()
+    }
+    return {
+        "preset": preset,
+        "cases": cases,
+        "direct_seconds": direct,
+        "round_seconds": round_times,
+        "overhead_per_message_s": per_message["worker"],
+        "overhead_per_message_s_without_worker": per_message["no_worker"],
+        "breakdown_without_worker_s": breakdown,
+    }
+
+
+def secure_aggregation_cost(cases: int, rounds: int) -> dict[str, object]:
+    """SecAgg+ (four stages, each a message) against a plain round, three tiny sites with
+    their workers."""
+    with tempfile.TemporaryDirectory() as tmp:
+        times = {
+            name: federated_round_seconds(
+                "tiny",
+                cases,
+                Path(tmp) / name,
+                worker=True,
+                sites=3,
+                rounds=rounds,
+                secure=name == "secure",
+            )
+            for name in ("plain", "secure")
+        }
+    later = {name: statistics.mean(t[1:] or t) for name, t in times.items()}
+    return {"round_seconds": times, "secure_over_plain": later["secure"] / later["plain"]}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["tiny", "paper"], choices=list(IMAGE_SIZE))
     parser.add_argument("--cases", type=int, default=16, help="training cases of the site")
+    parser.add_argument("--rounds", type=int, default=3, help="federated rounds per measurement")
     parser.add_argument("--skip-overhead", action="store_true", help="bytes only")
+    parser.add_argument("--skip-secagg", action="store_true", help="no SecAgg+ measurement")
     parser.add_argument("--out", default=str(RESULTS_DIR / "federation.json"))
     args = parser.parse_args(argv)
 
@@ -134,25 +264,26 @@ def main(argv: list[str] | None = None) -> None:
             f"({row['shared_over_full']:.3f} of full), per round per client "
             f"{row['bytes_per_round_per_client'] / 2**20:.1f} MiB"
         )
-    overhead = []
+    rows: list[dict[str, object]] = []
+    secure: dict[str, object] | None = None
     if not args.skip_overhead:
         for preset in args.presets:
-            with tempfile.TemporaryDirectory() as tmp:
-                direct = direct_round_seconds(preset, args.cases, Path(tmp) / "direct")
-                federated = federated_round_seconds(preset, args.cases, Path(tmp) / "fed")
-            row = {
-                "preset": preset,
-                "cases": args.cases,
-                "direct_seconds": direct,
-                "federated_round_seconds": federated,
-                "overhead_fraction": (federated - direct) / direct,
-            }
-            overhead.append(row)
-            print(
-                f"{preset:6} {args.cases} cases: direct {direct:.1f} s, federated round "
-                f"{federated:.1f} s, overhead {100 * row['overhead_fraction']:.1f} %"
+            row = overhead(preset, args.cases, args.rounds)
+            rows.append(row)
+            pieces = ", ".join(
+                f"{k.removesuffix('_s')} {v:.2f}"
+                for k, v in row["breakdown_without_worker_s"].items()  # type: ignore[union-attr]
             )
-    write_json(args.out, {"payload": payload, "overhead": overhead})
+            print(
+                f"{preset:6} {args.cases} cases: direct {row['direct_seconds']:.1f} s; fixed cost "
+                f"per message {row['overhead_per_message_s']:.1f} s with the site worker, "
+                f"{row['overhead_per_message_s_without_worker']:.1f} s without\n"
+                f"       without the worker, per message: {pieces} (s)"
+            )
+        if not args.skip_secagg:
+            secure = secure_aggregation_cost(args.cases, args.rounds)
+            print(f"SecAgg+ round / plain round (3 tiny sites): {secure['secure_over_plain']:.2f}")
+    write_json(args.out, {"payload": payload, "overhead": rows, "secure_aggregation": secure})
 
 
 if __name__ == "__main__":

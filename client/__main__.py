@@ -14,11 +14,13 @@ import os
 import shlex
 import shutil
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .site import SITE_CONFIGS_ENV, SiteDataError, SiteRuntime, compose_site_config, site_sources
+from .worker_protocol import SOCKET_NODE_CONFIG
 
 EXAMPLES = """
 examples:
@@ -128,12 +130,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+#: Flower's SuperExec polling interval (seconds); ``python -m client`` lowers its 1 s default.
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+
+
 def _toml_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def supernode_command(cfg: Mapping[str, Any], state_dir: Path) -> list[str]:
-    """The ``flower-supernode`` command line for a resolved site config."""
+def worker_socket_path(state_dir: Path) -> Path:
+    """Where the site worker listens: in the state directory, or in a fresh owner-only
+    temporary folder when that path is too long for a Unix socket (about 107 bytes)."""
+    path = state_dir / "worker.sock"
+    if len(os.fsencode(path)) < 100:
+        return path
+    return Path(tempfile.mkdtemp(prefix="mrprism-worker-")) / "worker.sock"
+
+
+def supernode_command(
+    cfg: Mapping[str, Any], state_dir: Path, worker_socket: Path | None = None
+) -> list[str]:
+    """The ``flower-supernode`` command line for a resolved site config; ``worker_socket``
+    tells the ClientApp where the site worker listens."""
     node = dict(cfg.get("supernode") or {})
     executable = shutil.which("flower-supernode") or "flower-supernode"
     command = [executable, "--superlink", str(cfg["superlink"])]
@@ -152,6 +170,8 @@ def supernode_command(cfg: Mapping[str, Any], state_dir: Path) -> list[str]:
         command += ["--max-retries", str(int(node["max_retries"]))]
     command += ["--port", str(int(node.get("port", 9094)))]
     node_config = f"site={_toml_string(str(cfg['site']))} state-dir={_toml_string(str(state_dir))}"
+    if worker_socket is not None:
+        node_config += f" {SOCKET_NODE_CONFIG}={_toml_string(str(worker_socket))}"
     command += ["--node-config", node_config]
     return command
 
@@ -202,8 +222,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     state_dir = site.store.root.resolve()
     site.store.write_config(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+    node = cfg.get("supernode") or {}
+    worker_socket = worker_socket_path(state_dir) if node.get("worker", True) else None
     try:
-        command = supernode_command(cfg, state_dir)
+        command = supernode_command(cfg, state_dir, worker_socket)
     except SiteDataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -211,15 +233,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("starting:    " + " ".join(shlex.quote(part) for part in command), flush=True)
     if args.dry_run:
         return 0
-    node = cfg.get("supernode") or {}
-    if node.get("auth_private_key"):  # a refused activation is retried (client/supervisor.py)
-        from .supervisor import run_supernode
+    from .supervisor import SiteWorker, run_supernode
 
-        return run_supernode(
-            command, float(node.get("activation_wait_s", 180.0)), node.get("max_retries")
-        )
-    os.execvp(command[0], command)  # the SuperNode replaces this process: signals reach it
-    return 0  # pragma: no cover
+    # Flower's SuperExec looks for a message to start a ClientApp for once a second by default;
+    # a tenth of a second costs a local gRPC call and saves half a second per message on average
+    os.environ.setdefault(SUPEREXEC_POLL_ENV, "0.1")
+
+    # a refused activation (node auth) is retried; SIGTERM/SIGINT reach the SuperNode
+    wait_s, retries = float(node.get("activation_wait_s", 180.0)), node.get("max_retries")
+    if worker_socket is None:
+        return run_supernode(command, wait_s, retries)
+    print(f"worker:      {worker_socket} (starting; torch, config and data stay loaded)")
+    try:
+        with SiteWorker(state_dir, worker_socket):
+            return run_supernode(command, wait_s, retries)
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

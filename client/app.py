@@ -1,16 +1,21 @@
 """Flower ClientApp: unpack the server's message, run the site's round, reply with the shared
-weights and metrics only. Rater heads and data stay in the site's state directory."""
+weights and metrics only. Rater heads and data stay in the site's state directory.
+
+This module imports no torch: in deployment ``python -m client`` keeps a site worker warm
+(``client/worker.py``) and the ClientApp, a fresh process per message, only hands it the
+message; without a worker (simulation) the round runs here (``client/rounds.py``).
+"""
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 from flwr.app import (
+    Array,
     ArrayRecord,
     ConfigRecord,
     Context,
@@ -22,37 +27,13 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from mrprism_core.checkpoint import CorruptCheckpointError
-from mrprism_core.federated import PACKED_KEY, QUALITY_KEY, StateLayout, split_evaluation
-from mrprism_core.models import SegmentationModel, split_state
-from mrprism_core.protocol import RoundInstructions, SiteReply
+from mrprism_core.protocol import PACKED_KEY
 
-from .site import SiteDataError, SiteRuntime
+from .worker_protocol import SOCKET_NODE_CONFIG, RoundOutcome, WorkerUnavailable, ask_worker
 
-__all__ = ["SITE_FAULTS", "app", "create_client_app", "node_state_dir"]
+__all__ = ["app", "create_client_app", "node_state_dir"]
 
 log = logging.getLogger("flwr.mrprism")  # printed in the SuperNode's log
-
-# A site that cannot take part (bad data, damaged state, a model that does not fit its data)
-# answers with an error naming the problem; the server leaves it out and the round goes on.
-SITE_FAULTS = (SiteDataError, CorruptCheckpointError, ValueError)
-Handler = Callable[[Message, Context], Message]
-
-
-def _faults_as_error_replies(handler: Handler, state_dir_of: Callable[[Context], Path]) -> Handler:
-    @functools.wraps(handler)
-    def wrapper(msg: Message, context: Context) -> Message:
-        try:
-            return handler(msg, context)
-        except SITE_FAULTS as err:
-            site = context.node_config.get("site") or state_dir_of(context).name
-            reason = f"site {site} cannot take part: {err}"
-            log.error("%s", reason)
-            return Message(
-                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg
-            )
-
-    return wrapper
 
 
 def node_state_dir(context: Context) -> Path:
@@ -60,56 +41,27 @@ def node_state_dir(context: Context) -> Path:
     return Path(str(context.node_config["state-dir"]))
 
 
-def _site_model(
-    site: SiteRuntime, instructions: RoundInstructions, packed: torch.Tensor
-) -> tuple[SegmentationModel, StateLayout]:
-    """The site's model with the server's shared weights and its own rater heads."""
-    model = site.build_model(instructions.model_spec)
-    layout = StateLayout.of(split_state(model)[0])
-    if layout.fingerprint != instructions.layout:
-        raise ValueError(
-            f"site {site.name}: shared-weight layout {layout.fingerprint} differs from the "
-            f"server's {instructions.layout}; both sides must run the same code and model spec"
-        )
-    site.load_shared(model, layout.unpack(packed))
-    return model, layout
+def _run(
+    kind: str, config: dict[str, Any], packed: np.ndarray, context: Context, state_dir: Path
+) -> RoundOutcome:
+    """The message's work, by the site worker when the node has one, else in this process."""
+    socket_path = context.node_config.get(SOCKET_NODE_CONFIG)
+    if socket_path:
+        try:
+            return ask_worker(socket_path, state_dir, kind, config, packed, context.run_id)
+        except WorkerUnavailable as err:
+            return RoundOutcome(error=str(err))
+    from .rounds import run_message  # torch, the model and the data: only without a worker
+
+    return run_message(kind, config, packed, run_id=context.run_id, state_dir=state_dir)
 
 
-def _train_round(
-    site: SiteRuntime, instructions: RoundInstructions, packed: torch.Tensor, run_id: int
-) -> tuple[torch.Tensor, SiteReply]:
-    """One round at the site: the packed shared weights to send, and the reply."""
-    model, layout = _site_model(site, instructions, packed)
-    heads_from = site.heads_round  # before this round's save replaces the snapshot
-    server_round = instructions.server_round
-    result = site.train(
-        model,
-        local_epochs=instructions.local_epochs,
-        lr=instructions.lr,
-        seed=site.round_seed(instructions.seed, server_round),
-        proximal_mu=instructions.proximal_mu,
-        planned_rounds=instructions.num_server_rounds,
-        persist_optimizer=instructions.persist_optimizer,
-        server_round=server_round,
-        personalization=instructions.personalization,
-        ditto_lambda=instructions.ditto_lambda,
-    )
-    site.save(model, server_round=server_round, run_id=run_id)
-    metrics = {
-        "train-loss": float(result["loss"]),
-        "skipped-steps": int(result["skipped_steps"]),
-        **{k: float(v) for k, v in result.items() if k.startswith("dp-")},
-    }
-    if site.shares_quality:  # the one number of the rater report a site may send (opt-in)
-        metrics[QUALITY_KEY] = site.annotation_quality(model)
-    reply = SiteReply(
-        site=site.name,
-        num_raters=site.info.num_raters,
-        heads_from_round=heads_from,
-        num_examples=int(result["num_examples"]),
-        metrics=metrics,
-    )
-    return layout.pack(split_state(model)[0]), reply  # rater heads stay here
+def _error_reply(msg: Message, context: Context, state_dir: Path, error: str) -> Message:
+    """A site that cannot take part says why; the server leaves it out, the round goes on."""
+    site = context.node_config.get("site") or state_dir.name
+    reason = f"site {site} cannot take part: {error}"
+    log.error("%s", reason)
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 
 def _secure_aggregation_when_asked(msg: Message, context: Context, call_next: Any) -> Message:
@@ -144,64 +96,62 @@ def create_client_app(state_dirs: Sequence[str] | None = None) -> ClientApp:
     app = ClientApp(mods=[_secure_aggregation_when_asked])
 
     @app.train(mods=[_update_clipping_when_asked])
-    @functools.partial(_faults_as_error_replies, state_dir_of=state_dir_of)
     def train(msg: Message, context: Context) -> Message:
-        site = SiteRuntime.from_state_dir(state_dir_of(context))
+        state_dir = state_dir_of(context)
         if "config" not in msg.content.config_records:  # SecAgg+ speaks the legacy records
-            return _legacy_train(site, msg, context)
-        instructions = RoundInstructions.from_config(msg.content["config"])
-        packed = msg.content["arrays"].to_torch_state_dict()[PACKED_KEY]
-        shared, reply = _train_round(site, instructions, packed, context.run_id)
+            return _legacy_train(msg, context, state_dir)
+        config = dict(msg.content["config"])
+        packed = msg.content["arrays"][PACKED_KEY].numpy()
+        outcome = _run("train", config, packed, context, state_dir)
+        if outcome.error is not None:
+            return _error_reply(msg, context, state_dir, outcome.error)
+        assert outcome.reply is not None and outcome.shared is not None
         content = RecordDict(
             {
-                "arrays": ArrayRecord({PACKED_KEY: shared}),
-                "metrics": MetricRecord(reply.to_metrics()),
-                "site": ConfigRecord(reply.to_site()),
+                "arrays": ArrayRecord({PACKED_KEY: Array(outcome.shared)}),
+                "metrics": MetricRecord(outcome.reply.to_metrics()),
+                "site": ConfigRecord(outcome.reply.to_site()),
             }
         )
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()
-    @functools.partial(_faults_as_error_replies, state_dir_of=state_dir_of)
     def evaluate(msg: Message, context: Context) -> Message:
-        instructions = RoundInstructions.from_config(msg.content["config"])
-        site = SiteRuntime.from_state_dir(state_dir_of(context))
-        packed = msg.content["arrays"].to_torch_state_dict()[PACKED_KEY]
-        model, _ = _site_model(site, instructions, packed)
-        model = site.evaluated_model(model, instructions.personalization)
-        result = site.evaluate(model, instructions.eval_split)
-        scalars, details = split_evaluation(result)
-        reply = SiteReply(
-            site=site.name,
-            num_raters=site.info.num_raters,
-            heads_from_round=site.heads_round,
-            num_examples=int(result["num_examples"]),
-            metrics=scalars,
-            details=details,
-        )
+        state_dir = state_dir_of(context)
+        config = dict(msg.content["config"])
+        packed = msg.content["arrays"][PACKED_KEY].numpy()
+        outcome = _run("evaluate", config, packed, context, state_dir)
+        if outcome.error is not None:
+            return _error_reply(msg, context, state_dir, outcome.error)
+        assert outcome.reply is not None
         content = RecordDict(
-            {"metrics": MetricRecord(reply.to_metrics()), "site": ConfigRecord(reply.to_site())}
+            {
+                "metrics": MetricRecord(outcome.reply.to_metrics()),
+                "site": ConfigRecord(outcome.reply.to_site()),
+            }
         )
         return Message(content=content, reply_to=msg)
 
     return app
 
 
-def _legacy_train(site: SiteRuntime, msg: Message, context: Context) -> Message:
+def _legacy_train(msg: Message, context: Context, state_dir: Path) -> Message:
     """A SecAgg+ round's training: the same round, in Flower's legacy ``fitins``/``fitres``
     records that ``secaggplus_mod`` masks before anything leaves the site."""
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
     instruction = recorddict_to_fitins(msg.content, keep_input=True)
-    packed = torch.from_numpy(parameters_to_ndarrays(instruction.parameters)[0])
-    instructions = RoundInstructions.from_config(instruction.config)
-    shared, reply = _train_round(site, instructions, packed, context.run_id)
+    packed = parameters_to_ndarrays(instruction.parameters)[0]
+    outcome = _run("train", dict(instruction.config), packed, context, state_dir)
+    if outcome.error is not None:
+        return _error_reply(msg, context, state_dir, outcome.error)
+    assert outcome.reply is not None and outcome.shared is not None
     result = FitRes(
         status=Status(Code.OK, ""),
-        parameters=ndarrays_to_parameters([shared.numpy()]),
-        num_examples=reply.num_examples,
-        metrics=reply.to_config(),
+        parameters=ndarrays_to_parameters([outcome.shared]),
+        num_examples=outcome.reply.num_examples,
+        metrics=outcome.reply.to_config(),
     )
     return Message(fitres_to_recorddict(result, keep_input=True), reply_to=msg)
 

@@ -32,6 +32,7 @@ class SupernodeSchema:
     auth_private_key: str | None = None  # this site's key for SuperNode authentication
     max_retries: int | None = None  # stop reconnecting after this many tries (None: never)
     activation_wait_s: float = 180.0  # retry a refused activation (node auth) this long
+    worker: bool = True  # keep torch, config and data loaded in a site worker between messages
 
 
 @dataclass
@@ -40,6 +41,7 @@ class SiteSchema:
     superlink: str = "127.0.0.1:9092"  # SuperLink address host:port
     state_dir: str = "???"  # site-local state: heads, snapshot, resolved config
     device: str = "auto"  # auto, cpu, cuda, cuda:N
+    threads: int | None = None  # torch CPU threads (None: all cores); shared machine: cores/sites
     share_quality: bool = False  # send one annotation-quality score per round (opt-in)
     seed: int = 0  # seeds the site's rater heads and shuffles
     train: TrainSchema = field(default_factory=TrainSchema)

@@ -1,5 +1,5 @@
-"""Run the site's ``flower-supernode`` and start it again when the SuperLink refuses to
-activate it.
+"""Run the site's ``flower-supernode`` (and start it again when the SuperLink refuses to
+activate it) and the site worker next to it (started again whenever it exits).
 
 Under SuperNode authentication a hospital whose SuperNode crashed and is started again at once
 (by systemd, or by an operator) is refused: the SuperLink still holds the old session as online
@@ -18,9 +18,10 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TextIO
 
-__all__ = ["ACTIVATION_REFUSED", "run_supernode"]
+__all__ = ["ACTIVATION_REFUSED", "SiteWorker", "run_supernode"]
 
 #: What Flower's SuperNode prints when the SuperLink refuses to activate it (code 2004).
 ACTIVATION_REFUSED = "Failed to activate SuperNode"
@@ -110,3 +111,102 @@ def run_supernode(
         )
         time.sleep(wait)
         delay = min(2 * delay, _MAX_DELAY)
+
+
+class SiteWorker:
+    """The site worker (``python -m client.worker``) for the SuperNode's lifetime: started
+    before it (ready once its socket exists), started again whenever it exits, stopped with it.
+
+    Use as a context manager around :func:`run_supernode`.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        socket_path: Path,
+        out: TextIO | None = None,
+        ready_timeout_s: float = 900.0,
+        restart_delay_s: float = 2.0,
+    ) -> None:
+        self.state_dir = state_dir
+        self.socket_path = socket_path
+        self.out = out or sys.stdout
+        self.ready_timeout_s = ready_timeout_s
+        self.restart_delay_s = restart_delay_s
+        self.process: subprocess.Popen[str] | None = None
+        self.restarts = 0
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()  # a restart and the final stop do not interleave
+        self._keeper: threading.Thread | None = None
+
+    def _spawn(self) -> subprocess.Popen[str]:
+        self.socket_path.unlink(missing_ok=True)  # ready = the new worker's socket exists
+        command = [sys.executable, "-m", "client.worker", "--state-dir", str(self.state_dir)]
+        child = subprocess.Popen(
+            [*command, "--socket", str(self.socket_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
+
+        def relay() -> None:
+            assert child.stdout is not None
+            for line in child.stdout:
+                self.out.write(line)
+                self.out.flush()
+
+        threading.Thread(target=relay, daemon=True).start()
+        return child
+
+    def _wait_ready(self, child: subprocess.Popen[str]) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        while not self.socket_path.exists():
+            if child.poll() is not None:
+                raise RuntimeError(f"the site worker exited with code {child.returncode}")
+            if time.monotonic() > deadline:
+                child.kill()
+                raise RuntimeError(f"the site worker was not ready in {self.ready_timeout_s} s")
+            time.sleep(0.1)
+
+    def _keep(self) -> None:
+        while not self._stopping.is_set():
+            assert self.process is not None
+            code = self.process.wait()
+            if self._stopping.is_set():
+                return
+            print(
+                f"the site worker exited with code {code}: starting it again in "
+                f"{self.restart_delay_s:g} s (messages meanwhile are answered with an error "
+                "and the rounds go on without this site)",
+                file=sys.stderr,
+                flush=True,
+            )
+            if self._stopping.wait(self.restart_delay_s):
+                return
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                self.restarts += 1
+                self.process = self._spawn()
+
+    def __enter__(self) -> SiteWorker:
+        from .worker_protocol import write_key
+
+        write_key(self.state_dir)
+        self.process = self._spawn()
+        self._wait_ready(self.process)
+        self._keeper = threading.Thread(target=self._keep, daemon=True)
+        self._keeper.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._stopping.set()
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=_DRAIN_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.socket_path.unlink(missing_ok=True)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .metrics import RECURRENCE_METRICS, recurrence_table
+from .protocol import PACKED_KEY
 from .rater_quality import bounded_quality
 
 __all__ = [
@@ -30,8 +31,6 @@ __all__ = [
     "update_problem",
 ]
 
-#: Name of the one array that carries the shared weights in a message.
-PACKED_KEY = "shared-weights"
 
 #: Metric in which a site that opted in (``share_quality``) sends its annotation-quality score.
 QUALITY_KEY = "annotation-quality"

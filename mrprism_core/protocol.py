@@ -13,7 +13,10 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-__all__ = ["RoundInstructions", "SiteReply", "coerce"]
+__all__ = ["PACKED_KEY", "RoundInstructions", "SiteReply", "coerce"]
+
+#: Name of the one array that carries the shared weights in a message.
+PACKED_KEY = "shared-weights"
 
 
 def _kebab(name: str) -> str:

@@ -130,6 +130,7 @@ class Deployment:
             f"superlink=127.0.0.1:{self.port}",
             f"supernode.port={free_port()}",
             f"state_dir={self.site_dir(name)}",
+            "threads=1",  # several sites share this machine's cores
             *overrides,
         ]
         return self._spawn(name, command, name, limit)

@@ -1,0 +1,125 @@
+"""One message's work at a site, Flower-free: a training round or an evaluation, from the
+server's instructions and packed shared weights to the weights to send back and the reply.
+
+The ClientApp runs it in its own process (simulation, or a site without a worker), the site
+worker (``client/worker.py``) runs it in its long-lived one; both get the same
+:class:`RoundOutcome`. Rater heads, data and optimizer state stay in the site's state directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mrprism_core.checkpoint import CorruptCheckpointError
+from mrprism_core.federated import QUALITY_KEY, StateLayout, split_evaluation
+from mrprism_core.models import SegmentationModel, split_state
+from mrprism_core.protocol import RoundInstructions, SiteReply
+
+from .site import SiteDataError, SiteRuntime
+from .worker_protocol import RoundOutcome
+
+__all__ = ["SITE_FAULTS", "RoundOutcome", "run_message"]
+
+# A site that cannot take part (bad data, damaged state, a model that does not fit its data)
+# answers with an error naming the problem; the server leaves it out and the round goes on.
+SITE_FAULTS = (SiteDataError, CorruptCheckpointError, ValueError)
+
+
+def _site_model(
+    site: SiteRuntime, instructions: RoundInstructions, packed: np.ndarray
+) -> tuple[SegmentationModel, StateLayout]:
+    """The site's model with the server's shared weights and its own rater heads."""
+    model = site.build_model(instructions.model_spec)
+    layout = StateLayout.of(split_state(model)[0])
+    if layout.fingerprint != instructions.layout:
+        raise ValueError(
+            f"site {site.name}: shared-weight layout {layout.fingerprint} differs from the "
+            f"server's {instructions.layout}; both sides must run the same code and model spec"
+        )
+    writable = np.require(packed, requirements=["C", "W"])  # a received buffer is read-only
+    site.load_shared(model, layout.unpack(torch.from_numpy(writable)))
+    return model, layout
+
+
+def _train(
+    site: SiteRuntime, instructions: RoundInstructions, packed: np.ndarray, run_id: int
+) -> RoundOutcome:
+    model, layout = _site_model(site, instructions, packed)
+    heads_from = site.heads_round  # before this round's save replaces the snapshot
+    server_round = instructions.server_round
+    result = site.train(
+        model,
+        local_epochs=instructions.local_epochs,
+        lr=instructions.lr,
+        seed=site.round_seed(instructions.seed, server_round),
+        proximal_mu=instructions.proximal_mu,
+        planned_rounds=instructions.num_server_rounds,
+        persist_optimizer=instructions.persist_optimizer,
+        server_round=server_round,
+        personalization=instructions.personalization,
+        ditto_lambda=instructions.ditto_lambda,
+    )
+    site.save(model, server_round=server_round, run_id=run_id)
+    metrics = {
+        "train-loss": float(result["loss"]),
+        "skipped-steps": int(result["skipped_steps"]),
+        **{k: float(v) for k, v in result.items() if k.startswith("dp-")},
+    }
+    if site.shares_quality:  # the one number of the rater report a site may send (opt-in)
+        metrics[QUALITY_KEY] = site.annotation_quality(model)
+    reply = SiteReply(
+        site=site.name,
+        num_raters=site.info.num_raters,
+        heads_from_round=heads_from,
+        num_examples=int(result["num_examples"]),
+        metrics=metrics,
+    )
+    shared = layout.pack(split_state(model)[0]).numpy()  # rater heads stay here
+    return RoundOutcome(shared=shared, reply=reply)
+
+
+def _evaluate(
+    site: SiteRuntime, instructions: RoundInstructions, packed: np.ndarray
+) -> RoundOutcome:
+    model, _ = _site_model(site, instructions, packed)
+    model = site.evaluated_model(model, instructions.personalization)
+    result = site.evaluate(model, instructions.eval_split)
+    scalars, details = split_evaluation(result)
+    reply = SiteReply(
+        site=site.name,
+        num_raters=site.info.num_raters,
+        heads_from_round=site.heads_round,
+        num_examples=int(result["num_examples"]),
+        metrics=scalars,
+        details=details,
+    )
+    return RoundOutcome(reply=reply)
+
+
+def run_message(
+    kind: str,
+    config: Mapping[str, Any],
+    packed: np.ndarray,
+    *,
+    run_id: int,
+    state_dir: str | Path | None = None,
+    site: SiteRuntime | None = None,
+) -> RoundOutcome:
+    """Run one ``train`` or ``evaluate`` message at the site whose state is in ``state_dir``
+    (or on an already open ``site``); a site fault becomes :attr:`RoundOutcome.error`."""
+    try:
+        if site is None:
+            site = SiteRuntime.from_state_dir(state_dir)  # type: ignore[arg-type]
+        instructions = RoundInstructions.from_config(config)
+        if kind == "train":
+            return _train(site, instructions, packed, run_id)
+        if kind == "evaluate":
+            return _evaluate(site, instructions, packed)
+        raise ValueError(f"unknown message kind {kind!r}")
+    except SITE_FAULTS as err:
+        return RoundOutcome(error=str(err))

@@ -1,0 +1,120 @@
+"""``python -m client.worker --state-dir DIR --socket PATH``: the site worker.
+
+A long-lived process, started (and restarted when it exits) by ``python -m client`` next to
+the SuperNode, that keeps torch imported and the site's config and data loaded, and runs the
+messages the ClientApp hands it over a Unix socket (``client/worker_protocol.py``). Flower
+starts a fresh ClientApp process per message; without the worker each of them would import
+torch, compose the config and build the data sets again.
+
+What it keeps in memory is only what can be rebuilt from the state directory: the rater heads,
+the snapshot, the optimizer state and the privacy ledger are read from disk for every message
+and written back atomically, so a killed worker loses nothing but the message in flight (whose
+ClientApp then answers with an error and the round goes on without the site).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Listener
+from pathlib import Path
+
+from .rounds import run_message
+from .site import SiteDataError, SiteRuntime
+from .worker_protocol import RoundOutcome, read_key, receive_request, send_outcome
+
+__all__ = ["serve"]
+
+log = logging.getLogger("mrprism.worker")
+
+
+def _warm(site: SiteRuntime) -> None:
+    """Build what every message needs once: the data sets (decoded, cached) and their facts."""
+    _ = site.info  # the training split, its raters and classes
+    for split in ("val", "test"):
+        with contextlib.suppress(ValueError):  # an empty split: its message will say so
+            site.dataset(split)
+
+
+def serve(state_dir: str | Path, socket_path: str | Path, max_messages: int | None = None) -> None:
+    """Open the site in ``state_dir``, listen on ``socket_path`` (owner-only) and run the
+    messages that come, one at a time; returns after ``max_messages`` messages (default: never).
+    """
+    site = SiteRuntime.from_state_dir(state_dir)
+    started = time.perf_counter()
+    _warm(site)
+    socket_path = Path(socket_path)
+    socket_path.unlink(missing_ok=True)  # left by a worker that was killed
+    old_umask = os.umask(0o177)  # the socket file is created owner-only (0600)
+    try:
+        listener = Listener(str(socket_path), family="AF_UNIX", authkey=read_key(state_dir))
+    finally:
+        os.umask(old_umask)
+    print(
+        f"site worker of {site.name} ready in {time.perf_counter() - started:.1f} s "
+        f"(pid {os.getpid()}, {socket_path})",
+        flush=True,
+    )
+    served = 0
+    with listener:
+        while max_messages is None or served < max_messages:
+            try:
+                conn = listener.accept()
+            except (AuthenticationError, OSError, EOFError) as err:
+                log.warning("refused a connection: %s", err)
+                continue
+            with conn:
+                try:
+                    kind, config, packed, run_id = receive_request(conn)
+                except (EOFError, OSError, ValueError, KeyError) as err:
+                    log.warning("dropped a malformed request: %s", err)
+                    continue
+                started = time.perf_counter()
+                site.forget_saved_state()
+                try:
+                    outcome = run_message(kind, config, packed, run_id=run_id, site=site)
+                except Exception as err:  # a bug, not a site fault: say it, keep serving
+                    log.exception("the %s message failed", kind)
+                    reason = f"the site worker failed: {type(err).__name__}: {err}"
+                    outcome = RoundOutcome(error=reason)
+                served += 1
+                print(
+                    f"{kind} message {served} in {time.perf_counter() - started:.1f} s"
+                    + (f": {outcome.error}" if outcome.error else ""),
+                    flush=True,
+                )
+                try:
+                    send_outcome(conn, outcome)
+                except OSError as err:  # the ClientApp gave up (timeout, SuperNode stopped)
+                    log.warning("could not answer the %s message: %s", kind, err)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m client.worker", description=__doc__)
+    parser.add_argument("--state-dir", required=True, help="the site's state directory")
+    parser.add_argument("--socket", required=True, help="the Unix socket to listen on")
+    parser.add_argument(
+        "--max-messages", type=int, default=None, help="exit after this many messages (tests)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="site worker: %(message)s")
+    try:
+        serve(args.state_dir, args.socket, args.max_messages)
+    except (SiteDataError, FileNotFoundError) as err:
+        print(f"error: site worker: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        Path(args.socket).unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

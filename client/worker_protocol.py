@@ -1,0 +1,156 @@
+"""Between the ClientApp and the site worker: a Unix socket, a shared key, and the messages.
+
+Flower starts a fresh ClientApp process for every message; the site worker
+(``client/worker.py``, started by ``python -m client``) stays up with torch imported and the
+site's data and config loaded. The ClientApp hands it the message's config and packed shared
+weights and returns what it answers. This module is all the ClientApp needs for that and
+imports neither torch nor the model code.
+
+Security: the socket is a file in a folder only the site's user can open (owner-only
+permissions), and each connection must prove it holds the key in ``<state_dir>/worker.key``
+(HMAC challenge of :mod:`multiprocessing.connection`). Nothing listens on the network.
+Payloads are JSON and raw array bytes, never pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client, Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mrprism_core.protocol import SiteReply
+
+__all__ = [
+    "KEY_FILE",
+    "SOCKET_NODE_CONFIG",
+    "RoundOutcome",
+    "WorkerUnavailable",
+    "ask_worker",
+    "read_key",
+    "receive_outcome",
+    "receive_request",
+    "send_outcome",
+    "send_request",
+    "write_key",
+]
+
+#: The node-config key through which ``python -m client`` tells the ClientApp where its
+#: worker listens (absent: the ClientApp does the work itself, as in simulation).
+SOCKET_NODE_CONFIG = "worker-socket"
+#: The shared key's file in the site's state directory (owner-only).
+KEY_FILE = "worker.key"
+
+
+class WorkerUnavailable(RuntimeError):
+    """The site worker could not be reached, or left in the middle of a message."""
+
+
+@dataclass
+class RoundOutcome:
+    """What one message produced at a site: the packed shared weights to send (training
+    only) and the reply; or, when the site cannot take part, only ``error`` (the reason)."""
+
+    shared: np.ndarray | None = None
+    reply: SiteReply | None = None
+    error: str | None = None
+
+
+def write_key(state_dir: str | Path) -> bytes:
+    """A fresh random key in ``<state_dir>/worker.key`` (mode 0600, replaced atomically)."""
+    key = secrets.token_bytes(32)
+    path = Path(state_dir) / KEY_FILE
+    tmp = path.with_name(f".{KEY_FILE}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(key)
+    os.replace(tmp, path)
+    return key
+
+
+def read_key(state_dir: str | Path) -> bytes:
+    return (Path(state_dir) / KEY_FILE).read_bytes()
+
+
+def _send_array(conn: Connection, header: dict[str, Any], array: np.ndarray | None) -> None:
+    if array is not None:
+        array = np.ascontiguousarray(array)
+        header = {**header, "dtype": array.dtype.str, "shape": list(array.shape)}
+    conn.send_bytes(json.dumps(header).encode())
+    if array is not None:
+        conn.send_bytes(memoryview(array).cast("B"))
+
+
+def _receive_array(conn: Connection) -> tuple[dict[str, Any], np.ndarray | None]:
+    header = json.loads(conn.recv_bytes())
+    if "dtype" not in header:
+        return header, None
+    data = conn.recv_bytes()
+    array = np.frombuffer(data, dtype=np.dtype(header["dtype"])).reshape(header["shape"])
+    return header, array
+
+
+def send_request(
+    conn: Connection, kind: str, config: dict[str, Any], packed: np.ndarray, run_id: int
+) -> None:
+    _send_array(conn, {"kind": kind, "config": config, "run_id": run_id}, packed)
+
+
+def receive_request(conn: Connection) -> tuple[str, dict[str, Any], np.ndarray, int]:
+    header, packed = _receive_array(conn)
+    if packed is None:
+        raise ValueError("a request without shared weights")
+    return str(header["kind"]), dict(header["config"]), packed, int(header["run_id"])
+
+
+def send_outcome(conn: Connection, outcome: RoundOutcome) -> None:
+    header: dict[str, Any] = {"error": outcome.error}
+    if outcome.reply is not None:
+        header["metrics"] = outcome.reply.to_metrics()
+        header["site"] = outcome.reply.to_site()
+    _send_array(conn, header, outcome.shared)
+
+
+def receive_outcome(conn: Connection) -> RoundOutcome:
+    header, shared = _receive_array(conn)
+    reply = None
+    if "metrics" in header:
+        reply = SiteReply.from_records(header["metrics"], header["site"])
+    return RoundOutcome(shared=shared, reply=reply, error=header.get("error"))
+
+
+def ask_worker(
+    socket_path: str | Path,
+    state_dir: str | Path,
+    kind: str,
+    config: dict[str, Any],
+    packed: np.ndarray,
+    run_id: int,
+) -> RoundOutcome:
+    """Have the site worker at ``socket_path`` run one message; waits for its answer.
+
+    Raises:
+        WorkerUnavailable: no worker listens there, the key does not match, or the worker
+            went away before answering.
+    """
+    try:
+        key = read_key(state_dir)
+        with Client(str(socket_path), family="AF_UNIX", authkey=key) as conn:
+            send_request(conn, kind, config, packed, run_id)
+            return receive_outcome(conn)
+    except (OSError, EOFError) as err:
+        raise WorkerUnavailable(
+            f"its site worker ({socket_path}) did not answer ({type(err).__name__}: {err}); "
+            "`python -m client` starts it with the SuperNode and starts it again when it exits"
+        ) from err
+    except AuthenticationError as err:
+        raise WorkerUnavailable(
+            f"its site worker ({socket_path}) refused the connection ({err}); the worker and "
+            f"this ClientApp must share {Path(state_dir) / KEY_FILE}"
+        ) from err

@@ -1,0 +1,248 @@
+"""The site worker: the ClientApp hands it the message and imports no torch; the round it runs
+is the round the ClientApp would have run itself; killed mid-round, the ClientApp answers with
+an error and the worker comes back; a connection without the site's key is refused."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.app import create_client_app
+from client.supervisor import SiteWorker
+from client.worker_protocol import KEY_FILE, WorkerUnavailable, ask_worker
+from mrprism_core.federated import PACKED_KEY
+from server.config import RunConfig
+
+from .conftest import train_message
+from .deploy import Deployment, history, wait_for_round
+
+# A fresh interpreter, like Flower's per-message ClientApp process: it rebuilds the server's
+# message, calls our ClientApp with the worker's socket in its node config, and reports what it
+# got back and whether torch was ever imported.
+CLIENTAPP_PROCESS = """
+import json, sys
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+from client.app import create_client_app
+
+request = json.loads(open(sys.argv[1]).read())
+packed = np.load(sys.argv[2])
+content = RecordDict(
+    {"arrays": ArrayRecord({"shared-weights": Array(packed)}),
+     "config": ConfigRecord(request["config"])}
+)
+message = Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
+node_config = {"state-dir": request["state_dir"], "worker-socket": request["socket"]}
+context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+reply = create_client_app()(message, context)
+torch_loaded = "torch" in sys.modules
+if reply.has_error():
+    print(json.dumps({"error": reply.error.reason, "torch": torch_loaded}))
+else:
+    np.save(sys.argv[3], reply.content["arrays"]["shared-weights"].numpy())
+    metrics = dict(reply.content["metrics"])
+    print(json.dumps({"error": None, "torch": torch_loaded, "metrics": metrics}))
+"""
+
+
+def _socket(tmp_path: Path) -> Path:
+    return tmp_path / "w.sock"
+
+
+def _message_files(tmp_path: Path, cfg: RunConfig, state_dir: str, socket: Path) -> list[str]:
+    message, _ = train_message(cfg)
+    request = {
+        "config": dict(message.content["config"]),
+        "state_dir": state_dir,
+        "socket": str(socket),
+    }
+    (tmp_path / "request.json").write_text(json.dumps(request))
+    np.save(tmp_path / "packed.npy", message.content["arrays"][PACKED_KEY].numpy())
+    return [str(tmp_path / "request.json"), str(tmp_path / "packed.npy")]
+
+
+def test_the_worker_runs_the_same_round_and_the_clientapp_imports_no_torch(
+    make_site, task_identity, tmp_path
+):
+    cfg = RunConfig(local_epochs=2)
+    # the same site twice: one round in the ClientApp's own process, one through a worker
+    in_process_dir = make_site("synthetic_a", name="site_in_process")
+    worker_dir = make_site("synthetic_a", name="site_worker")
+    message, _ = train_message(cfg)
+    expected = create_client_app()(message, _context(in_process_dir))
+    assert not expected.has_error(), expected.error
+
+    socket = _socket(tmp_path)
+    out = io.StringIO()
+    with SiteWorker(Path(worker_dir), socket, out=out) as worker:
+        assert stat.S_IMODE(socket.stat().st_mode) == 0o600  # only the site's user may connect
+        assert stat.S_IMODE((Path(worker_dir) / KEY_FILE).stat().st_mode) == 0o600
+        files = _message_files(tmp_path, cfg, worker_dir, socket)
+        done = subprocess.run(
+            [sys.executable, "-c", CLIENTAPP_PROCESS, *files, str(tmp_path / "reply.npy")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        answer = json.loads(done.stdout.strip().splitlines()[-1])
+        assert answer["error"] is None, answer["error"]
+        assert answer["torch"] is False  # the ClientApp process never imported torch
+        assert worker.restarts == 0
+    sent = np.load(tmp_path / "reply.npy")
+    # bit-identical to the round run in-process: the worker's warm state changes nothing
+    assert np.array_equal(sent, expected.content["arrays"][PACKED_KEY].numpy())
+    expected_metrics = dict(expected.content["metrics"])
+    assert answer["metrics"] == pytest.approx(expected_metrics)
+    assert Path(worker_dir, "site_model.pt").exists()  # the worker saved the site's heads
+    assert "train message 1" in out.getvalue()
+
+
+def _context(state_dir: str, socket: Path | None = None):
+    from flwr.app import Context, RecordDict
+
+    node_config = {"state-dir": state_dir}
+    if socket is not None:
+        node_config["worker-socket"] = str(socket)
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def test_a_worker_killed_mid_round_gives_an_error_reply_and_is_started_again(
+    make_site, task_identity, tmp_path
+):
+    state_dir = make_site("synthetic_b", "data.splits.train=16")
+    socket = _socket(tmp_path)
+    app = create_client_app()
+    long_round, _ = train_message(RunConfig(local_epochs=200))
+    with SiteWorker(Path(state_dir), socket, out=io.StringIO(), restart_delay_s=0.2) as worker:
+        first = worker.process
+        replies = []
+        call = threading.Thread(
+            target=lambda: replies.append(app(long_round, _context(state_dir, socket)))
+        )
+        call.start()
+        time.sleep(3)  # the worker is training
+        first.send_signal(signal.SIGKILL)
+        call.join(timeout=60)
+        assert replies and replies[0].has_error()
+        reason = replies[0].error.reason
+        assert "site synthetic_b cannot take part" in reason and "did not answer" in reason
+
+        deadline = time.monotonic() + 120
+        while not (worker.process is not first and socket.exists()):
+            assert time.monotonic() < deadline, "the worker was not started again"
+            time.sleep(0.2)
+        assert worker.restarts == 1
+        short_round, _ = train_message(RunConfig(local_epochs=1))
+        reply = app(short_round, _context(state_dir, socket))
+        assert not reply.has_error(), reply.error  # the site takes part again
+    assert not socket.exists()  # stopped with the SuperNode, its socket removed
+
+
+def test_a_connection_without_the_sites_key_is_refused(make_site, tmp_path):
+    state_dir = make_site("synthetic_a")
+    socket = _socket(tmp_path)
+    with SiteWorker(Path(state_dir), socket, out=io.StringIO()):
+        stranger = tmp_path / "stranger"
+        stranger.mkdir()
+        (stranger / KEY_FILE).write_bytes(b"not the key")
+        with pytest.raises(WorkerUnavailable, match="refused the connection"):
+            ask_worker(socket, stranger, "train", {}, np.zeros(1, np.float32), run_id=1)
+
+
+def test_no_worker_listening_is_a_clear_error_reply(make_site, task_identity, tmp_path):
+    state_dir = make_site("synthetic_a")
+    (Path(state_dir) / KEY_FILE).write_bytes(b"k" * 32)
+    message, _ = train_message()
+    reply = create_client_app()(message, _context(state_dir, _socket(tmp_path)))
+    assert reply.has_error()
+    assert "its site worker" in reply.error.reason and "did not answer" in reply.error.reason
+    assert not (Path(state_dir) / "site_model.pt").exists()
+
+
+def _worker_pid(log: str, site: str) -> int:
+    match = re.findall(rf"site worker of {site} ready in [0-9.]+ s \(pid (\d+)", log)
+    assert match, log[-2000:]
+    return int(match[-1])
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def test_in_a_deployment_a_worker_killed_mid_round_drops_the_site_for_that_round_only(tmp_path):
+    deployment = Deployment(tmp_path)
+    tiny = ["data.splits.train=8", "data.splits.val=2", "data.image_size=32"]
+    try:
+        deployment.start_superlink()
+        for name in ("site_a", "site_b"):
+            deployment.start_site("synthetic_a", *tiny, name=name)
+        deployment.wait_online(2, timeout=300)
+        out_dir = tmp_path / "out"
+        run = deployment.submit(
+            {
+                "num-server-rounds": 3,
+                "min-available-nodes": 2,
+                "min-train-replies": 1,
+                "fraction-evaluate": 0.0,
+                "local-epochs": 30,  # a round long enough to be caught in the middle
+                "model-options": json.dumps({"recurrences": 1}),
+                "out-dir": str(out_dir),
+            }
+        )
+        wait_for_round(deployment, out_dir, 1, timeout=600)
+        pid = _worker_pid(deployment.log("site_b"), "site_b")
+        idle = _cpu_ticks(pid)
+        deadline = time.monotonic() + 300
+        while _cpu_ticks(pid) - idle < 100:  # a second of CPU: it is training round 2
+            assert time.monotonic() < deadline, "site_b's worker never started round 2"
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)
+        assert run.wait(timeout=900) == 0, deployment.log("flwr-run")[-4000:]
+    finally:
+        deployment.stop()
+    rounds = history(out_dir)
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    # round 2 went on with site_a; site_b answered with the reason
+    assert set(rounds[1]["train_sites"]) == {"site_a"} and rounds[1]["aggregated"] is True
+    [dropped] = rounds[1]["dropped"]
+    assert dropped["site"] == "site_b" and "did not answer" in dropped["reason"]
+    # its worker was started again and the site took part in round 3, from its round-1 heads
+    assert "starting it again" in deployment.log("site_b")
+    assert rounds[2]["train_sites"]["site_b"]["heads-from-round"] == 1
+
+
+THREADS = """
+import sys, tempfile, torch
+from client.site import SiteRuntime, compose_site_config
+default = torch.get_num_threads()
+SiteRuntime(compose_site_config("synthetic_a", sys.argv[1:]), tempfile.mkdtemp())
+print(default, torch.get_num_threads())
+"""
+
+
+@pytest.mark.parametrize(("setting", "expected"), [("threads=7", 7), ("threads=null", None)])
+def test_the_sites_thread_count_is_what_its_config_says(setting, expected):
+    done = subprocess.run(
+        [sys.executable, "-c", THREADS, setting], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    default, used = map(int, done.stdout.split())
+    assert default != 7
+    assert used == (expected or default)  # null leaves torch's default (a thread per core)
