@@ -30,6 +30,9 @@ ACTIVATION_REFUSED = "Failed to activate SuperNode"
 _FIRST_DELAY = 5.0
 _MAX_DELAY = 30.0
 
+#: A site worker that exits sooner than this after a restart is restarted after a longer wait.
+_QUICK_EXIT_S = 30.0
+
 #: Seconds to wait for the last lines of an exited SuperNode's output.
 _DRAIN_S = 10.0
 
@@ -170,19 +173,24 @@ class SiteWorker:
             time.sleep(0.1)
 
     def _keep(self) -> None:
+        delay = self.restart_delay_s
         while not self._stopping.is_set():
             assert self.process is not None
+            spawned = time.monotonic()
             code = self.process.wait()
             if self._stopping.is_set():
                 return
+            # a worker that keeps dying at once (bad data, no memory) is retried ever less often
+            quick = self.restarts > 0 and time.monotonic() - spawned < _QUICK_EXIT_S
+            delay = min(2 * delay, _MAX_DELAY) if quick else self.restart_delay_s
             print(
-                f"the site worker exited with code {code}: starting it again in "
-                f"{self.restart_delay_s:g} s (messages meanwhile are answered with an error "
-                "and the rounds go on without this site)",
+                f"the site worker exited with code {code}: starting it again in {delay:g} s "
+                "(messages meanwhile are answered with an error and the rounds go on without "
+                "this site)",
                 file=sys.stderr,
                 flush=True,
             )
-            if self._stopping.wait(self.restart_delay_s):
+            if self._stopping.wait(delay):
                 return
             with self._lock:
                 if self._stopping.is_set():

@@ -246,3 +246,41 @@ def test_the_sites_thread_count_is_what_its_config_says(setting, expected):
     default, used = map(int, done.stdout.split())
     assert default != 7
     assert used == (expected or default)  # null leaves torch's default (a thread per core)
+
+
+def test_dp_sgd_through_the_worker_spends_and_records_the_budget_round_after_round(
+    make_site, task_identity, tmp_path
+):
+    # the worker lives across rounds: each round's noisy steps must still reach the ledger on
+    # disk and the reported epsilon must grow, as in a fresh process per message
+    state_dir = make_site("synthetic_a", "privacy.enabled=true", "privacy.noise_multiplier=1.0")
+    socket = _socket(tmp_path)
+    app = create_client_app()
+    cfg = RunConfig(model_options=json.dumps({"recurrences": 1}), num_server_rounds=2)
+    epsilons = []
+    with SiteWorker(Path(state_dir), socket, out=io.StringIO()):
+        for server_round in (1, 2):
+            message, _ = train_message(cfg, server_round)
+            reply = app(message, _context(state_dir, socket))
+            assert not reply.has_error(), reply.error
+            epsilons.append(reply.content["metrics"]["dp-epsilon"])
+    assert 0 < epsilons[0] < epsilons[1]
+    ledger = json.loads((Path(state_dir) / "privacy_ledger.json").read_text())
+    assert ledger["epsilon"] == epsilons[1]
+    assert sum(steps for _, _, steps in ledger["history"]) == 2
+
+
+def test_a_worker_that_keeps_dying_at_once_is_retried_ever_less_often(make_site, tmp_path, capsys):
+    state_dir = make_site("synthetic_a")
+    socket = _socket(tmp_path)
+    with SiteWorker(Path(state_dir), socket, out=io.StringIO(), restart_delay_s=0.1) as worker:
+        (Path(state_dir) / "site_config.yaml").unlink()  # every new worker now exits at once
+        worker.process.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while worker.restarts < 4:
+            assert time.monotonic() < deadline, "the worker was not restarted"
+            time.sleep(0.1)
+    waits = [
+        float(m) for m in re.findall(r"starting it again in ([0-9.]+) s", capsys.readouterr().err)
+    ]
+    assert waits[:4] == [0.1, 0.2, 0.4, 0.8]
