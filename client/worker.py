@@ -47,7 +47,6 @@ def serve(state_dir: str | Path, socket_path: str | Path, max_messages: int | No
     messages that come, one at a time; returns after ``max_messages`` messages (default: never).
     """
     site = SiteRuntime.from_state_dir(state_dir)
-    started = time.perf_counter()
     _warm(site)
     socket_path = Path(socket_path)
     socket_path.unlink(missing_ok=True)  # left by a worker that was killed
@@ -57,7 +56,7 @@ def serve(state_dir: str | Path, socket_path: str | Path, max_messages: int | No
     finally:
         os.umask(old_umask)
     print(
-        f"site worker of {site.name} ready in {time.perf_counter() - started:.1f} s "
+        f"site worker of {site.name} ready after {time.process_time():.1f} s of CPU "
         f"(pid {os.getpid()}, {socket_path})",
         flush=True,
     )

@@ -176,7 +176,7 @@ def test_no_worker_listening_is_a_clear_error_reply(make_site, task_identity, tm
 
 
 def _worker_pid(log: str, site: str) -> int:
-    match = re.findall(rf"site worker of {site} ready in [0-9.]+ s \(pid (\d+)", log)
+    match = re.findall(rf"site worker of {site} ready after [0-9.]+ s of CPU \(pid (\d+)", log)
     assert match, log[-2000:]
     return int(match[-1])
 
