@@ -61,6 +61,7 @@ class RunConfig:
     resume: bool = True  # continue from <out_dir>/global_model.pt when it exists
     initial_checkpoint: str = ""  # start from this checkpoint's shared weights ("" = fresh)
     round_timeout: float = 3600.0  # seconds to wait for replies in each phase of a round
+    pipeline_rounds: bool = True  # deployment: send round r+1's training with round r's evaluation
     eval_split: str = "val"  # site split used for the per-round evaluation
     tracking: str = "none"  # none, tensorboard (<out-dir>/tensorboard/) or mlflow: round scalars
 

@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from mrprism_core.personalization import check_personalization
 from mrprism_core.protocol import RoundInstructions, SiteReply
 
 from .config import RunConfig
+from .grid import collect_replies
 from .strategies import restore_server_optimizer_state, server_optimizer_state
 
 __all__ = [
@@ -100,16 +101,28 @@ class _SiteDirectory:
         return self.by_node.get(node_id, f"node-{node_id}")
 
 
-def _exchange(
-    grid: Grid, instructions: Iterable[Message], timeout: float, sites: _SiteDirectory
+@dataclass
+class _Phase:
+    """Messages of one phase, pushed; their replies are collected by :func:`_collect`."""
+
+    sent: list[Message]
+    pending: set[str]
+
+
+def _push(grid: Grid, instructions: Iterable[Message]) -> _Phase:
+    sent = list(instructions)
+    return _Phase(sent, {message_id for message_id in grid.push_messages(sent) if message_id})
+
+
+def _collect(
+    grid: Grid, phase: _Phase, timeout: float, sites: _SiteDirectory
 ) -> tuple[list[Message], list[dict[str, str]]]:
-    """Send one phase's messages; return the replies without errors, and the sites that
+    """Wait for a pushed phase's replies; return those without errors, and the sites that
     failed (error reply, node gone, no answer before ``timeout``), each logged: the phase goes
     on with the others."""
     dropped: list[dict[str, str]] = []
-    sent = list(instructions)
-    replies = list(grid.send_and_receive(sent, timeout=timeout))
-    node_of = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in sent}
+    replies = collect_replies(grid, phase.pending, timeout)
+    node_of = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in phase.sent}
     answered = set()
     ok = []
     for msg in replies:
@@ -123,6 +136,16 @@ def _exchange(
     for node in sorted(set(node_of.values()) - answered):
         _drop(dropped, sites.name(node), f"no reply within round-timeout={timeout:g} s")
     return ok, dropped
+
+
+def _pipelines(cfg: RunConfig, grid: Grid) -> bool:
+    """Send round r+1's training together with round r's evaluation? Only in deployment: a
+    SuperNode takes its messages one at a time, oldest first, so it evaluates round r before
+    training round r+1, and finds that message waiting instead of sleeping Flower's 3 s. Flower's
+    simulation engine may run two messages for one node at once, so never there."""
+    from flwr.superlink.grid import InMemoryGrid
+
+    return cfg.pipeline_rounds and not isinstance(grid, InMemoryGrid)
 
 
 def _drop(dropped: list[dict[str, str]], site: str, reason: str) -> None:
@@ -360,12 +383,16 @@ def run_federation(
     layout, done, arrays, history = files.start(cfg, strategy)
     standing = round_instructions(cfg, layout)  # the same every round but for its number
     sites = _SiteDirectory()
+    pipelined = _pipelines(cfg, grid)
+    next_train: _Phase | None = None  # round r+1's training, pushed with round r's evaluation
+    started = time.time()
     for server_round in range(done + 1, cfg.num_server_rounds + 1):
-        started = time.time()
         log.info("round %d/%d", server_round, cfg.num_server_rounds)
         config = ConfigRecord(replace(standing, server_round=server_round).to_config())
-        messages = strategy.configure_train(server_round, arrays, config, grid)
-        replies, dropped = _exchange(grid, messages, cfg.round_timeout, sites)
+        if next_train is None:
+            next_train = _push(grid, strategy.configure_train(server_round, arrays, config, grid))
+        replies, dropped = _collect(grid, next_train, cfg.round_timeout, sites)
+        next_train = None
         updates = _usable_updates(replies, arrays, dropped)
         aggregated = len(updates) >= cfg.min_train_replies
         train_metrics = None
@@ -394,16 +421,20 @@ def run_federation(
                     int(row["skipped-steps"]),
                 )
 
-        config = ConfigRecord(replace(standing, server_round=server_round).to_config())
-        messages = strategy.configure_evaluate(server_round, arrays, config, grid)
-        eval_replies, eval_dropped = _exchange(grid, messages, cfg.round_timeout, sites)
+        evaluation = _push(grid, strategy.configure_evaluate(server_round, arrays, config, grid))
+        if pipelined and server_round < cfg.num_server_rounds:
+            # the next round starts from the weights just sent for evaluation, so it can go now
+            upcoming = ConfigRecord(replace(standing, server_round=server_round + 1).to_config())
+            messages = strategy.configure_train(server_round + 1, arrays, upcoming, grid)
+            next_train = _push(grid, messages)
+        eval_replies, eval_dropped = _collect(grid, evaluation, cfg.round_timeout, sites)
         if cfg.aggregation_weight != "examples":
             weigh_by_examples(eval_replies)
         eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
         record = {
             "round": server_round,
             "run_id": run_id,
-            "seconds": round(time.time() - started, 3),
+            "seconds": round(time.time() - started, 3),  # since the previous round's record
             "aggregated": aggregated,
             "user_level_dp": user_level_privacy(cfg, server_round),
             "train": dict(train_metrics or MetricRecord()),
@@ -415,12 +446,16 @@ def run_federation(
         }
         if weighting:
             record["aggregation_weights"] = weighting
+        for name, row in record["evaluate_sites"].items():
+            if int(row.get("heads-from-round", 0)) > server_round:  # pipelined out of order
+                log.warning("%s evaluated round %d with later rater heads", name, server_round)
         log_site_privacy(record["train_sites"])
         history.append(record)
         files.save_round(
             cfg, layout, arrays, server_round, run_id, history, server_optimizer_state(strategy)
         )
         log.info("round %d done: %s", server_round, record["evaluate"])
+        started = time.time()
         if on_round is not None:
             on_round(record)
 

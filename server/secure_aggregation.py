@@ -33,6 +33,7 @@ from .federation import (
     round_instructions,
     user_level_privacy,
 )
+from .grid import PromptGrid
 
 __all__ = ["run_secure_federation"]
 
@@ -132,7 +133,7 @@ def run_secure_federation(
         ),
         strategy=strategy,
     )
-    workflow(grid, legacy)
+    workflow(PromptGrid(grid), legacy)  # its stages look for replies every 0.2 s, not 3 s
     return _summary(cfg, files, history)
 
 

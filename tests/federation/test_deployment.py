@@ -66,4 +66,7 @@ def test_two_rounds_over_superlink_and_three_supernodes(deployment, tmp_path):
             assert row["reply-arrays"] == {PACKED_KEY: [size]}, site
         for site, row in record["evaluate_sites"].items():
             assert len(row["per-rater-dice-list"]) == SITES[site]
+            # round 2's training went out with round 1's evaluation (pipeline-rounds), yet
+            # every site evaluated with the heads of the round being evaluated
+            assert row["heads-from-round"] == record["round"], site
     assert json.loads((out_dir / "summary.json").read_text())["rounds"] == 2
