@@ -15,7 +15,6 @@ Payloads are JSON and raw array bytes, never pickles.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from dataclasses import dataclass
 from multiprocessing import AuthenticationError
@@ -63,14 +62,13 @@ class RoundOutcome:
 
 
 def write_key(state_dir: str | Path) -> bytes:
-    """A fresh random key in ``<state_dir>/worker.key`` (mode 0600, replaced atomically)."""
+    """A fresh random key in ``<state_dir>/worker.key``, replaced atomically; mode 0600, as
+    every file ``atomic_write_bytes`` writes (its temp file comes from ``mkstemp``). Called by
+    ``python -m client`` only: the torch-free ClientApp never imports the checkpoint module."""
+    from mrprism_core.checkpoint import atomic_write_bytes
+
     key = secrets.token_bytes(32)
-    path = Path(state_dir) / KEY_FILE
-    tmp = path.with_name(f".{KEY_FILE}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(key)
-    os.replace(tmp, path)
+    atomic_write_bytes(Path(state_dir) / KEY_FILE, key)
     return key
 
 

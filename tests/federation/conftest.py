@@ -59,12 +59,15 @@ def train_message(cfg: RunConfig | None = None, server_round: int = 1):
     return Message(content, dst_node_id=1, message_type=MessageType.TRAIN), layout
 
 
-def node_context(state_dir: str):
+def node_context(state_dir: str, worker_socket: Path | None = None):
+    """The node config ``python -m client`` gives its SuperNode (with the site worker's
+    socket when ``worker_socket`` is given)."""
     from flwr.app import Context, RecordDict
 
-    return Context(
-        run_id=1, node_id=1, node_config={"state-dir": state_dir}, state=RecordDict(), run_config={}
-    )
+    node_config = {"state-dir": state_dir}
+    if worker_socket is not None:
+        node_config["worker-socket"] = str(worker_socket)
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
 
 
 def simulate(config: dict, state_dirs: list[str], client_app=None, on_round=None) -> list[dict]:

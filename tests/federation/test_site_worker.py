@@ -25,7 +25,7 @@ from client.worker_protocol import KEY_FILE, WorkerUnavailable, ask_worker
 from mrprism_core.federated import PACKED_KEY
 from server.config import RunConfig
 
-from .conftest import train_message
+from .conftest import node_context, train_message
 from .deploy import Deployment, history, wait_for_round
 
 # A fresh interpreter, like Flower's per-message ClientApp process: it rebuilds the server's
@@ -84,7 +84,7 @@ def test_the_worker_runs_the_same_round_and_the_clientapp_imports_no_torch(
     in_process_dir = make_site("synthetic_a", name="site_in_process")
     worker_dir = make_site("synthetic_a", name="site_worker")
     message, _ = train_message(cfg)
-    expected = create_client_app()(message, _context(in_process_dir))
+    expected = create_client_app()(message, node_context(in_process_dir))
     assert not expected.has_error(), expected.error
 
     socket = _socket(tmp_path)
@@ -113,15 +113,6 @@ def test_the_worker_runs_the_same_round_and_the_clientapp_imports_no_torch(
     assert "train message 1" in out.getvalue()
 
 
-def _context(state_dir: str, socket: Path | None = None):
-    from flwr.app import Context, RecordDict
-
-    node_config = {"state-dir": state_dir}
-    if socket is not None:
-        node_config["worker-socket"] = str(socket)
-    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
-
-
 def test_a_worker_killed_mid_round_gives_an_error_reply_and_is_started_again(
     make_site, task_identity, tmp_path
 ):
@@ -133,7 +124,7 @@ def test_a_worker_killed_mid_round_gives_an_error_reply_and_is_started_again(
         first = worker.process
         replies = []
         call = threading.Thread(
-            target=lambda: replies.append(app(long_round, _context(state_dir, socket)))
+            target=lambda: replies.append(app(long_round, node_context(state_dir, socket)))
         )
         call.start()
         time.sleep(3)  # the worker is training
@@ -149,7 +140,7 @@ def test_a_worker_killed_mid_round_gives_an_error_reply_and_is_started_again(
             time.sleep(0.2)
         assert worker.restarts == 1
         short_round, _ = train_message(RunConfig(local_epochs=1))
-        reply = app(short_round, _context(state_dir, socket))
+        reply = app(short_round, node_context(state_dir, socket))
         assert not reply.has_error(), reply.error  # the site takes part again
     assert not socket.exists()  # stopped with the SuperNode, its socket removed
 
@@ -169,7 +160,7 @@ def test_no_worker_listening_is_a_clear_error_reply(make_site, task_identity, tm
     state_dir = make_site("synthetic_a")
     (Path(state_dir) / KEY_FILE).write_bytes(b"k" * 32)
     message, _ = train_message()
-    reply = create_client_app()(message, _context(state_dir, _socket(tmp_path)))
+    reply = create_client_app()(message, node_context(state_dir, _socket(tmp_path)))
     assert reply.has_error()
     assert "its site worker" in reply.error.reason and "did not answer" in reply.error.reason
     assert not (Path(state_dir) / "site_model.pt").exists()
@@ -261,7 +252,7 @@ def test_dp_sgd_through_the_worker_spends_and_records_the_budget_round_after_rou
     with SiteWorker(Path(state_dir), socket, out=io.StringIO()):
         for server_round in (1, 2):
             message, _ = train_message(cfg, server_round)
-            reply = app(message, _context(state_dir, socket))
+            reply = app(message, node_context(state_dir, socket))
             assert not reply.has_error(), reply.error
             epsilons.append(reply.content["metrics"]["dp-epsilon"])
     assert 0 < epsilons[0] < epsilons[1]
