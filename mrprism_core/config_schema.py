@@ -71,7 +71,7 @@ class TrainOptions:
 class ModelChoice:
     name: str = "mrprism"  # registered model name
     preset: str = "tiny"  # architecture preset
-    options: dict[str, Any] = field(default_factory=dict)  # preset/loss overrides
+    options: dict[str, Any] | None = None  # preset/loss overrides (None = none)
 
 
 @dataclass
@@ -110,7 +110,7 @@ class FederationOptions:
     lr: float | None = None  # Adam learning rate; None = the preset's
     persist_optimizer: bool = True  # sites keep their Adam state between rounds
     preset: str = "tiny"  # architecture preset
-    model_options: dict[str, Any] = field(default_factory=dict)  # model overrides
+    model_options: dict[str, Any] | None = None  # model overrides (null = none)
     batch_size: int = 8  # cases per optimizer step
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     eval_split: str = "test"  # split every method is scored on

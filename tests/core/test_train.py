@@ -155,3 +155,15 @@ def test_a_mistyped_training_config_is_one_message_before_anything_runs(
     assert result.returncode == 2 and not (tmp_path / "last.pt").exists()
     assert result.stderr.startswith(f"error: {message}"), result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("model", ["mrprism", "unet_mv"])
+def test_model_options_take_a_mapping_override(model):
+    from hydra import compose, initialize_config_module
+
+    from mrprism_core.config_schema import TrainRunSchema, checked
+
+    with initialize_config_module("site_configs", version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={model}", "model.options={lr: 0.005}"])
+    typed = checked(TrainRunSchema, cfg, "the training config")
+    assert dict(typed.model.options) == {"lr": 0.005}

@@ -200,3 +200,15 @@ def test_tracking_writes_each_methods_rounds_under_the_out_dir(tmp_path):
     logged = scalars(tmp_path / "tracked" / "tensorboard" / "local")
     for site, values in results["methods"]["local"]["history"].items():
         assert [v for _, v in logged[f"evaluate/soft-dice/{site}"]] == pytest.approx(values)
+
+
+def test_model_options_take_the_documented_mapping_override():
+    from benchmarks.common import simulation_config
+    from mrprism_core.config_schema import SimulationSchema, checked
+
+    # the form simulation.yaml's comment shows; an empty mapping there refused it
+    composed = simulation_config(
+        ["federation.model_options={recurrences: 2, divp_pixel_context: true}"]
+    )
+    typed = checked(SimulationSchema, composed, "the simulation config")
+    assert dict(typed.federation.model_options) == {"recurrences": 2, "divp_pixel_context": True}
