@@ -8,7 +8,10 @@ multi-head U-Net, MRNet, D-Persona, DiFF), and label fusion scored against the t
 Every model trains through ``mrprism_core.train.fit`` (the centralized trainer) on the same
 split, keeps the epoch that scored best on the validation split (soft Dice), and is scored on
 the same test split: soft Dice (paper 000, Table 1), Dice against the known true mask,
-per-rater Dice, GED and ECE, and for MrPrism each of them per recurrence. Then the raters'
+per-rater Dice, GED and ECE, and for MrPrism each of them per recurrence. Soft Dice scores a
+model's calibrated output against the raters' mean; D-Persona's calibrated output *is* the mean
+of its rater outputs, MrPrism's is its estimate of the structure, so every model with rater
+outputs also gets the soft Dice of their mean (``heads_mean_soft_dice``). Then the raters'
 masks of the test split are fused by majority vote, STAPLE and MrPrism's Eq. 1 under the
 trained DivP's reliabilities, and each fusion is scored against the true mask. Each number is
 reported as mean and standard deviation over the seeds (data, initial weights and shuffles
@@ -27,16 +30,27 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch.utils.data import DataLoader
+
 from mrprism_core.data.factory import build_dataset
 from mrprism_core.label_fusion import evaluate_label_fusion
-from mrprism_core.metrics import RECURRENCE_METRICS, recurrence_table
-from mrprism_core.models import MODEL_NAMES
+from mrprism_core.metrics import RECURRENCE_METRICS, recurrence_table, soft_dice, soft_truth
+from mrprism_core.models import MODEL_NAMES, SegmentationModel
 from mrprism_core.train import fit, load_model, make_loader
 
 from .common import RESULTS_DIR, spread, write_json
 
 #: Test metrics summarised per model.
-MODEL_METRICS = ("soft_dice", "dice_vs_truth", "per_rater_dice", "ged", "ece", "train_seconds")
+MODEL_METRICS = (
+    "soft_dice",
+    "dice_vs_truth",
+    "per_rater_dice",
+    "ged",
+    "ece",
+    "heads_mean_soft_dice",
+    "train_seconds",
+)
 
 
 def data_config(args: argparse.Namespace, seed: int) -> dict[str, Any]:
@@ -104,11 +118,15 @@ def _fmt(cell: Mapping[str, float] | None, scale: float = 100.0) -> str:
 
 def print_tables(models: Mapping[str, Any], fusion: Mapping[str, Any] | None) -> None:
     print("\nmodel (test, mean ± std over seeds, x100)")
-    print(f"{'model':32} {'soft Dice':>12} {'Dice vs truth':>14} {'per-rater':>12} {'GED':>12}")
+    print(
+        f"{'model':32} {'soft Dice':>12} {'Dice vs truth':>14} {'per-rater':>12} {'GED':>12} "
+        f"{'heads mean':>12}"
+    )
     for name, row in models.items():
         print(
             f"{name:32} {_fmt(row['soft_dice']):>12} {_fmt(row['dice_vs_truth']):>14} "
-            f"{_fmt(row['per_rater_dice']):>12} {_fmt(row['ged']):>12}"
+            f"{_fmt(row['per_rater_dice']):>12} {_fmt(row['ged']):>12} "
+            f"{_fmt(row['heads_mean_soft_dice']):>12}"
         )
     for name, row in models.items():
         if "recurrences" not in row:
@@ -124,6 +142,24 @@ def print_tables(models: Mapping[str, Any], fusion: Mapping[str, Any] | None) ->
         print("\nlabel fusion vs truth: " + ", ".join(f"{k} {_fmt(v)}" for k, v in fusion.items()))
 
 
+@torch.no_grad()
+def heads_mean_soft_dice(model: SegmentationModel, loader: DataLoader) -> float | None:
+    """Soft Dice of the mean of a model's rater outputs (over the annotated slots); None for a
+    model without rater outputs."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in loader:
+        out = model(batch["image"])
+        if out.raters is None:
+            return None
+        valid = batch.get("rater_valid")
+        mean = soft_truth(out.raters, valid)
+        size = int(batch["image"].shape[0])
+        total += soft_dice(mean, batch["raters"], valid=valid) * size
+        count += size
+    return total / max(count, 1)
+
+
 def run_model(
     model: str, args: argparse.Namespace, seed: int, options: Mapping[str, Any]
 ) -> tuple[dict[str, Any], dict[str, float] | None]:
@@ -133,11 +169,11 @@ def run_model(
         start = time.perf_counter()
         outcome = fit(cfg)
         seconds = time.perf_counter() - start
-        fusion = None
-        if model == "mrprism":
-            trained, _ = load_model(Path(out_dir) / "best.pt")
-            test_set = build_dataset(cfg["data"], "test")
-            fusion = evaluate_label_fusion(trained, make_loader(test_set, 8, shuffle=False))
+        tested = Path(out_dir) / "best.pt"  # absent without a validation split
+        trained, _ = load_model(tested if tested.exists() else Path(out_dir) / "last.pt")
+        test_loader = make_loader(build_dataset(cfg["data"], "test"), 8, shuffle=False)
+        heads_mean = heads_mean_soft_dice(trained, test_loader)
+        fusion = evaluate_label_fusion(trained, test_loader) if model == "mrprism" else None
     test = outcome["test"]
     run = {
         "soft_dice": test["soft_dice"],
@@ -145,6 +181,7 @@ def run_model(
         "per_rater_dice": _mean_per_rater(test),
         "ged": test.get("ged"),
         "ece": test.get("ece"),
+        "heads_mean_soft_dice": heads_mean,
         "train_seconds": seconds,
         "best_epoch": outcome.get("best_epoch"),
         "recurrences": recurrence_table(test),
@@ -160,6 +197,9 @@ def parse_variant(text: str) -> tuple[str, str, dict[str, Any]]:
     options: dict[str, Any] = {}
     for item in filter(None, opts.split(",")):
         key, _, value = item.partition("=")
+        if value.lower() in ("true", "false"):
+            options[key] = value.lower() == "true"
+            continue
         try:
             options[key] = float(value) if "." in value else int(value)
         except ValueError:

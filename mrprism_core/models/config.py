@@ -28,6 +28,8 @@ class MrPrismArch:
     divp_dim: int = 128  # token dimension of DivP
     divp_heads: tuple[int, ...] = (4, 4, 4)  # heads of the shared DivP blocks (last block: M)
     rater_head_dim: int = 32  # per-rater attention head width in DivP's last block
+    # DivP's rater heads also read ConP's last decoder map, pixel by pixel (our option, README)
+    divp_pixel_context: bool = False
     mlp_ratio: int = 2  # hidden size of every MLP, as a multiple of the token dimension
     recurrences: int = 3  # tau: ConP/DivP recurrences in training (inference adds one ConP)
     lr: float = 1e-4  # Adam learning rate used by the trainers unless overridden

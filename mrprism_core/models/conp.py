@@ -86,6 +86,7 @@ class ConP(nn.Module):
         # the output layer may also see the finest confidence embedding, pixel by pixel, so
         # the raters' reliabilities can move a boundary directly
         extra = confidence_width if confidence_head else 0
+        self.out_channels = cin
         self.head = nn.Conv2d(cin + extra, num_classes, 1)
         # Start from a low foreground probability ("prior" initialisation): SSIM's luminance
         # term gives almost no gradient once a background window drifts far from 0, so a
@@ -97,12 +98,20 @@ class ConP(nn.Module):
 
         Returns: logits (B, K, H, W).
         """
+        return self.output(self.decode(features, confidence), confidence)
+
+    def decode(self, features: Sequence[Tensor], confidence: Sequence[Tensor]) -> Tensor:
+        """The decoder's last, full-resolution feature map (B, ``widths[-1]``, H, W)."""
         skips = list(features)[::-1]
         x = skips[0]
         for stage, (attend, up) in enumerate(zip(self.attention, self.up)):
             x = attend(x, confidence[stage])
             x = up(x, None if stage == 0 else skips[stage])
+        return x
+
+    def output(self, decoded: Tensor, confidence: Sequence[Tensor]) -> Tensor:
+        """Logits (B, K, H, W) from :meth:`decode`'s map (and the finest confidences)."""
         if self.confidence_head:
-            finest = F.interpolate(confidence[-1], size=x.shape[-2:], mode="nearest")
-            x = torch.cat([x, finest], dim=1)
-        return self.head(x)
+            finest = F.interpolate(confidence[-1], size=decoded.shape[-2:], mode="nearest")
+            decoded = torch.cat([decoded, finest], dim=1)
+        return self.head(decoded)

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..fusion import EQUAL_CONFIDENCE, Reliability, reliability_from_confidence
-from .blocks import Attention, Mlp, PatchEmbed, sincos_position_encoding
+from .blocks import Attention, ConvNormAct, Mlp, PatchEmbed, sincos_position_encoding
 
-__all__ = ["DivP", "DivPTrunk", "RaterHeads"]
+__all__ = ["DivP", "DivPTrunk", "RaterHeads", "PixelContext"]
 
 
 class SelfAttentionBlock(nn.Module):
@@ -63,16 +63,46 @@ class DivPTrunk(nn.Module):
 _RELIABILITY_MAPS = 2
 
 
+class PixelContext(nn.Module):
+    """Per-pixel corrections of every rater's mask logits from ConP's last decoder map and
+    ``y~`` (both detached). Where a rater's habit depends on the image (e.g. drawing wider at
+    low contrast), patch tokens of ``y~`` alone cannot tell. It changes the rater masks only,
+    not the reliabilities the fusions use, and its output layer starts at zero. Part of the
+    rater heads: it stays at the site."""
+
+    def __init__(self, channels: int, num_classes: int, num_raters: int) -> None:
+        super().__init__()
+        self.num_raters = num_raters
+        width = 2 * channels
+        self.features = ConvNormAct(channels + num_classes, width)
+        self.out = nn.Conv2d(width, num_raters * num_classes, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, decoded: Tensor, calibrated: Tensor) -> Tensor:
+        """(B, C, H, W), (B, K, H, W) -> mask-logit corrections (B, M, K, H, W)."""
+        x = self.out(self.features(torch.cat([decoded, calibrated], dim=1)))
+        return x.unflatten(1, (self.num_raters, -1))
+
+
 class RaterHeads(nn.Module):
     """The last DivP block: M attention heads, one per rater, each ending in its rater's
-    sensitivity and specificity maps.
+    sensitivity and specificity maps; optionally (``context_channels``) a
+    :class:`PixelContext` that corrects the rater masks pixel by pixel.
 
     All heads run as one batched computation: the per-rater layers are grouped 1x1
     convolutions (``groups = M``), so M heads cost one kernel launch per layer.
     """
 
     def __init__(
-        self, dim: int, num_raters: int, num_classes: int, patch: int, head_dim: int, mlp_ratio: int
+        self,
+        dim: int,
+        num_raters: int,
+        num_classes: int,
+        patch: int,
+        head_dim: int,
+        mlp_ratio: int,
+        context_channels: int = 0,
     ) -> None:
         super().__init__()
         self.num_raters = num_raters
@@ -95,6 +125,9 @@ class RaterHeads(nn.Module):
         bias = self.to_pixels.bias.detach().view(raters, _RELIABILITY_MAPS, -1)
         bias[:, 0] = -math.log((1.0 - start) / (start - (1.0 - start)))
         bias[:, 1] = math.log(start / (1.0 - start))
+        self.pixel_context = (
+            PixelContext(context_channels, num_classes, num_raters) if context_channels else None
+        )
 
     def _layer_norm(self, x: Tensor) -> Tensor:
         """Per-rater LayerNorm over the token dimension of a (B, M*dim, T) tensor."""
@@ -138,10 +171,13 @@ class DivP(nn.Module):
         patch: int,
         head_dim: int,
         mlp_ratio: int,
+        context_channels: int = 0,
     ) -> None:
         super().__init__()
         self.trunk = DivPTrunk(num_classes, dim, heads, patch, mlp_ratio)
-        self.heads = RaterHeads(dim, num_raters, num_classes, patch, head_dim, mlp_ratio)
+        self.heads = RaterHeads(
+            dim, num_raters, num_classes, patch, head_dim, mlp_ratio, context_channels
+        )
 
     def forward(self, calibrated: Tensor) -> Reliability:
         tokens, grid = self.trunk(calibrated)
@@ -152,3 +188,17 @@ class DivP(nn.Module):
         specificity = torch.sigmoid(logits[:, :, 1])
         sensitivity = 1.0 - specificity * torch.sigmoid(-logits[:, :, 0])
         return Reliability(sensitivity, specificity)
+
+    def rater_masks(
+        self, reliability: Reliability, calibrated: Tensor, decoded: Tensor | None = None
+    ) -> Tensor:
+        """Each rater's mask ``z~`` (B, M, K, H, W) implied by ``reliability`` around
+        ``calibrated``, corrected pixel by pixel from ConP's decoder map ``decoded`` when this
+        DivP was built with ``context_channels``."""
+        masks = reliability.rater_probabilities(calibrated)
+        context = self.heads.pixel_context
+        if context is None:
+            return masks
+        if decoded is None:
+            raise ValueError("this DivP corrects the rater masks from ConP's decoder map")
+        return torch.sigmoid(torch.logit(masks, eps=1e-6) + context(decoded, calibrated))

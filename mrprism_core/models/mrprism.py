@@ -90,6 +90,7 @@ class MrPrism(SegmentationModel):
             arch.divp_patch_size,
             arch.rater_head_dim,
             arch.mlp_ratio,
+            self.conp.out_channels if arch.divp_pixel_context else 0,
         )
 
     def recurrence(
@@ -103,14 +104,17 @@ class MrPrism(SegmentationModel):
 
         Returns:
             ``(y~, reliability, z~)``: calibrated probabilities (B, K, H, W), DivP's new
-            reliabilities and the rater masks they imply (B, M, K, H, W). DivP sees ``y~``
-            detached: each prism learns only from its own target (Eq. 6).
+            reliabilities and the rater masks they imply (B, M, K, H, W; with
+            ``divp_pixel_context`` corrected from ConP's decoder map). DivP sees ``y~`` and
+            that map detached: each prism learns only from its own target (Eq. 6).
         """
         embedded = self.confidence(reliability.log_confidence(self.arch.conp_whole_likelihood))
-        calibrated = torch.sigmoid(self.conp(features, embedded))
+        decoded = self.conp.decode(features, embedded)
+        calibrated = torch.sigmoid(self.conp.output(decoded, embedded))
         seen = calibrated.detach()
         new_reliability = self.divp(seen)
-        return calibrated, new_reliability, new_reliability.rater_probabilities(seen)
+        rater_masks = self.divp.rater_masks(new_reliability, seen, decoded.detach())
+        return calibrated, new_reliability, rater_masks
 
     def _check_images(self, images: Tensor) -> None:
         if images.dim() != 4:

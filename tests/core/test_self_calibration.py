@@ -8,7 +8,8 @@ from torch.utils.data import default_collate
 
 from mrprism_core.data.synthetic import ImageStyle, RaterProfile, make_dataset
 from mrprism_core.fusion import fuse
-from mrprism_core.models import build_model
+from mrprism_core.losses import binary_cross_entropy
+from mrprism_core.models import build_model, split_state
 
 
 def _train(model, batch, steps: int, lr: float = 3e-3):
@@ -99,3 +100,66 @@ def _calibrated_peak_on_the_structure(pixel_loss: str) -> float:
 def test_conp_learns_a_small_structure_that_ssim_alone_leaves_empty():
     assert _calibrated_peak_on_the_structure("dice") > 0.5
     assert _calibrated_peak_on_the_structure("none") < 0.5
+
+
+def _contrast_dependent_batch() -> dict:
+    # an expert, and a rater who draws much wider on low-contrast images only: how wide that
+    # rater draws is in the image, not in the calibrated mask
+    raters = [
+        RaterProfile(bias=0.0, boundary_noise=0.0),
+        RaterProfile(bias=0.0, boundary_noise=0.0, low_contrast_bias=0.4),
+    ]
+    style = ImageStyle(contrast_range=(0.2, 1.0))
+    data = make_dataset(8, 2, 32, seed=11, num_classes=1, style=style, rater_profiles=raters)
+    return _batch(data, 8)
+
+
+def _pixel_heads_model(context: bool):
+    torch.manual_seed(0)
+    return build_model(
+        "mrprism",
+        in_channels=3,
+        num_classes=1,
+        num_raters=2,
+        image_size=32,
+        preset="tiny",
+        divp_supervision="shuffle+multihead",
+        divp_pixel_context=context,
+    )
+
+
+def test_pixel_context_moves_the_rater_masks_only_and_stays_at_the_site():
+    batch = _contrast_dependent_batch()
+    model = _pixel_heads_model(True).eval()
+    with torch.no_grad():
+        before = model(batch["image"])
+        for parameter in model.divp.heads.pixel_context.out.parameters():
+            parameter.normal_(0.0, 0.5)
+        after = model(batch["image"])
+    # it starts at zero: the masks are exactly those the reliabilities imply
+    torch.testing.assert_close(
+        before.raters, before.reliability.rater_probabilities(before.calibrated)
+    )
+    # once it has weights the masks move, but neither the calibrated mask nor the
+    # reliabilities the fusions use do
+    assert float((after.raters - before.raters).abs().mean()) > 0.05
+    torch.testing.assert_close(after.calibrated, before.calibrated)
+    torch.testing.assert_close(after.reliability.specificity, before.reliability.specificity)
+    shared, local = split_state(model)
+    assert any(".pixel_context." in key for key in local)
+    assert not any("pixel_context" in key for key in shared)
+
+
+def test_pixel_context_fits_a_rater_whose_habit_depends_on_the_image():
+    batch = _contrast_dependent_batch()
+    labels = batch["raters"]
+    assert float((labels[:, 1] - labels[:, 0]).abs().sum()) > 100  # the rater does draw wider
+
+    def rater_error(context: bool) -> float:
+        model = _train(_pixel_heads_model(context), batch, steps=40)
+        with torch.no_grad():
+            masks = model(batch["image"]).raters
+        return float(binary_cross_entropy(masks[:, 1], labels[:, 1]))
+
+    plain, with_context = rater_error(False), rater_error(True)
+    assert with_context < 0.8 * plain
