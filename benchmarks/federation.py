@@ -197,6 +197,11 @@ def federated_round_seconds(
         deployment.stop()
 
 
+def _after_first(round_times: list[float]) -> float:
+    """Mean round time without the first round (which also installs the app bundle)."""
+    return statistics.mean(round_times[1:] or round_times)
+
+
 def overhead(preset: str, cases: int, rounds: int) -> dict[str, object]:
     """Fixed cost per message = (a federated round - the same work done directly) / 2, a round
     being two messages (train, evaluate); rounds after the first (which also installs the
@@ -210,10 +215,7 @@ def overhead(preset: str, cases: int, rounds: int) -> dict[str, object]:
             )
             for name in ("worker", "no_worker")
         }
-    per_message = {
-        name: (statistics.mean(times[1:] or times) - direct) / 2
-        for name, times in round_times.items()
-    }
+    per_message = {name: (_after_first(times) - direct) / 2 for name, times in round_times.items()}
     return {
         "preset": preset,
         "cases": cases,
@@ -241,7 +243,7 @@ def secure_aggregation_cost(cases: int, rounds: int) -> dict[str, object]:
             )
             for name in ("plain", "secure")
         }
-    later = {name: statistics.mean(t[1:] or t) for name, t in times.items()}
+    later = {name: _after_first(t) for name, t in times.items()}
     return {"round_seconds": times, "secure_over_plain": later["secure"] / later["plain"]}
 
 

@@ -30,13 +30,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.utils.data import DataLoader
-
 from mrprism_core.data.factory import build_dataset
 from mrprism_core.label_fusion import evaluate_label_fusion
-from mrprism_core.metrics import RECURRENCE_METRICS, recurrence_table, soft_dice, soft_truth
-from mrprism_core.models import MODEL_NAMES, SegmentationModel
+from mrprism_core.metrics import RECURRENCE_METRICS, recurrence_table
+from mrprism_core.models import MODEL_NAMES
 from mrprism_core.train import fit, load_model, make_loader
 
 from .common import RESULTS_DIR, spread, write_json
@@ -142,24 +139,6 @@ def print_tables(models: Mapping[str, Any], fusion: Mapping[str, Any] | None) ->
         print("\nlabel fusion vs truth: " + ", ".join(f"{k} {_fmt(v)}" for k, v in fusion.items()))
 
 
-@torch.no_grad()
-def heads_mean_soft_dice(model: SegmentationModel, loader: DataLoader) -> float | None:
-    """Soft Dice of the mean of a model's rater outputs (over the annotated slots); None for a
-    model without rater outputs."""
-    model.eval()
-    total, count = 0.0, 0
-    for batch in loader:
-        out = model(batch["image"])
-        if out.raters is None:
-            return None
-        valid = batch.get("rater_valid")
-        mean = soft_truth(out.raters, valid)
-        size = int(batch["image"].shape[0])
-        total += soft_dice(mean, batch["raters"], valid=valid) * size
-        count += size
-    return total / max(count, 1)
-
-
 def run_model(
     model: str, args: argparse.Namespace, seed: int, options: Mapping[str, Any]
 ) -> tuple[dict[str, Any], dict[str, float] | None]:
@@ -169,11 +148,12 @@ def run_model(
         start = time.perf_counter()
         outcome = fit(cfg)
         seconds = time.perf_counter() - start
-        tested = Path(out_dir) / "best.pt"  # absent without a validation split
-        trained, _ = load_model(tested if tested.exists() else Path(out_dir) / "last.pt")
-        test_loader = make_loader(build_dataset(cfg["data"], "test"), 8, shuffle=False)
-        heads_mean = heads_mean_soft_dice(trained, test_loader)
-        fusion = evaluate_label_fusion(trained, test_loader) if model == "mrprism" else None
+        fusion = None
+        if model == "mrprism":
+            tested = Path(out_dir) / "best.pt"  # absent without a validation split
+            trained, _ = load_model(tested if tested.exists() else Path(out_dir) / "last.pt")
+            test_set = build_dataset(cfg["data"], "test")
+            fusion = evaluate_label_fusion(trained, make_loader(test_set, 8, shuffle=False))
     test = outcome["test"]
     run = {
         "soft_dice": test["soft_dice"],
@@ -181,7 +161,7 @@ def run_model(
         "per_rater_dice": _mean_per_rater(test),
         "ged": test.get("ged"),
         "ece": test.get("ece"),
-        "heads_mean_soft_dice": heads_mean,
+        "heads_mean_soft_dice": test.get("heads_mean_soft_dice"),
         "train_seconds": seconds,
         "best_epoch": outcome.get("best_epoch"),
         "recurrences": recurrence_table(test),

@@ -222,7 +222,9 @@ class MetricAccumulator:
         Args:
             calibrated: final calibrated probabilities (B, K, H, W).
             rater_masks: annotations (B, M, K, H, W).
-            rater_probs: personalised rater outputs (B, M, K, H, W), if the model has them.
+            rater_probs: personalised rater outputs (B, M, K, H, W), if the model has them:
+                adds per-rater Dice, GED and ``heads_mean_soft_dice``, the soft Dice of their
+                mean (what a model whose calibrated output is that mean, D-Persona, scores).
             recurrences: calibrated map of every recurrence, each (B, K, H, W): adds
                 ``soft_dice_rec<i>`` (and ``dice_vs_truth_rec<i>`` with a truth).
             recurrence_raters: per-rater outputs of every recurrence, each (B, M, K, H, W):
@@ -256,6 +258,9 @@ class MetricAccumulator:
                 self._per_rater += sums
                 self._per_rater_count += counts
             self._add("ged", generalized_energy_distance(rater_probs, rater_masks, valid))
+            heads_mean = soft_truth(rater_probs, valid)  # the mean over the annotated slots
+            heads_scores = soft_dice_per_image(heads_mean, rater_masks, valid=valid).mean(-1)
+            self._add("heads_mean_soft_dice", heads_scores)
         if truth is not None:
             self._add("dice_vs_truth", dice_vs_truth(calibrated, truth))
         bins = calibration_bins(calibrated, soft_truth(rater_masks, valid), self.ece_bins).cpu()
@@ -276,6 +281,7 @@ class MetricAccumulator:
         )
         result["ece"] = None if self._ece is None else _ece_from_bins(self._ece)
         result.setdefault("ged", None)
+        result.setdefault("heads_mean_soft_dice", None)
         result.setdefault("dice_vs_truth", None)
         result["num_examples"] = self.num_images
         return result

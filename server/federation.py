@@ -111,7 +111,7 @@ class _Phase:
 
 def _push(grid: Grid, instructions: Iterable[Message]) -> _Phase:
     sent = list(instructions)
-    return _Phase(sent, {message_id for message_id in grid.push_messages(sent) if message_id})
+    return _Phase(sent, set(grid.push_messages(sent)))  # collect_replies skips empty ids
 
 
 def _collect(

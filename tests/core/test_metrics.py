@@ -104,3 +104,41 @@ def test_accumulator_equals_batch_functions_and_weights_by_images():
     assert len(result["per_rater_dice"]) == 3
     assert result["dice_vs_truth"] is None
     assert not math.isnan(result["ece"])
+
+
+def _rater_batch() -> dict:
+    from torch.utils.data import default_collate
+
+    from mrprism_core.data.synthetic import make_dataset
+
+    data = make_dataset(4, 3, 32, seed=2, num_classes=2)
+    return default_collate([data[i] for i in range(4)])
+
+
+def _heads_mean_soft_dice(rater_probs: torch.Tensor, batch: dict) -> float | None:
+    metrics = MetricAccumulator()
+    calibrated = torch.zeros_like(batch["raters"][:, 0])
+    metrics.update(calibrated, batch["raters"], rater_probs=rater_probs)
+    return metrics.compute()["heads_mean_soft_dice"]
+
+
+def test_the_mean_of_the_raters_own_masks_scores_one_and_a_wrong_rater_lowers_it():
+    # soft Dice of the mean of the rater outputs: what D-Persona's own soft Dice is
+    batch = _rater_batch()
+    labels = batch["raters"]
+    assert _heads_mean_soft_dice(labels, batch) == 1.0
+    wrong = labels.clone()
+    wrong[:, 1] = 1.0 - wrong[:, 1]
+    assert _heads_mean_soft_dice(wrong, batch) < 0.9
+
+
+def test_heads_mean_soft_dice_is_dpersonas_soft_dice_and_none_without_rater_outputs():
+    from mrprism_core.models import build_model
+    from mrprism_core.train import evaluate
+
+    torch.manual_seed(0)
+    batch = _rater_batch()
+    common = {"in_channels": 3, "num_classes": 2, "num_raters": 3, "image_size": 32}
+    result = evaluate(build_model("dpersona", **common), [batch])
+    assert abs(result["heads_mean_soft_dice"] - result["soft_dice"]) < 1e-6
+    assert evaluate(build_model("unet_mv", **common), [batch])["heads_mean_soft_dice"] is None
