@@ -50,7 +50,7 @@ from mrprism_core.data.factory import build_dataset, dataset_info
 from mrprism_core.federated import recurrences_from_details
 from mrprism_core.local_training import run_epochs
 from mrprism_core.metrics import recurrence_table
-from mrprism_core.models import MODEL_NAMES, build_model_for_data
+from mrprism_core.models import MODEL_NAMES, build_model_for_data, check_model_options
 from mrprism_core.tracking import Tracker, open_tracker, round_scalars
 from mrprism_core.train import evaluate, make_loader, resolve_device
 
@@ -90,8 +90,12 @@ def parse_method(name: str) -> tuple[str, str]:
     return model or "mrprism", method
 
 
-def check_methods(names: list[str]) -> None:
-    """Raise naming the unknown methods or models."""
+def check_methods(
+    names: list[str], preset: str = "tiny", model_options: Mapping[str, Any] | None = None
+) -> None:
+    """Raise naming the unknown methods or models, or an option of ``model_options`` that one
+    of the methods' models cannot take (before the first method trains, not when its turn
+    comes)."""
     unknown = []
     for name in names:
         model, method = parse_method(name)
@@ -104,6 +108,14 @@ def check_methods(names: list[str]) -> None:
             "or federated_without_<site>, "
             f"optionally as <model>:<method> with a model of {list(MODEL_NAMES)}"
         )
+    for model in dict.fromkeys(parse_method(name)[0] for name in names):
+        try:
+            check_model_options(model, preset, model_options or {})
+        except ValueError as err:
+            raise ValueError(
+                f"federation.model_options {dict(model_options or {})} apply to every method: "
+                f"{err} (run the models that cannot take them in a separate simulation)"
+            ) from None
 
 
 @dataclass

@@ -87,9 +87,9 @@ def run_experiment(cfg: dict[str, Any]) -> dict[str, Any]:
     seed_everything(seed)
     out_dir = Path(str(cfg["out_dir"]))
     methods = list(cfg["methods"])
-    check_methods(methods)
-    sites = resolve_sites(cfg)
     fed = dict(cfg["federation"])
+    check_methods(methods, str(fed["preset"]), fed.get("model_options"))
+    sites = resolve_sites(cfg)
     work_dir = out_dir / "work"
     if work_dir.exists():
         # the sites' state (heads, snapshots, optimizer moments) of an earlier run into the
@@ -167,7 +167,10 @@ def main() -> None:
         try:  # a bad key, value, method or site name: the message alone, before anything runs
             cfg = checked(SimulationSchema, cfg, "the simulation config")
             container: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-            check_methods(list(container["methods"]))
+            federation = container["federation"]
+            check_methods(
+                list(container["methods"]), federation["preset"], federation["model_options"]
+            )
             check_tracking(str(container.get("tracking", "none")))
             resolve_sites(container)
         except (ValueError, FileNotFoundError) as err:  # SiteDataError is a ValueError

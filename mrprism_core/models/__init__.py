@@ -34,12 +34,14 @@ __all__ = [
     "UNetStaple",
     "build_model",
     "build_model_for_data",
+    "check_model_options",
     "split_state",
     "spec_from_build_args",
     "model_from_build_args",
 ]
 
 _LOSS_OPTIONS = {field.name for field in fields(MrPrismLossConfig)}
+_ARCH_FIELDS = {field.name for field in fields(MrPrismArch)}
 
 
 def _build_mrprism(
@@ -164,8 +166,7 @@ def build_model(
     Raises:
         ValueError: unknown name, preset or option, or an image size the network cannot take.
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; choose one of {list(MODEL_NAMES)}")
+    arch = check_model_options(name, preset, options)
     if image_size % 32:
         raise ValueError(
             f"image_size must be a multiple of 32 (5 down-samplings), got {image_size}"
@@ -177,8 +178,6 @@ def build_model(
         raise ValueError(f"num_raters must be >= 1, got {num_raters}")
     own = _MODEL_OPTIONS.get(name, set())
     local_modules = options.get("local_modules") if name != "mrprism" else None
-    arch_options = {k: v for k, v in options.items() if k not in own | {"local_modules"}}
-    arch = get_preset(preset, **arch_options)
     common = {
         "in_channels": in_channels,
         "num_classes": num_classes,
@@ -191,6 +190,25 @@ def build_model(
     if local_modules is not None:  # e.g. [] to aggregate everything (federated_shared)
         model.local_modules = tuple(local_modules)
     return model
+
+
+def check_model_options(name: str, preset: str, options: Mapping[str, Any]) -> MrPrismArch:
+    """The architecture ``name`` gets from ``preset`` and ``options``; raises before anything
+    is built when a name is unknown, naming the model and every option it accepts.
+
+    Callers that run several models (the simulation grid) check each one up front, so that
+    an option one of them cannot take stops the run before the first method trains.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; choose one of {list(MODEL_NAMES)}")
+    own = _MODEL_OPTIONS.get(name, set())
+    unknown = sorted(set(options) - own - {"local_modules"} - _ARCH_FIELDS)
+    if unknown:
+        raise ValueError(
+            f"model {name!r} has no option(s) {unknown}; its own: {sorted(own)}, "
+            f"architecture: {sorted(_ARCH_FIELDS)}, and local_modules"
+        )
+    return get_preset(preset, **{k: v for k, v in options.items() if k in _ARCH_FIELDS})
 
 
 def build_model_for_data(spec: Mapping[str, Any], info: Any) -> SegmentationModel:

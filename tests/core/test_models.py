@@ -79,8 +79,21 @@ def test_build_model_rejects_bad_arguments():
         build_model(
             "mrprism", in_channels=1, num_classes=1, num_raters=2, image_size=32, preset="huge"
         )
-    with pytest.raises(ValueError, match="unknown architecture option"):
+    with pytest.raises(ValueError, match=r"model 'mrprism' has no option\(s\) \['depth'\]"):
         build_model("mrprism", in_channels=1, num_classes=1, num_raters=2, image_size=32, depth=3)
+
+
+def test_model_options_are_checked_per_model_before_building():
+    from mrprism_core.models import check_model_options
+
+    # MrPrism's loss option and an architecture field are MrPrism's; D-Persona takes the
+    # architecture field and its own bank size but not MrPrism's rater-term weight
+    assert check_model_options("mrprism", "tiny", {"zeta": 0.1, "recurrences": 2}).recurrences == 2
+    assert check_model_options("dpersona", "tiny", {"bank_size": 4, "recurrences": 2})
+    with pytest.raises(ValueError, match=r"model 'dpersona' has no option\(s\) \['zeta'\]"):
+        check_model_options("dpersona", "tiny", {"zeta": 0.1, "recurrences": 2})
+    with pytest.raises(ValueError, match="bank_size"):  # the message lists the model's own
+        check_model_options("dpersona", "tiny", {"divp_supervision": "shuffle"})
 
 
 def test_loss_rejects_wrong_rater_count(tiny_mrprism, tiny_batch):

@@ -165,6 +165,12 @@ def test_unknown_models_and_methods_are_named():
         ("partition.sources=[nope]", "unknown site 'nope'"),
         ("federation.rounds=ten", "federation.rounds='ten' is refused"),
         ("+federation.round=3", "unknown key 'federation.round' (a typo?)"),
+        # the default methods train MrPrism: refused before the first of them starts
+        (
+            "federation.model_options={bank_size: 4}",
+            "federation.model_options {'bank_size': 4} apply to every method: "
+            "model 'mrprism' has no option(s) ['bank_size']",
+        ),
     ],
 )
 def test_a_bad_method_or_site_is_one_message_not_a_traceback(override, message, tmp_path):
