@@ -13,7 +13,8 @@ model's calibrated output against the raters' mean; D-Persona's calibrated outpu
 of its rater outputs, MrPrism's is its estimate of the structure, so every model with rater
 outputs also gets the soft Dice of their mean (``heads_mean_soft_dice``). Then the raters'
 masks of the test split are fused by majority vote, STAPLE and MrPrism's Eq. 1 under the
-trained DivP's reliabilities, and each fusion is scored against the true mask. Each number is
+trained DivP's reliabilities, and each fusion is scored against the true mask; the true mask's
+own soft Dice is the reference a calibrated mask aims at (``true_mask_soft_dice``). Each number is
 reported as mean and standard deviation over the seeds (data, initial weights and shuffles
 all change with the seed). ``--site`` takes the data block of a site config
 (``site_configs/<site>.yaml``, e.g. ``synthetic_hard`` or ``synthetic_nodule_a``); without it
@@ -30,9 +31,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from torch.utils.data import Dataset
+
 from mrprism_core.data.factory import build_dataset
 from mrprism_core.label_fusion import evaluate_label_fusion
-from mrprism_core.metrics import RECURRENCE_METRICS, recurrence_table
+from mrprism_core.metrics import RECURRENCE_METRICS, recurrence_table, soft_dice_per_image
 from mrprism_core.models import MODEL_NAMES
 from mrprism_core.train import fit, load_model, make_loader
 
@@ -90,6 +93,22 @@ def config(
     }
 
 
+def true_mask_soft_dice(dataset: Dataset) -> float | None:
+    """Soft Dice of the true mask itself against the raters' mean: what an exact estimate of
+    the structure scores, the reference for a calibrated mask (the raters' mean scores 1).
+    None when the data has no true mask."""
+    total, count = 0.0, 0
+    for batch in make_loader(dataset, 8, shuffle=False):
+        if "truth" not in batch:
+            return None
+        per_image = soft_dice_per_image(
+            batch["truth"].float(), batch["raters"], valid=batch.get("rater_valid")
+        ).mean(dim=1)
+        total += float(per_image.sum())
+        count += per_image.shape[0]
+    return total / max(count, 1)
+
+
 def _mean_per_rater(test: Mapping[str, Any]) -> float | None:
     values = [x for x in test.get("per_rater_dice") or [] if x is not None]
     return sum(values) / len(values) if values else None
@@ -113,7 +132,11 @@ def _fmt(cell: Mapping[str, float] | None, scale: float = 100.0) -> str:
     return f"{cell['mean'] * scale:.1f} ± {cell['std'] * scale:.1f}"
 
 
-def print_tables(models: Mapping[str, Any], fusion: Mapping[str, Any] | None) -> None:
+def print_tables(
+    models: Mapping[str, Any],
+    fusion: Mapping[str, Any] | None,
+    truth_soft_dice: Mapping[str, float] | None = None,
+) -> None:
     print("\nmodel (test, mean ± std over seeds, x100)")
     print(
         f"{'model':32} {'soft Dice':>12} {'Dice vs truth':>14} {'per-rater':>12} {'GED':>12} "
@@ -137,6 +160,8 @@ def print_tables(models: Mapping[str, Any], fusion: Mapping[str, Any] | None) ->
             )
     if fusion:
         print("\nlabel fusion vs truth: " + ", ".join(f"{k} {_fmt(v)}" for k, v in fusion.items()))
+    if truth_soft_dice:
+        print(f"soft Dice of the true mask itself (raters' mean: 100): {_fmt(truth_soft_dice)}")
 
 
 def run_model(
@@ -215,6 +240,11 @@ def main(argv: list[str] | None = None) -> None:
 
     per_seed: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in variants}
     fusions: list[dict[str, float]] = []
+    references = [
+        true_mask_soft_dice(build_dataset(data_config(args, seed), "test"))
+        for seed in range(args.seeds)
+    ]
+    truth_soft_dice = spread(references)  # None without a true mask
     for seed in range(args.seeds):
         for label, model, options in variants:
             run, fusion = run_model(model, args, seed, options)
@@ -228,13 +258,14 @@ def main(argv: list[str] | None = None) -> None:
             )
     models = {label: summarise(runs) for label, runs in per_seed.items()}
     fusion = {name: spread([f[name] for f in fusions]) for name in fusions[0]} if fusions else None
-    print_tables(models, fusion)
+    print_tables(models, fusion, truth_soft_dice)
     write_json(
         args.out,
         {
             "settings": {**vars(args), "models": args.models},
             "models": models,
             "label_fusion": fusion,
+            "true_mask_soft_dice": truth_soft_dice,
             "per_seed": per_seed,
         },
     )

@@ -142,3 +142,20 @@ def test_heads_mean_soft_dice_is_dpersonas_soft_dice_and_none_without_rater_outp
     result = evaluate(build_model("dpersona", **common), [batch])
     assert abs(result["heads_mean_soft_dice"] - result["soft_dice"]) < 1e-6
     assert evaluate(build_model("unet_mv", **common), [batch])["heads_mean_soft_dice"] is None
+
+
+def test_the_true_masks_soft_dice_is_below_one_when_raters_share_an_error():
+    from benchmarks.quality import true_mask_soft_dice
+
+    truth = torch.zeros(1, 1, 8, 8)
+    truth[..., 2:6, 2:6] = 1  # 16 pixels
+    dilated = torch.zeros_like(truth)
+    dilated[..., 1:7, 1:7] = 1  # 36 pixels
+    # two of three raters dilate: the raters' mean is 2/3 on the 20-pixel ring
+    case = {"truth": truth[0], "raters": torch.stack([truth[0], dilated[0], dilated[0]])}
+    # thresholds 0.1, 0.3, 0.5 see 36 raters' pixels (Dice 2*16/52), 0.7 and 0.9 see 16 (1)
+    expected = (3 * 32 / 52 + 2 * 1.0) / 5
+    assert true_mask_soft_dice([case, case]) == pytest.approx(expected)
+    unanimous = {"truth": truth[0], "raters": torch.stack([truth[0]] * 3)}
+    assert true_mask_soft_dice([unanimous]) == pytest.approx(1.0)
+    assert true_mask_soft_dice([{"raters": unanimous["raters"]}]) is None
