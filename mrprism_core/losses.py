@@ -24,6 +24,7 @@ __all__ = [
     "shuffle_loss",
     "multihead_loss",
     "random_permutations",
+    "scale_gradient",
     "bce_dice_loss",
     "bce_dice_per_image",
     "dice_loss_per_image",
@@ -52,6 +53,9 @@ class MrPrismLossConfig:
     # has no gradient for a small structure in an empty background (README: small structures)
     conp_pixel_loss: str = "dice"
     conp_pixel_weight: float = 1.0  # weight of that term
+    # share of the rater masks' losses (the rater term) that reaches DivP's reliabilities through
+    # the masks; the pixel correction always gets all of it (README, "Baselines")
+    rater_mask_reliability_grad: float = 1.0
 
     def __post_init__(self) -> None:
         if self.divp_supervision not in DIVP_SUPERVISION:
@@ -64,6 +68,11 @@ class MrPrismLossConfig:
             )
         if self.shuffles < 1:
             raise ValueError(f"shuffles must be >= 1, got {self.shuffles}")
+        if not 0.0 <= self.rater_mask_reliability_grad <= 1.0:
+            raise ValueError(
+                "rater_mask_reliability_grad must be in [0, 1], "
+                f"got {self.rater_mask_reliability_grad}"
+            )
 
 
 def binary_cross_entropy(
@@ -88,6 +97,13 @@ def ssim_loss(prediction: Tensor, target: Tensor, window: int = 11) -> Tensor:
     side = min(prediction.shape[-2:])
     window = min(window, side if side % 2 == 1 else side - 1)
     return 1.0 - ssim(prediction, target, data_range=1.0, size_average=True, win_size=window)
+
+
+def scale_gradient(tensor: Tensor, share: float) -> Tensor:
+    """``tensor``'s values, with only ``share`` of the gradient flowing back through it."""
+    if share == 1.0:
+        return tensor
+    return tensor.detach() + share * (tensor - tensor.detach())
 
 
 def random_permutations(

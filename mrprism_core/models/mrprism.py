@@ -20,6 +20,7 @@ from ..losses import (
     multihead_loss,
     random_permutations,
     recurrence_loss,
+    scale_gradient,
     shuffle_loss,
 )
 from .base import SegmentationModel, SegmentationOutput
@@ -113,7 +114,10 @@ class MrPrism(SegmentationModel):
         calibrated = torch.sigmoid(self.conp.output(decoded, embedded))
         seen = calibrated.detach()
         new_reliability = self.divp(seen)
-        rater_masks = self.divp.rater_masks(new_reliability, seen, decoded.detach())
+        # same values; the masks' losses reach the reliabilities at the configured share only
+        share = self.loss_config.rater_mask_reliability_grad
+        mask_reliability = Reliability(*(scale_gradient(r, share) for r in new_reliability))
+        rater_masks = self.divp.rater_masks(mask_reliability, seen, decoded.detach())
         return calibrated, new_reliability, rater_masks
 
     def _check_images(self, images: Tensor) -> None:

@@ -3,6 +3,8 @@ target away from the vote where raters disagree, and ConP learns a small structu
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch.utils.data import default_collate
 
@@ -163,3 +165,30 @@ def test_pixel_context_fits_a_rater_whose_habit_depends_on_the_image():
 
     plain, with_context = rater_error(False), rater_error(True)
     assert with_context < 0.8 * plain
+
+
+def test_rater_mask_losses_reach_the_reliabilities_at_the_configured_share_only():
+    from mrprism_core.fusion import initial_reliability
+    from mrprism_core.losses import multihead_loss
+
+    batch = _contrast_dependent_batch()
+    labels = batch["raters"]
+
+    def gradients(share: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        model = _pixel_heads_model(True)
+        model.loss_config = replace(model.loss_config, rater_mask_reliability_grad=share)
+        with torch.no_grad():  # a pixel correction that is not zero, so it has a gradient
+            model.divp.heads.pixel_context.out.weight.normal_(0.0, 0.1)
+        start = initial_reliability(2, tuple(labels.shape[2:])).expand_as(labels)
+        _, _, masks = model.recurrence(model.encoder(batch["image"]), start)
+        multihead_loss(masks, labels).backward()
+        heads = model.divp.heads
+        return masks.detach(), heads.to_pixels.weight.grad, heads.pixel_context.out.weight.grad
+
+    masks_all, reliability_all, correction_all = gradients(1.0)
+    masks_tenth, reliability_tenth, correction_tenth = gradients(0.1)
+    assert float(reliability_all.abs().sum()) > 0
+    torch.testing.assert_close(masks_tenth, masks_all)  # the masks themselves do not change
+    torch.testing.assert_close(reliability_tenth, 0.1 * reliability_all)
+    torch.testing.assert_close(correction_tenth, correction_all)
+    assert float(gradients(0.0)[1].abs().sum()) == 0.0
