@@ -158,10 +158,11 @@ def build_model(
         image_size: image side in pixels (a multiple of 32).
         preset: architecture preset, ``"tiny"`` or ``"paper"``.
         **options: architecture fields of :class:`MrPrismArch`, the model's own options
-            (MrPrism: ``zeta``, ``shuffles``, ``divp_supervision``, ``ssim_window``,
-            ``prior``; MRNet: ``alpha``; D-Persona: ``latent_dim``, ``prior_samples``,
-            ``bank_size``, ``alpha``, ``beta``; DiFF: ``fusion_grid``, ``fusion_steps``,
-            ``fusion_lr``) and ``local_modules`` (dotted sub-module names kept at the site).
+            (MrPrism: the fields of :class:`~mrprism_core.losses.MrPrismLossConfig`, e.g.
+            ``zeta``, ``divp_supervision``, ``rater_mask_reliability_grad``; MRNet:
+            ``alpha``; D-Persona: ``latent_dim``, ``prior_samples``, ``bank_size``, ``alpha``,
+            ``beta``; DiFF: ``fusion_grid``, ``fusion_steps``, ``fusion_lr``) and
+            ``local_modules`` (dotted sub-module names kept at the site).
 
     Raises:
         ValueError: unknown name, preset or option, or an image size the network cannot take.
