@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 
 from mrprism_core.data.factory import build_dataset
 from mrprism_core.label_fusion import evaluate_label_fusion
-from mrprism_core.metrics import RECURRENCE_METRICS, recurrence_table, soft_dice_per_image
+from mrprism_core.metrics import RECURRENCE_METRICS, MetricAccumulator, recurrence_table
 from mrprism_core.models import MODEL_NAMES
 from mrprism_core.train import fit, load_model, make_loader
 
@@ -97,16 +97,14 @@ def true_mask_soft_dice(dataset: Dataset) -> float | None:
     """Soft Dice of the true mask itself against the raters' mean: what an exact estimate of
     the structure scores, the reference for a calibrated mask (the raters' mean scores 1).
     None when the data has no true mask."""
-    total, count = 0.0, 0
+    metrics = MetricAccumulator()  # the one evaluation, scoring the true mask as the output
     for batch in make_loader(dataset, 8, shuffle=False):
         if "truth" not in batch:
             return None
-        per_image = soft_dice_per_image(
-            batch["truth"].float(), batch["raters"], valid=batch.get("rater_valid")
-        ).mean(dim=1)
-        total += float(per_image.sum())
-        count += per_image.shape[0]
-    return total / max(count, 1)
+        metrics.update(
+            batch["truth"].float(), batch["raters"], rater_valid=batch.get("rater_valid")
+        )
+    return metrics.compute()["soft_dice"]
 
 
 def _mean_per_rater(test: Mapping[str, Any]) -> float | None:

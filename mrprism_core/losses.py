@@ -101,7 +101,7 @@ def ssim_loss(prediction: Tensor, target: Tensor, window: int = 11) -> Tensor:
 
 def scale_gradient(tensor: Tensor, share: float) -> Tensor:
     """``tensor``'s values, with only ``share`` of the gradient flowing back through it."""
-    if share == 1.0:
+    if share == 1.0 or not tensor.requires_grad:  # nothing to scale (e.g. inference)
         return tensor
     return tensor.detach() + share * (tensor - tensor.detach())
 

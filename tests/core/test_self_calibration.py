@@ -25,6 +25,20 @@ def _train(model, batch, steps: int, lr: float = 3e-3):
     return model
 
 
+def _multihead_mrprism(num_raters: int, **options):
+    """A tiny one-class MrPrism for 3-channel 32 px images, trained with the multi-head term."""
+    return build_model(
+        "mrprism",
+        in_channels=3,
+        num_classes=1,
+        num_raters=num_raters,
+        image_size=32,
+        preset="tiny",
+        divp_supervision="shuffle+multihead",
+        **options,
+    )
+
+
 def _batch(dataset, count: int) -> dict:
     return default_collate([dataset[i] for i in range(count)])
 
@@ -40,15 +54,7 @@ def test_divp_learns_which_rater_over_draws_and_the_fusion_leaves_the_raters_mea
     data = make_dataset(4, 3, 32, seed=3, num_classes=1, rater_profiles=raters)
     batch = _batch(data, 4)
     labels = batch["raters"]
-    model = build_model(
-        "mrprism",
-        in_channels=3,
-        num_classes=1,
-        num_raters=3,
-        image_size=32,
-        preset="tiny",
-        divp_supervision="shuffle+multihead",
-    )
+    model = _multihead_mrprism(num_raters=3)
     disagree = (labels.amax(1) != labels.amin(1)).float()
     assert disagree.sum() > 50
 
@@ -118,16 +124,7 @@ def _contrast_dependent_batch() -> dict:
 
 def _pixel_heads_model(context: bool):
     torch.manual_seed(0)
-    return build_model(
-        "mrprism",
-        in_channels=3,
-        num_classes=1,
-        num_raters=2,
-        image_size=32,
-        preset="tiny",
-        divp_supervision="shuffle+multihead",
-        divp_pixel_context=context,
-    )
+    return _multihead_mrprism(num_raters=2, divp_pixel_context=context)
 
 
 def test_pixel_context_moves_the_rater_masks_only_and_stays_at_the_site():
