@@ -45,7 +45,7 @@ class RunConfig:
     secagg_max_weight: float = 1000.0  # SecAgg+: most examples a site weighs in with (lower=finer)
     model: str = "mrprism"  # mrprism or a baseline (mrprism_core.models.MODEL_NAMES)
     preset: str = "tiny"  # architecture preset
-    model_options: str = "{}"  # JSON object of preset/loss overrides
+    model_options: str = "{}"  # JSON object of preset/loss overrides, e.g. {"local_norms": true}
     local_modules: str = ""  # comma-separated sub-modules kept local; empty = model default
     in_channels: int = 3  # image channels every site must have
     num_classes: int = 2  # classes every site must have

@@ -258,7 +258,7 @@ def _run_federated(
     options: dict[str, Any] = {}
     data_of = lambda s: s.data  # noqa: E731
     if shared_everything:
-        options = {"local_modules": []}
+        options = {"local_modules": [], "local_norms": False}
         data_of = lambda s: {**s.data, "rater_slots": {"total": most, "offset": 0}}  # noqa: E731
     dirs = write_site_dirs(exp, method, data_of, privacy, share_quality=quality_weighted)
     out_dir = exp.work_dir / method / "server"

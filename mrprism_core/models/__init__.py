@@ -38,6 +38,7 @@ __all__ = [
     "split_state",
     "spec_from_build_args",
     "model_from_build_args",
+    "norm_layer_names",
 ]
 
 _LOSS_OPTIONS = {field.name for field in fields(MrPrismLossConfig)}
@@ -134,6 +135,8 @@ _MODEL_OPTIONS: dict[str, set[str]] = {
     "dpersona": {"latent_dim", "prior_samples", "bank_size", "alpha", "beta"},
     "diff": {"fusion_grid", "fusion_steps", "fusion_lr"},
 }
+#: options of every model: what stays at the site in federated training
+_SPLIT_OPTIONS = {"local_modules", "local_norms"}
 MODEL_NAMES = tuple(_REGISTRY)
 
 
@@ -162,7 +165,8 @@ def build_model(
             ``zeta``, ``divp_supervision``, ``rater_mask_reliability_grad``; MRNet:
             ``alpha``; D-Persona: ``latent_dim``, ``prior_samples``, ``bank_size``, ``alpha``,
             ``beta``; DiFF: ``fusion_grid``, ``fusion_steps``, ``fusion_lr``) and
-            ``local_modules`` (dotted sub-module names kept at the site).
+            the options every model takes: ``local_modules`` (dotted sub-module names kept
+            at the site) and ``local_norms`` (also keep every normalisation layer there).
 
     Raises:
         ValueError: unknown name, preset or option, or an image size the network cannot take.
@@ -179,6 +183,7 @@ def build_model(
         raise ValueError(f"num_raters must be >= 1, got {num_raters}")
     own = _MODEL_OPTIONS.get(name, set())
     local_modules = options.get("local_modules") if name != "mrprism" else None
+    local_norms = bool(options.get("local_norms", False))
     common = {
         "in_channels": in_channels,
         "num_classes": num_classes,
@@ -190,7 +195,30 @@ def build_model(
     model = _REGISTRY[name](arch, common, model_options, build_args)
     if local_modules is not None:  # e.g. [] to aggregate everything (federated_shared)
         model.local_modules = tuple(local_modules)
+    if local_norms:
+        model.local_modules = tuple(model.local_modules) + norm_layer_names(
+            model, model.local_modules
+        )
     return model
+
+
+#: Layers whose affine parameters ``local_norms`` keeps at the site.
+_NORM_LAYERS = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._BatchNorm)
+
+
+def norm_layer_names(model: nn.Module, skip: Sequence[str] = ()) -> tuple[str, ...]:
+    """Dotted names of the model's normalisation layers outside the sub-modules ``skip``.
+
+    Kept at the site (``local_norms``), they adapt the shared body to each hospital's image
+    statistics while the rest is averaged: FedBN (Li et al., ICLR 2021), here for the
+    GroupNorm/LayerNorm scales and shifts our models use.
+    """
+    inside = tuple(f"{name}." for name in skip)
+    return tuple(
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, _NORM_LAYERS) and not f"{name}.".startswith(inside)
+    )
 
 
 def check_model_options(name: str, preset: str, options: Mapping[str, Any]) -> MrPrismArch:
@@ -203,11 +231,11 @@ def check_model_options(name: str, preset: str, options: Mapping[str, Any]) -> M
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; choose one of {list(MODEL_NAMES)}")
     own = _MODEL_OPTIONS.get(name, set())
-    unknown = sorted(set(options) - own - {"local_modules"} - _ARCH_FIELDS)
+    unknown = sorted(set(options) - own - _SPLIT_OPTIONS - _ARCH_FIELDS)
     if unknown:
         raise ValueError(
             f"model {name!r} has no option(s) {unknown}; its own: {sorted(own)}, "
-            f"architecture: {sorted(_ARCH_FIELDS)}, and local_modules"
+            f"architecture: {sorted(_ARCH_FIELDS)}, and {sorted(_SPLIT_OPTIONS)}"
         )
     return get_preset(preset, **{k: v for k, v in options.items() if k in _ARCH_FIELDS})
 

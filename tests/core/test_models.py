@@ -70,6 +70,30 @@ def test_split_state_ablation_and_bad_names():
         split_state(_mrprism(3), local_modules=["decoder"])
 
 
+def test_local_norms_keep_every_normalisation_layer_at_the_site():
+    plain, norms = _mrprism(3), _mrprism(3, local_norms=True)
+    norm_params = {
+        f"{name}.{p}"
+        for name, module in norms.named_modules()
+        if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm))
+        for p, _ in module.named_parameters()
+    }
+    assert len(norm_params) > 40  # encoder, ConP and DivP all normalise
+    shared, local = split_state(norms)
+    assert norm_params <= set(local) and norm_params.isdisjoint(shared)
+    # nothing else moved: the rest of the split is the model's default one
+    plain_shared, plain_local = split_state(plain)
+    assert set(local) - norm_params == set(plain_local) - norm_params
+    assert set(shared) == set(plain_shared) - norm_params
+    # every model takes the option (D-Persona's heads stay local, its norms join them)
+    dpersona = build_model(
+        "dpersona", in_channels=3, num_classes=2, num_raters=3, image_size=32, local_norms=True
+    )
+    _, local = split_state(dpersona)
+    assert "projection_heads" in dpersona.local_modules
+    assert "backbone.encoder.stem.1.weight" in local
+
+
 def test_build_model_rejects_bad_arguments():
     with pytest.raises(ValueError, match="unknown model"):
         build_model("mrnett", in_channels=1, num_classes=1, num_raters=2, image_size=32)

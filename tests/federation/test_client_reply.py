@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from client.app import create_client_app
 from mrprism_core.checkpoint import CorruptCheckpointError, load_checkpoint
@@ -76,6 +78,28 @@ def test_heads_persist_between_rounds(make_site, task_identity):
         after = snapshot["local_state"][name]
         assert after.shape == before.shape
         assert (after - before).abs().max() < 0.1 * (before.abs().max() + 1e-3) + 0.05, name
+
+
+def test_local_norms_stay_at_the_site_and_carry_over_to_the_next_round(make_site, task_identity):
+    # FedBN-style: with local_norms every normalisation layer is site-local like the heads
+    app = create_client_app()
+    state_dir = make_site("synthetic_a")
+    cfg = RunConfig(model_options=json.dumps({"local_norms": True}))
+    first, layout = train_message(cfg, server_round=1)
+    _, plain_layout = train_message(RunConfig())
+    norm = "encoder.stem.1.weight"  # the stem's GroupNorm scale, starts at ones
+    names = lambda lay: {name for name, _ in lay.entries}  # noqa: E731
+    assert norm in names(plain_layout) and norm not in names(layout)  # the option moves it
+    assert not app(first, node_context(state_dir)).has_error()
+    trained = load_checkpoint(f"{state_dir}/site_model.pt")["local_state"][norm]
+    assert not torch.equal(trained, torch.ones_like(trained))  # the site trained it
+    second, _ = train_message(cfg, server_round=2)
+    reply = app(second, node_context(state_dir))
+    assert reply.content.array_records["arrays"][PACKED_KEY].numpy().shape == (layout.size,)
+    after = load_checkpoint(f"{state_dir}/site_model.pt")["local_state"][norm]
+    # round 2 went on from the site's own scale: further from the initial ones than one
+    # round of Adam steps (each at most about lr) could move it from there
+    assert (after - 1).abs().max() > 1.5 * (trained - 1).abs().max()
 
 
 def test_a_corrupt_site_state_is_reported_not_replaced(make_site, task_identity):
