@@ -119,7 +119,11 @@ def _collect(
 ) -> tuple[list[Message], list[dict[str, str]]]:
     """Wait for a pushed phase's replies; return those without errors, and the sites that
     failed (error reply, node gone, no answer before ``timeout``), each logged: the phase goes
-    on with the others."""
+    on with the others.
+
+    The replies come back in site-name order, not in the order they arrived: the strategies
+    sum the updates in the order given, and float sums in arrival order made two runs of one
+    seed drift apart over the rounds."""
     dropped: list[dict[str, str]] = []
     replies = collect_replies(grid, phase.pending, timeout)
     node_of = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in phase.sent}
@@ -132,10 +136,10 @@ def _collect(
             _drop(dropped, sites.name(node), msg.error.reason)
         else:
             sites.learn(msg)
-            ok.append(msg)
+            ok.append((sites.name(node), node, msg))
     for node in sorted(set(node_of.values()) - answered):
         _drop(dropped, sites.name(node), f"no reply within round-timeout={timeout:g} s")
-    return ok, dropped
+    return [msg for _, _, msg in sorted(ok, key=lambda item: item[:2])], dropped
 
 
 def _pipelines(cfg: RunConfig, grid: Grid) -> bool:

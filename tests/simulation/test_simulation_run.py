@@ -96,20 +96,22 @@ def _tiny_config(out_dir) -> dict:
     }
 
 
-def test_same_seed_same_partition_and_round_one_metrics(tmp_path):
-    first = run_experiment(_tiny_config(tmp_path / "a"))
+def test_same_seed_gives_identical_partitions_and_metrics(tmp_path):
+    # three sites over two rounds: a float sum of three updates depends on their order, and
+    # the replies arrive in any order, so the server aggregates them in site order
+    config = _tiny_config(tmp_path / "a")
+    config["partition"]["num_sites"] = 3
+    config["partition"]["data"]["splits"]["train"] = 12
+    config["federation"]["rounds"] = 2
+    first = run_experiment(config)
     # into the same out_dir: the first run's site state (heads, optimizer) must not carry over
-    second = run_experiment(_tiny_config(tmp_path / "a"))
-    first_sites = first["methods"]["federated"]["sites"]
-    second_sites = second["methods"]["federated"]["sites"]
+    second = run_experiment(config)
     assert first["sites"] == second["sites"]
-    for site, row in first_sites.items():
-        assert row["soft_dice"] == pytest.approx(
-            second_sites[site]["soft_dice"], rel=1e-4, abs=1e-6
-        )
-        assert row["per_rater_dice"] == pytest.approx(
-            second_sites[site]["per_rater_dice"], rel=1e-4, abs=1e-6
-        )
+    timing = {"seconds", "round_seconds", "state_dirs"}
+    scores = lambda run: {  # noqa: E731
+        k: v for k, v in run["methods"]["federated"].items() if k not in timing
+    }
+    assert scores(first) == scores(second)  # bit for bit, every site, metric and round
 
 
 def test_privacy_methods_report_their_cost_and_budget(tmp_path):
