@@ -8,8 +8,10 @@
 * fixed cost per message: real rounds (flower-superlink + one SuperNode started with
   ``python -m client``, ``flwr run``; 1 local epoch + evaluation) against the same epoch and
   evaluation run directly in one warm process on the same synthetic site; (round - direct) / 2
-  messages, rounds after the first, with the site worker (the default) and without it
-  (``supernode.worker=false``: each ClientApp process imports torch and opens the site).
+  messages, rounds after the first, with the site worker (the default), with it but Flower's
+  fixed 3 s wait after an empty poll (``supernode.idle_poll_s=null``; the default asks again
+  after 0.5 s), and without it (``supernode.worker=false``: each ClientApp process imports
+  torch and opens the site).
   The round time is the server's own measurement (``metrics.jsonl``).
 * breakdown: the pieces a per-message ClientApp process pays without the worker, each timed
   alone (interpreter + Flower import, our ClientApp module, torch and the round code, site
@@ -29,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -158,7 +160,7 @@ def federated_round_seconds(
     cases: int,
     root: Path,
     *,
-    worker: bool,
+    site_overrides: Sequence[str] = (),
     sites: int = 1,
     rounds: int = 3,
     secure: bool = False,
@@ -168,7 +170,7 @@ def federated_round_seconds(
     from tests.federation.deploy import Deployment
 
     deployment = Deployment(root)
-    overrides = [*_site_overrides(preset, cases), f"supernode.worker={str(worker).lower()}"]
+    overrides = [*_site_overrides(preset, cases), *site_overrides]
     # sites sharing this machine's cores take one thread each (README, Deploy); one site all
     overrides.append("threads=1" if sites > 1 else "threads=null")
     try:
@@ -202,18 +204,27 @@ def _after_first(round_times: list[float]) -> float:
     return statistics.mean(round_times[1:] or round_times)
 
 
+#: The site settings compared: the default (site worker, SuperNode polling every 0.5 s when
+#: idle), Flower's own 3 s idle wait, and no site worker.
+OVERHEAD_VARIANTS: dict[str, tuple[str, ...]] = {
+    "worker": (),
+    "worker_flower_idle_wait": ("supernode.idle_poll_s=null",),
+    "no_worker": ("supernode.worker=false",),
+}
+
+
 def overhead(preset: str, cases: int, rounds: int) -> dict[str, object]:
     """Fixed cost per message = (a federated round - the same work done directly) / 2, a round
     being two messages (train, evaluate); rounds after the first (which also installs the
-    app bundle), with and without the site worker."""
+    app bundle), for each of :data:`OVERHEAD_VARIANTS`."""
     with tempfile.TemporaryDirectory() as tmp:
         breakdown = message_breakdown(preset, cases, Path(tmp) / "pieces")
         direct = direct_round_seconds(preset, cases, Path(tmp) / "direct")
         round_times = {
             name: federated_round_seconds(
-                preset, cases, Path(tmp) / name, worker=name == "worker", rounds=rounds
+                preset, cases, Path(tmp) / name, site_overrides=extra, rounds=rounds
             )
-            for name in ("worker", "no_worker")
+            for name, extra in OVERHEAD_VARIANTS.items()
         }
     per_message = {name: (_after_first(times) - direct) / 2 for name, times in round_times.items()}
     return {
@@ -222,6 +233,7 @@ def overhead(preset: str, cases: int, rounds: int) -> dict[str, object]:
         "direct_seconds": direct,
         "round_seconds": round_times,
         "overhead_per_message_s": per_message["worker"],
+        "overhead_per_message_s_flower_idle_wait": per_message["worker_flower_idle_wait"],
         "overhead_per_message_s_without_worker": per_message["no_worker"],
         "breakdown_without_worker_s": breakdown,
     }
@@ -236,7 +248,6 @@ def secure_aggregation_cost(cases: int, rounds: int) -> dict[str, object]:
                 "tiny",
                 cases,
                 Path(tmp) / name,
-                worker=True,
                 sites=3,
                 rounds=rounds,
                 secure=name == "secure",
@@ -279,7 +290,8 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"{preset:6} {args.cases} cases: direct {row['direct_seconds']:.1f} s; fixed cost "
                 f"per message {row['overhead_per_message_s']:.1f} s with the site worker, "
-                f"{row['overhead_per_message_s_without_worker']:.1f} s without\n"
+                f"{row['overhead_per_message_s_flower_idle_wait']:.1f} s with it at Flower's 3 s "
+                f"idle wait, {row['overhead_per_message_s_without_worker']:.1f} s without it\n"
                 f"       without the worker, per message: {pieces} (s)"
             )
         if not args.skip_secagg:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .site import SITE_CONFIGS_ENV, SiteDataError, SiteRuntime, compose_site_config, site_sources
+from .supernode_launch import DEFAULT_IDLE_POLL_S, FLOWER_IDLE_WAIT_S
 from .worker_protocol import SOCKET_NODE_CONFIG
 
 EXAMPLES = """
@@ -153,8 +154,18 @@ def supernode_command(
     """The ``flower-supernode`` command line for a resolved site config; ``worker_socket``
     tells the ClientApp where the site worker listens."""
     node = dict(cfg.get("supernode") or {})
-    executable = shutil.which("flower-supernode") or "flower-supernode"
-    command = [executable, "--superlink", str(cfg["superlink"])]
+    idle_poll_s = node.get("idle_poll_s", DEFAULT_IDLE_POLL_S)
+    if idle_poll_s is None or float(idle_poll_s) >= FLOWER_IDLE_WAIT_S:
+        command = [shutil.which("flower-supernode") or "flower-supernode"]
+    elif float(idle_poll_s) > 0:
+        # Flower's own entry point, its 3 s wait after an empty poll shortened
+        command = [sys.executable, "-m", "client.supernode_launch", f"--idle-poll-s={idle_poll_s}"]
+    else:
+        raise SiteDataError(
+            f"site {cfg['site']}: supernode.idle_poll_s={idle_poll_s!r} is refused: seconds > 0 "
+            f"(or null for Flower's {FLOWER_IDLE_WAIT_S} s)"
+        )
+    command += ["--superlink", str(cfg["superlink"])]
     if node.get("insecure", False):
         command.append("--insecure")
     elif node.get("root_certificates"):

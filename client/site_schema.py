@@ -14,6 +14,7 @@ from typing import Any
 from mrprism_core.config_schema import checked
 
 from .privacy import PrivacyConfig
+from .supernode_launch import DEFAULT_IDLE_POLL_S
 
 __all__ = ["SiteSchema", "check_site_config"]
 
@@ -33,6 +34,7 @@ class SupernodeSchema:
     max_retries: int | None = None  # stop reconnecting after this many tries (None: never)
     activation_wait_s: float = 180.0  # retry a refused activation (node auth) this long
     worker: bool = True  # keep torch, config and data loaded in a site worker between messages
+    idle_poll_s: float | None = DEFAULT_IDLE_POLL_S  # after an empty poll (None: Flower's 3 s)
 
 
 @dataclass

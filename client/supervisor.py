@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from .worker_protocol import WORKER_START_WAIT_S
+
 __all__ = ["ACTIVATION_REFUSED", "SiteWorker", "run_supernode"]
 
 #: What Flower's SuperNode prints when the SuperLink refuses to activate it (code 2004).
@@ -185,8 +187,8 @@ class SiteWorker:
             delay = min(2 * delay, _MAX_DELAY) if quick else self.restart_delay_s
             print(
                 f"the site worker exited with code {code}: starting it again in {delay:g} s "
-                "(messages meanwhile are answered with an error and the rounds go on without "
-                "this site)",
+                f"(a message meanwhile waits up to {WORKER_START_WAIT_S:g} s for it, then is "
+                "answered with an error and the round goes on without this site)",
                 file=sys.stderr,
                 flush=True,
             )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from dataclasses import dataclass
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection
@@ -29,6 +30,7 @@ from mrprism_core.protocol import SiteReply
 __all__ = [
     "KEY_FILE",
     "SOCKET_NODE_CONFIG",
+    "WORKER_START_WAIT_S",
     "RoundOutcome",
     "WorkerUnavailable",
     "ask_worker",
@@ -45,6 +47,12 @@ __all__ = [
 SOCKET_NODE_CONFIG = "worker-socket"
 #: The shared key's file in the site's state directory (owner-only).
 KEY_FILE = "worker.key"
+#: Seconds a message waits for a site worker that is being started again (``python -m client``
+#: restarts a dead one after 2 s; torch and the data then take a few seconds to load) before
+#: the site sits the round out with an error reply.
+WORKER_START_WAIT_S = 30.0
+#: Seconds between tries to reach a worker that is starting.
+_CONNECT_RETRY_S = 0.2
 
 
 class WorkerUnavailable(RuntimeError):
@@ -123,6 +131,19 @@ def receive_outcome(conn: Connection) -> RoundOutcome:
     return RoundOutcome(shared=shared, reply=reply, error=header.get("error"))
 
 
+def _connect(socket_path: str | Path, state_dir: str | Path, start_wait_s: float) -> Connection:
+    """A connection to the worker, waiting up to ``start_wait_s`` for one that is starting
+    (its socket or key not there yet, or the socket of the one that just died)."""
+    deadline = time.monotonic() + start_wait_s
+    while True:
+        try:
+            return Client(str(socket_path), family="AF_UNIX", authkey=read_key(state_dir))
+        except (FileNotFoundError, ConnectionRefusedError):
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(_CONNECT_RETRY_S)
+
+
 def ask_worker(
     socket_path: str | Path,
     state_dir: str | Path,
@@ -131,15 +152,15 @@ def ask_worker(
     packed: np.ndarray,
     run_id: int,
 ) -> RoundOutcome:
-    """Have the site worker at ``socket_path`` run one message; waits for its answer.
+    """Have the site worker at ``socket_path`` run one message; waits for its answer, and up
+    to :data:`WORKER_START_WAIT_S` for a worker being started again.
 
     Raises:
-        WorkerUnavailable: no worker listens there, the key does not match, or the worker
-            went away before answering.
+        WorkerUnavailable: no worker listens there in time, the key does not match, or the
+            worker went away before answering.
     """
     try:
-        key = read_key(state_dir)
-        with Client(str(socket_path), family="AF_UNIX", authkey=key) as conn:
+        with _connect(socket_path, state_dir, WORKER_START_WAIT_S) as conn:
             send_request(conn, kind, config, packed, run_id)
             return receive_outcome(conn)
     except (OSError, EOFError) as err:

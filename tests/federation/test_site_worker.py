@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from client import worker_protocol
 from client.app import create_client_app
 from client.supervisor import SiteWorker
 from client.worker_protocol import KEY_FILE, WorkerUnavailable, ask_worker
@@ -156,7 +157,10 @@ def test_a_connection_without_the_sites_key_is_refused(make_site, tmp_path):
             ask_worker(socket, stranger, "train", {}, np.zeros(1, np.float32), run_id=1)
 
 
-def test_no_worker_listening_is_a_clear_error_reply(make_site, task_identity, tmp_path):
+def test_no_worker_listening_is_a_clear_error_reply(
+    make_site, task_identity, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(worker_protocol, "WORKER_START_WAIT_S", 1.0)
     state_dir = make_site("synthetic_a")
     (Path(state_dir) / KEY_FILE).write_bytes(b"k" * 32)
     message, _ = train_message()
@@ -164,6 +168,25 @@ def test_no_worker_listening_is_a_clear_error_reply(make_site, task_identity, tm
     assert reply.has_error()
     assert "its site worker" in reply.error.reason and "did not answer" in reply.error.reason
     assert not (Path(state_dir) / "site_model.pt").exists()
+
+
+def test_a_message_waits_for_a_worker_that_is_starting(make_site, task_identity, tmp_path):
+    """A message that arrives while ``python -m client`` starts the worker (again) is run by
+    the new worker instead of being refused: the site does not sit out the round."""
+    state_dir = make_site("synthetic_a")
+    socket = _socket(tmp_path)
+    message, _ = train_message(RunConfig(local_epochs=1))
+    replies = []
+    call = threading.Thread(
+        target=lambda: replies.append(create_client_app()(message, node_context(state_dir, socket)))
+    )
+    call.start()  # no worker, no socket and no key yet
+    time.sleep(1.0)
+    assert call.is_alive() and not replies  # waiting, not answered with an error
+    with SiteWorker(Path(state_dir), socket, out=io.StringIO()):
+        call.join(timeout=worker_protocol.WORKER_START_WAIT_S + 60)
+    assert replies and not replies[0].has_error(), replies and replies[0].error
+    assert Path(state_dir, "site_model.pt").exists()  # the worker ran the round
 
 
 def _worker_pid(log: str, site: str) -> int:

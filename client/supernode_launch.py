@@ -1,0 +1,98 @@
+"""``python -m client.supernode_launch --idle-poll-s S [flower-supernode options]``: Flower's
+SuperNode with a shorter wait between empty polls.
+
+Flower 1.41's SuperNode asks the SuperLink for a message and, when none is waiting, sleeps a
+fixed 3 s before asking again (``time.sleep(3)`` in ``flwr/supernode/start_client_internal.py``;
+no option or environment variable sets it). It asks right after sending each reply, usually
+before the server has aggregated and sent the next message, so each round's messages waited up
+to 3 s for nothing. This module runs the same ``flower-supernode`` entry point in this process
+after pointing that one wait (and only that one) at ``--idle-poll-s``; every other option goes
+to Flower unchanged. When the installed Flower no longer has that wait (its source changed),
+the SuperNode runs unchanged and a notice says so. An idle SuperNode then asks ``1 / S`` times a
+second instead of a third: one small gRPC call each, negligible for a few hospitals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+import time
+import types
+from collections.abc import Sequence
+
+__all__ = [
+    "DEFAULT_IDLE_POLL_S",
+    "FLOWER_IDLE_WAIT_S",
+    "ShortIdleWait",
+    "main",
+    "shorten_idle_wait",
+]
+
+#: The fixed wait of Flower 1.41's SuperNode after a poll that found no message (seconds).
+FLOWER_IDLE_WAIT_S = 3
+#: Ours (``supernode.idle_poll_s``): a message waits at most this long to be picked up.
+DEFAULT_IDLE_POLL_S = 0.5
+
+
+class ShortIdleWait:
+    """The ``time`` module as the SuperNode's loop sees it, with its idle wait shortened.
+
+    Only ``sleep(FLOWER_IDLE_WAIT_S)`` changes; every other call (its 0.5 s waits for a reply
+    and for an object, ``time.time``, ...) goes to :mod:`time` as before."""
+
+    def __init__(self, idle_poll_s: float) -> None:
+        if not idle_poll_s > 0:
+            raise ValueError(f"idle_poll_s must be > 0 seconds, got {idle_poll_s!r}")
+        self.idle_poll_s = float(idle_poll_s)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(self.idle_poll_s if seconds == FLOWER_IDLE_WAIT_S else seconds)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+
+def shorten_idle_wait(idle_poll_s: float) -> bool:
+    """Point the SuperNode loop's idle wait at ``idle_poll_s``; False (nothing changed) when
+    the installed Flower's loop is not the one this was written for."""
+    from flwr.supernode import start_client_internal as loop
+
+    waits = inspect.getsource(loop).count(f"time.sleep({FLOWER_IDLE_WAIT_S})")
+    if waits != 1 or not isinstance(getattr(loop, "time", None), types.ModuleType):
+        return False
+    loop.time = ShortIdleWait(idle_poll_s)  # type: ignore[assignment]
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m client.supernode_launch",
+        description="Flower's flower-supernode with a shorter wait between empty polls; every "
+        "option but --idle-poll-s is flower-supernode's.",
+    )
+    parser.add_argument(
+        "--idle-poll-s",
+        type=float,
+        required=True,
+        help=f"seconds between polls that find no message (Flower's: {FLOWER_IDLE_WAIT_S})",
+    )
+    args, supernode_args = parser.parse_known_args(argv)
+    if not args.idle_poll_s > 0:
+        parser.error(f"--idle-poll-s must be > 0, got {args.idle_poll_s}")
+    if not shorten_idle_wait(args.idle_poll_s):
+        print(
+            f"notice: this Flower's SuperNode has no fixed {FLOWER_IDLE_WAIT_S} s idle wait to "
+            "shorten; running it unchanged",
+            file=sys.stderr,
+            flush=True,
+        )
+    from flwr.supernode.cli import flower_supernode
+
+    sys.argv = ["flower-supernode", *supernode_args]  # Flower's CLI parses sys.argv
+    flower_supernode()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
