@@ -3,7 +3,6 @@ tables a person reads) and three plots."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -359,4 +358,3 @@ def write_report(
     _plot_methods(results, out_dir / "methods.png")
     if cases:
         _plot_cases(cases, out_dir / "cases.png")
-    print(json.dumps({"report": str(out_dir / "results.md")}))

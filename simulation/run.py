@@ -31,6 +31,8 @@ from .partition import VirtualSite, partition
 from .report import targets, write_report
 
 log = logging.getLogger(__name__)
+# Flower's logger: run.log always, the console without a progress bar (route_logs)
+run_log = logging.getLogger("flwr.mrprism")
 
 
 def resolve_sites(cfg: dict[str, Any]) -> list[VirtualSite]:
@@ -138,6 +140,7 @@ def run_experiment(cfg: dict[str, Any]) -> dict[str, Any]:
         site_rows.append({"name": site.name, "num_raters": info.num_raters, "cases": _cases(site)})
     results: dict[str, Any] = {"config": cfg, "seed": seed, "sites": site_rows, "methods": {}}
     for method in methods:
+        run_log.info("method %s", method)
         outcome = run_method(method, exp)
         outcome["mean"] = mean_row(outcome["sites"])
         results["methods"][method] = outcome
@@ -150,6 +153,33 @@ def run_experiment(cfg: dict[str, Any]) -> dict[str, Any]:
         cases = _example_cases(sites, results["methods"][source]["state_dirs"], exp.eval_split)
     write_report(out_dir, results, cases)
     return results
+
+
+class _HideRunSimulationDeprecation(logging.Filter):
+    """Flower warns that ``run_simulation`` is deprecated in favour of ``flwr run``; a user of
+    ``python -m simulation.run`` never calls it, so the advice stays in ``run.log``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+def route_logs(progress: bool) -> None:
+    """Flower's log, the server's round lines included, goes to Hydra's ``<out_dir>/run.log``;
+    with a progress bar the console shows only Flower's warnings, so the bar stays readable."""
+    from flwr.supercore.logger import ConsoleHandler, update_console_handler
+
+    # Flower's state database sets up alembic, whose plugins log at INFO
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    flower = logging.getLogger("flwr")
+    for handler in logging.getLogger().handlers:  # Hydra's job log file
+        if isinstance(handler, logging.FileHandler) and handler not in flower.handlers:
+            handler.setLevel(logging.INFO)  # not Flower's DEBUG records
+            flower.addHandler(handler)
+    for handler in flower.handlers:
+        if isinstance(handler, ConsoleHandler):
+            handler.addFilter(_HideRunSimulationDeprecation())
+    if progress:
+        update_console_handler(level=logging.WARNING)
 
 
 def main() -> None:
@@ -176,6 +206,7 @@ def main() -> None:
         except (ValueError, FileNotFoundError) as err:  # SiteDataError is a ValueError
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+        route_logs(bool(container.get("progress", True)))
         results = run_experiment(container)
         for name, method in results["methods"].items():
             print(f"{name:17} mean soft Dice {method['mean']['soft_dice']:.4f}")

@@ -24,8 +24,7 @@ def test_smoke_run_writes_the_contracted_report(tmp_path):
             "simulation.run",
             "preset=smoke",
             "methods=[federated,federated_shared,local,centralized]",  # all three targets
-            f"out_dir={out}",
-            "progress=false",
+            f"out_dir={out}",  # with its progress bar, as a user runs it
         ],
         cwd=PROJECT_ROOT,
         capture_output=True,
@@ -33,6 +32,14 @@ def test_smoke_run_writes_the_contracted_report(tmp_path):
         timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # the console has the bar and the summary; Flower's round log went to run.log
+    console = result.stdout + result.stderr
+    assert "round 1 done" not in console and "alembic" not in console
+    assert "`run_simulation` function is deprecated" not in console
+    assert "federated_shared  mean soft Dice" in result.stdout
+    run_log = (out / "run.log").read_text()
+    assert "method federated_shared" in run_log and "round 2 done" in run_log
+    assert "alembic" not in run_log
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"federated", "federated_shared", "local", "centralized"}
     assert results["seed"] == results["config"]["seed"] == 0
