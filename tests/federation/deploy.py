@@ -175,10 +175,17 @@ class Deployment:
         )
 
     def kill(self, name: str) -> None:
-        """SIGKILL a process and its children, as a power cut would."""
+        """SIGKILL a process and all its descendants at once, as a power cut would. Flower
+        starts its SuperExec in a new session (and the ServerApp under it): a kill of the
+        process group alone leaves them running for a moment, long enough for a ServerApp to
+        finish a round after its SuperLink was "cut"."""
         for entry in [e for e in self.processes if e[0] == name]:
+            doomed = descendants(entry[1].pid)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(entry[1].pid, signal.SIGKILL)
+            for pid in doomed:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             entry[1].wait(timeout=30)
             self.processes.remove(entry)
 
@@ -197,6 +204,23 @@ class Deployment:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=10)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (Linux ``/proc``), whatever session it is in."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # the command name (2nd field) may hold spaces: the parent id follows its ')'
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
 
 
 def history(out_dir: Path) -> list[dict]:
