@@ -36,6 +36,7 @@ def test_smoke_run_writes_the_contracted_report(tmp_path):
     console = result.stdout + result.stderr
     assert "round 1 done" not in console and "alembic" not in console
     assert "`run_simulation` function is deprecated" not in console
+    assert "FutureWarning" not in console  # Ray's tip about a future GPU default
     assert "federated_shared  mean soft Dice" in result.stdout
     run_log = (out / "run.log").read_text()
     assert "method federated_shared" in run_log and "round 2 done" in run_log
