@@ -33,7 +33,9 @@ passes over the site's data), with the same ``evaluate``.
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -175,6 +177,38 @@ def ray_init_args(exp: Experiment) -> dict[str, Any]:
     if exp.ray_address:
         return {"address": exp.ray_address}
     return {"address": "local", "num_cpus": exp.ray_num_cpus or max(1, torch.get_num_threads())}
+
+
+def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
+    """Refuse a ``federation.ray_address`` no Ray cluster answers at, before anything runs:
+    ``ray.init`` would wait for it forever and not even stop on SIGTERM.
+
+    ``auto`` resolves as Ray does: ``RAY_ADDRESS``, else the cluster this machine last
+    started (``$RAY_TMPDIR``/tmp ``/ray/ray_current_cluster``). ``None`` and ``local`` (start a
+    Ray here) are not checked."""
+    if not address or address == "local":
+        return
+    target = address
+    if address == "auto":
+        marker = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+        target = os.environ.get("RAY_ADDRESS") or (
+            marker.read_text().strip() if marker.is_file() else ""
+        )
+        if not target:
+            raise ValueError(
+                "federation.ray_address=auto: no Ray cluster on this machine (no RAY_ADDRESS, "
+                f"no {marker}); start one with `ray start --head` or leave ray_address null"
+            )
+    host, _, port = target.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"federation.ray_address={address}: expected HOST:PORT, e.g. HEAD_IP:6379")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ValueError(
+            f"federation.ray_address={address}: no Ray cluster answers at {host}:{port} "
+            f"({err.strerror or err}); is `ray start --head --port={port}` running there?"
+        ) from err
 
 
 def _row(result: Mapping[str, Any], slots: slice | None = None) -> dict[str, Any]:

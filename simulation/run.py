@@ -27,7 +27,7 @@ from mrprism_core.models.config import get_preset
 from mrprism_core.tracking import check_tracking
 from mrprism_core.train import seed_everything
 
-from .methods import Experiment, check_methods, mean_row, run_method
+from .methods import Experiment, check_methods, check_ray_address, mean_row, run_method
 from .partition import VirtualSite, partition
 from .report import targets, write_report
 
@@ -208,6 +208,7 @@ def main() -> None:
                 list(container["methods"]), federation["preset"], federation["model_options"]
             )
             check_tracking(str(container.get("tracking", "none")))
+            check_ray_address(federation["ray_address"])
             resolve_sites(container)
         except (ValueError, FileNotFoundError) as err:  # SiteDataError is a ValueError
             print(f"error: {err}", file=sys.stderr)

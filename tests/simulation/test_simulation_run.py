@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ from omegaconf import OmegaConf
 
 from simulation.run import run_experiment
 
-from ..federation.deploy import PROJECT_ROOT
+from ..federation.deploy import PROJECT_ROOT, free_port
 
 
 def test_smoke_run_writes_the_contracted_report(tmp_path):
@@ -191,6 +192,23 @@ def test_a_bad_method_or_site_is_one_message_not_a_traceback(override, message, 
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {message}"), result.stderr
     assert "Traceback" not in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:{port}", "auto"])
+def test_a_ray_cluster_that_does_not_answer_is_one_message_at_once(address, tmp_path):
+    # before the check, ray.init waited for such a cluster forever and ignored SIGTERM
+    port = free_port()  # nothing listens there
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}"}  # what "auto" resolves to
+    result = subprocess.run(
+        [sys.executable, "-m", "simulation.run", f"out_dir={tmp_path}",
+         f"federation.ray_address={address.format(port=port)}"],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"no Ray cluster answers at 127.0.0.1:{port}" in result.stderr
+    assert result.stderr.startswith("error: federation.ray_address=") and "Traceback" not in (
+        result.stderr
+    )
 
 
 @pytest.mark.parametrize(
