@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,23 @@ def route_logs(progress: bool) -> None:
         update_console_handler(level=logging.WARNING)
 
 
+def exit_past_stuck_threads(err: BaseException) -> None:
+    """End the process now if a thread that is not a daemon is still running: Flower's ServerApp
+    thread outlives a simulation runtime that crashed (e.g. Ray could not start) and would keep
+    the process alive forever after the error. Prints the root cause in one line."""
+    main_thread = threading.main_thread()
+    if not any(t is not main_thread and not t.daemon for t in threading.enumerate()):
+        return  # nothing stuck: the error takes its normal way out
+    root = err
+    while root.__cause__ is not None:
+        root = root.__cause__
+    print(f"error: the simulation stopped: {type(root).__name__}: {root}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()  # run.log complete
+    os._exit(130 if isinstance(err, KeyboardInterrupt) else 1)
+
+
 def main() -> None:
     """Hydra entry point of ``python -m simulation.run``."""
     import hydra
@@ -214,7 +232,11 @@ def main() -> None:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
         route_logs(bool(container.get("progress", True)))
-        results = run_experiment(container)
+        try:
+            results = run_experiment(container)
+        except (Exception, KeyboardInterrupt) as err:
+            exit_past_stuck_threads(err)
+            raise
         for name, method in results["methods"].items():
             print(f"{name:17} mean soft Dice {method['mean']['soft_dice']:.4f}")
         for target in results["targets"]:

@@ -211,6 +211,25 @@ def test_a_ray_cluster_that_does_not_answer_is_one_message_at_once(address, tmp_
     )
 
 
+def test_a_simulation_runtime_that_cannot_start_ends_the_run_with_its_cause(tmp_path):
+    # Ray cannot start when its temporary folder cannot be made; Flower's ServerApp thread
+    # then outlived the crashed runtime and kept the process alive forever after the error
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    env = {**os.environ, "RAY_TMPDIR": str(blocker / "ray")}
+    result = subprocess.run(
+        [sys.executable, "-m", "simulation.run", "preset=smoke", "methods=[federated]",
+         f"out_dir={tmp_path / 'run'}"],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (
+        "error: the simulation stopped: NotADirectoryError: "
+        f"[Errno 20] Not a directory: '{blocker / 'ray'}'"
+    )
+
+
 @pytest.mark.parametrize(
     "preset", sorted(p.stem for p in (PROJECT_ROOT / "site_configs" / "preset").glob("*.yaml"))
 )
