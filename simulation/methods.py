@@ -184,8 +184,8 @@ def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
     ``ray.init`` would wait for it forever and not even stop on SIGTERM.
 
     ``auto`` resolves as Ray does: ``RAY_ADDRESS``, else the cluster this machine last
-    started (``$RAY_TMPDIR``/tmp ``/ray/ray_current_cluster``). ``None`` and ``local`` (start a
-    Ray here) are not checked."""
+    started (``ray/ray_current_cluster`` under ``$RAY_TMPDIR``, default ``/tmp``). ``None``
+    and ``local`` (start a Ray here) are not checked."""
     if not address or address == "local":
         return
     target = address
