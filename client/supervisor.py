@@ -38,6 +38,13 @@ _QUICK_EXIT_S = 30.0
 #: Seconds to wait for the last lines of an exited SuperNode's output.
 _DRAIN_S = 10.0
 
+#: A worker ended by SIGTERM/SIGINT is not restarted if the same signal reaches this process
+#: within this many seconds: the whole site is stopping (Ctrl-C, systemd, ``timeout``).
+_SIGNAL_GRACE_S = 2.0
+
+#: Set when SIGTERM or SIGINT reaches this process while the SuperNode runs.
+_STOP_SIGNALLED = threading.Event()
+
 
 def _run_once(command: Sequence[str], out: TextIO) -> tuple[int, bool]:
     """Run the SuperNode to its end, passing its output through; (exit code, was it refused
@@ -62,6 +69,7 @@ def _run_once(command: Sequence[str], out: TextIO) -> tuple[int, bool]:
     reader.start()
 
     def forward(signum: int, _frame: object) -> None:
+        _STOP_SIGNALLED.set()
         child.send_signal(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -181,6 +189,10 @@ class SiteWorker:
             spawned = time.monotonic()
             code = self.process.wait()
             if self._stopping.is_set():
+                return
+            # a stop signal sent to the whole site also ends the worker: not a crash
+            signalled = code in (-signal.SIGTERM, -signal.SIGINT)
+            if signalled and _STOP_SIGNALLED.wait(_SIGNAL_GRACE_S):
                 return
             # a worker that keeps dying at once (bad data, no memory) is retried ever less often
             quick = self.restarts > 0 and time.monotonic() - spawned < _QUICK_EXIT_S

@@ -298,3 +298,26 @@ def test_a_worker_that_keeps_dying_at_once_is_retried_ever_less_often(make_site,
         float(m) for m in re.findall(r"starting it again in ([0-9.]+) s", capsys.readouterr().err)
     ]
     assert waits[:4] == [0.1, 0.2, 0.4, 0.8]
+
+
+def test_a_stop_signal_to_the_whole_site_is_not_reported_as_a_worker_crash(tmp_path):
+    deployment = Deployment(tmp_path)  # no SuperLink: the SuperNode keeps trying to connect
+    site = deployment.start_site(
+        "synthetic_a", "data.splits.train=4", "data.splits.val=2", "data.splits.test=2"
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while "Starting Flower SuperNode" not in deployment.log("synthetic_a"):
+            assert site.poll() is None, deployment.log("synthetic_a")[-3000:]
+            assert time.monotonic() < deadline, "the SuperNode never started"
+            time.sleep(0.2)
+        time.sleep(1)  # its signal handlers are in place
+        # what Ctrl-C, systemd and `timeout` do: the signal reaches every process of the site,
+        # in no set order; the worker first makes the order that used to report a crash
+        os.kill(_worker_pid(deployment.log("synthetic_a"), "synthetic_a"), signal.SIGTERM)
+        time.sleep(0.3)
+        os.killpg(site.pid, signal.SIGTERM)
+        site.wait(timeout=120)
+    finally:
+        deployment.stop()
+    assert "starting it again" not in deployment.log("synthetic_a")
