@@ -89,6 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     from flwr.supernode.cli import flower_supernode
 
+    from .parent_watch import exit_with_parent
+
+    exit_with_parent()  # python -m client was killed outright: no orphaned SuperNode
     sys.argv = ["flower-supernode", *supernode_args]  # Flower's CLI parses sys.argv
     flower_supernode()
     return 0

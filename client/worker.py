@@ -25,6 +25,7 @@ from multiprocessing import AuthenticationError
 from multiprocessing.connection import Listener
 from pathlib import Path
 
+from .parent_watch import exit_with_parent
 from .rounds import run_message
 from .site import SiteDataError, SiteRuntime
 from .worker_protocol import RoundOutcome, read_key, receive_request, send_outcome
@@ -103,6 +104,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="site worker: %(message)s")
+    socket_path = Path(args.socket)
+
+    def leave() -> None:  # the main thread waits in accept() or trains: leave from here
+        socket_path.unlink(missing_ok=True)
+        os._exit(0)
+
+    exit_with_parent(leave)  # python -m client was killed outright: no orphaned worker
     try:
         serve(args.state_dir, args.socket, args.max_messages)
     except (SiteDataError, FileNotFoundError) as err:
@@ -111,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        Path(args.socket).unlink(missing_ok=True)
+        socket_path.unlink(missing_ok=True)
     return 0
 
 

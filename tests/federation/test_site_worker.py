@@ -4,6 +4,7 @@ an error and the worker comes back; a connection without the site's key is refus
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -27,7 +28,7 @@ from mrprism_core.federated import PACKED_KEY
 from server.config import RunConfig
 
 from .conftest import node_context, train_message
-from .deploy import Deployment, history, wait_for_round
+from .deploy import Deployment, descendants, history, wait_for_round
 
 # A fresh interpreter, like Flower's per-message ClientApp process: it rebuilds the server's
 # message, calls our ClientApp with the worker's socket in its node config, and reports what it
@@ -321,3 +322,44 @@ def test_a_stop_signal_to_the_whole_site_is_not_reported_as_a_worker_crash(tmp_p
     finally:
         deployment.stop()
     assert "starting it again" not in deployment.log("synthetic_a")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # an orphan's zombie waits for whoever adopted it
+
+
+def test_a_site_killed_outright_leaves_no_worker_or_supernode_behind(tmp_path):
+    deployment = Deployment(tmp_path)  # no SuperLink: the SuperNode keeps trying to connect
+    site = deployment.start_site(
+        "synthetic_a", "data.splits.train=4", "data.splits.val=2", "data.splits.test=2"
+    )
+    helpers: list[int] = []
+    try:
+        deadline = time.monotonic() + 300
+        while "Starting Flower SuperNode" not in deployment.log("synthetic_a"):
+            assert site.poll() is None, deployment.log("synthetic_a")[-3000:]
+            assert time.monotonic() < deadline, "the SuperNode never started"
+            time.sleep(0.2)
+        commands = {
+            pid: Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+            for pid in descendants(site.pid)
+        }
+        [supervisor] = [p for p, c in commands.items() if " -m client --site " in c]
+        helpers = [
+            p for p, c in commands.items() if "client.worker" in c or "supernode_launch" in c
+        ]
+        assert len(helpers) == 2, commands
+        os.kill(supervisor, signal.SIGKILL)  # no chance to stop its children itself
+        deadline = time.monotonic() + 60
+        while any(_alive(pid) for pid in helpers):
+            assert time.monotonic() < deadline, {p: commands[p] for p in helpers if _alive(p)}
+            time.sleep(0.2)
+    finally:
+        for pid in helpers + descendants(site.pid):  # orphans are nobody's descendants
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deployment.stop()
