@@ -199,7 +199,11 @@ def exit_past_stuck_threads(err: BaseException) -> None:
     root = err
     while root.__cause__ is not None:
         root = root.__cause__
-    print(f"error: the simulation stopped: {type(root).__name__}: {root}", file=sys.stderr)
+    cause = (
+        "interrupted" if isinstance(root, KeyboardInterrupt) else f"{type(root).__name__}: {root}"
+    )
+    # on a line of its own, not after the progress bar's
+    print(f"\nerror: the simulation stopped: {cause}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()  # run.log complete

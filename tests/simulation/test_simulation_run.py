@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from omegaconf import OmegaConf
@@ -228,6 +231,33 @@ def test_a_simulation_runtime_that_cannot_start_ends_the_run_with_its_cause(tmp_
         "error: the simulation stopped: NotADirectoryError: "
         f"[Errno 20] Not a directory: '{blocker / 'ray'}'"
     )
+
+
+def test_ctrl_c_mid_federation_ends_the_run_at_once(tmp_path):
+    # Flower's ServerApp thread (not a daemon) used to keep the interrupted process alive
+    out = tmp_path / "run"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "simulation.run", "preset=smoke", "methods=[federated]",
+         "federation.rounds=100", f"out_dir={out}"],
+        cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its own group, as a terminal's foreground job
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while "round 2 done" not in _read(out / "run.log"):
+            assert run.poll() is None and time.monotonic() < deadline, _read(out / "run.log")
+            time.sleep(0.5)
+        os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        _, err = run.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "error: the simulation stopped: interrupted"
+
+
+def _read(path) -> str:
+    return path.read_text() if path.exists() else ""
 
 
 @pytest.mark.parametrize(
