@@ -113,4 +113,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from simulation.run import ends_on_error
+
+    with ends_on_error():  # Ctrl-C or a crashed simulation runtime: no hang on Flower's thread
+        main()

@@ -7,12 +7,14 @@ report to ``out_dir``. ``--help`` lists every option; ``preset=smoke`` is a 1-2 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +191,17 @@ def route_logs(progress: bool) -> None:
         update_console_handler(level=logging.WARNING)
 
 
+@contextlib.contextmanager
+def ends_on_error() -> Iterator[None]:
+    """An error or Ctrl-C inside ends the process even when a thread that is not a daemon is
+    stuck (:func:`exit_past_stuck_threads`); for the entry points that run simulations."""
+    try:
+        yield
+    except (Exception, KeyboardInterrupt) as err:
+        exit_past_stuck_threads(err)
+        raise
+
+
 def exit_past_stuck_threads(err: BaseException) -> None:
     """End the process now if a thread that is not a daemon is still running: Flower's ServerApp
     thread outlives a simulation runtime that crashed (e.g. Ray could not start) and would keep
@@ -236,11 +249,8 @@ def main() -> None:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
         route_logs(bool(container.get("progress", True)))
-        try:
+        with ends_on_error():
             results = run_experiment(container)
-        except (Exception, KeyboardInterrupt) as err:
-            exit_past_stuck_threads(err)
-            raise
         for name, method in results["methods"].items():
             print(f"{name:17} mean soft Dice {method['mean']['soft_dice']:.4f}")
         for target in results["targets"]:
