@@ -301,17 +301,24 @@ def test_a_worker_that_keeps_dying_at_once_is_retried_ever_less_often(make_site,
     assert waits[:4] == [0.1, 0.2, 0.4, 0.8]
 
 
-def test_a_stop_signal_to_the_whole_site_is_not_reported_as_a_worker_crash(tmp_path):
-    deployment = Deployment(tmp_path)  # no SuperLink: the SuperNode keeps trying to connect
+def _site_without_superlink(deployment: Deployment) -> subprocess.Popen:
+    """``python -m client --site synthetic_a`` with nothing at its SuperLink address (its
+    SuperNode keeps trying to connect), returned once the SuperNode has started."""
     site = deployment.start_site(
         "synthetic_a", "data.splits.train=4", "data.splits.val=2", "data.splits.test=2"
     )
+    deadline = time.monotonic() + 300
+    while "Starting Flower SuperNode" not in deployment.log("synthetic_a"):
+        assert site.poll() is None, deployment.log("synthetic_a")[-3000:]
+        assert time.monotonic() < deadline, "the SuperNode never started"
+        time.sleep(0.2)
+    return site
+
+
+def test_a_stop_signal_to_the_whole_site_is_not_reported_as_a_worker_crash(tmp_path):
+    deployment = Deployment(tmp_path)
     try:
-        deadline = time.monotonic() + 300
-        while "Starting Flower SuperNode" not in deployment.log("synthetic_a"):
-            assert site.poll() is None, deployment.log("synthetic_a")[-3000:]
-            assert time.monotonic() < deadline, "the SuperNode never started"
-            time.sleep(0.2)
+        site = _site_without_superlink(deployment)
         time.sleep(1)  # its signal handlers are in place
         # what Ctrl-C, systemd and `timeout` do: the signal reaches every process of the site,
         # in no set order; the worker first makes the order that used to report a crash
@@ -333,17 +340,10 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_site_killed_outright_leaves_no_worker_or_supernode_behind(tmp_path):
-    deployment = Deployment(tmp_path)  # no SuperLink: the SuperNode keeps trying to connect
-    site = deployment.start_site(
-        "synthetic_a", "data.splits.train=4", "data.splits.val=2", "data.splits.test=2"
-    )
+    deployment = Deployment(tmp_path)
     helpers: list[int] = []
     try:
-        deadline = time.monotonic() + 300
-        while "Starting Flower SuperNode" not in deployment.log("synthetic_a"):
-            assert site.poll() is None, deployment.log("synthetic_a")[-3000:]
-            assert time.monotonic() < deadline, "the SuperNode never started"
-            time.sleep(0.2)
+        site = _site_without_superlink(deployment)
         commands = {
             pid: Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
             for pid in descendants(site.pid)
@@ -359,7 +359,7 @@ def test_a_site_killed_outright_leaves_no_worker_or_supernode_behind(tmp_path):
             assert time.monotonic() < deadline, {p: commands[p] for p in helpers if _alive(p)}
             time.sleep(0.2)
     finally:
-        for pid in helpers + descendants(site.pid):  # orphans are nobody's descendants
+        for pid in helpers:  # orphans: deployment.stop no longer reaches them
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         deployment.stop()
