@@ -38,7 +38,7 @@ _QUICK_EXIT_S = 30.0
 #: Seconds to wait for the last lines of an exited SuperNode's output.
 _DRAIN_S = 10.0
 
-#: A worker ended by SIGTERM/SIGINT is not restarted if the same signal reaches this process
+#: A worker ended by SIGTERM/SIGINT is not restarted if a stop signal reaches this process
 #: within this many seconds: the whole site is stopping (Ctrl-C, systemd, ``timeout``).
 _SIGNAL_GRACE_S = 2.0
 
@@ -190,8 +190,9 @@ class SiteWorker:
             code = self.process.wait()
             if self._stopping.is_set():
                 return
-            # a stop signal sent to the whole site also ends the worker: not a crash
-            signalled = code in (-signal.SIGTERM, -signal.SIGINT)
+            # a stop signal sent to the whole site also ends the worker: not a crash (0: the
+            # worker's own way out of Ctrl-C)
+            signalled = code in (0, -signal.SIGTERM, -signal.SIGINT)
             if signalled and _STOP_SIGNALLED.wait(_SIGNAL_GRACE_S):
                 return
             # a worker that keeps dying at once (bad data, no memory) is retried ever less often

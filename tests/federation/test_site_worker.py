@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client import worker_protocol
+from client import supervisor, worker_protocol
 from client.app import create_client_app
 from client.supervisor import SiteWorker
 from client.worker_protocol import KEY_FILE, WorkerUnavailable, ask_worker
@@ -315,20 +315,23 @@ def _site_without_superlink(deployment: Deployment) -> subprocess.Popen:
     return site
 
 
-def test_a_stop_signal_to_the_whole_site_is_not_reported_as_a_worker_crash(tmp_path):
-    deployment = Deployment(tmp_path)
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_to_the_whole_site_is_not_reported_as_a_worker_crash(
+    stop, make_site, tmp_path, capsys
+):
+    state_dir = make_site("synthetic_a")
     try:
-        site = _site_without_superlink(deployment)
-        time.sleep(1)  # its signal handlers are in place
-        # what Ctrl-C, systemd and `timeout` do: the signal reaches every process of the site,
-        # in no set order; the worker first makes the order that used to report a crash
-        os.kill(_worker_pid(deployment.log("synthetic_a"), "synthetic_a"), signal.SIGTERM)
-        time.sleep(0.3)
-        os.killpg(site.pid, signal.SIGTERM)
-        site.wait(timeout=120)
+        with SiteWorker(Path(state_dir), _socket(tmp_path), out=io.StringIO()) as worker:
+            # Ctrl-C, systemd and `timeout` signal every process of the site, in no set order:
+            # the worker first, then python -m client (whose handler sets the event)
+            worker.process.send_signal(stop)
+            time.sleep(0.3)
+            supervisor._STOP_SIGNALLED.set()
+            time.sleep(supervisor._SIGNAL_GRACE_S + 1)
+            assert worker.restarts == 0
     finally:
-        deployment.stop()
-    assert "starting it again" not in deployment.log("synthetic_a")
+        supervisor._STOP_SIGNALLED.clear()
+    assert "starting it again" not in capsys.readouterr().err
 
 
 def _alive(pid: int) -> bool:
