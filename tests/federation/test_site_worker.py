@@ -351,12 +351,12 @@ def test_a_site_killed_outright_leaves_no_worker_or_supernode_behind(tmp_path):
             pid: Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
             for pid in descendants(site.pid)
         }
-        [supervisor] = [p for p, c in commands.items() if " -m client --site " in c]
+        [client_pid] = [p for p, c in commands.items() if " -m client --site " in c]
         helpers = [
             p for p, c in commands.items() if "client.worker" in c or "supernode_launch" in c
         ]
         assert len(helpers) == 2, commands
-        os.kill(supervisor, signal.SIGKILL)  # no chance to stop its children itself
+        os.kill(client_pid, signal.SIGKILL)  # no chance to stop its children itself
         deadline = time.monotonic() + 60
         while any(_alive(pid) for pid in helpers):
             assert time.monotonic() < deadline, {p: commands[p] for p in helpers if _alive(p)}
