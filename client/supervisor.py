@@ -38,8 +38,9 @@ _QUICK_EXIT_S = 30.0
 #: Seconds to wait for the last lines of an exited SuperNode's output.
 _DRAIN_S = 10.0
 
-#: A worker ended by SIGTERM/SIGINT is not restarted if a stop signal reaches this process
-#: within this many seconds: the whole site is stopping (Ctrl-C, systemd, ``timeout``).
+#: A worker ended by SIGTERM/SIGINT (or leaving with 0, its own Ctrl-C exit) is not restarted
+#: if a stop signal reaches this process within this many seconds: the whole site is stopping
+#: (Ctrl-C, systemd, ``timeout``).
 _SIGNAL_GRACE_S = 2.0
 
 #: Set when SIGTERM or SIGINT reaches this process while the SuperNode runs.

@@ -206,14 +206,18 @@ class Deployment:
                 process.wait(timeout=10)
 
 
+def proc_stat(pid: int | str) -> list[str]:
+    """The fields of ``/proc/PID/stat`` after the command name (state, parent id, ...); the
+    name may hold spaces, so they are read from its closing ')'."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def descendants(pid: int) -> list[int]:
     """Every live process below ``pid`` (Linux ``/proc``), whatever session it is in."""
     children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for entry in Path("/proc").glob("[0-9]*"):
         with contextlib.suppress(OSError, ValueError, IndexError):
-            # the command name (2nd field) may hold spaces: the parent id follows its ')'
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+            children.setdefault(int(proc_stat(entry.name)[1]), []).append(int(entry.name))
     found: list[int] = []
     stack = [pid]
     while stack:

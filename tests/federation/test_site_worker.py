@@ -28,7 +28,7 @@ from mrprism_core.federated import PACKED_KEY
 from server.config import RunConfig
 
 from .conftest import node_context, train_message
-from .deploy import Deployment, descendants, history, wait_for_round
+from .deploy import Deployment, descendants, history, proc_stat, wait_for_round
 
 # A fresh interpreter, like Flower's per-message ClientApp process: it rebuilds the server's
 # message, calls our ClientApp with the worker's socket in its node config, and reports what it
@@ -197,7 +197,7 @@ def _worker_pid(log: str, site: str) -> int:
 
 
 def _cpu_ticks(pid: int) -> int:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = proc_stat(pid)
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
@@ -301,20 +301,6 @@ def test_a_worker_that_keeps_dying_at_once_is_retried_ever_less_often(make_site,
     assert waits[:4] == [0.1, 0.2, 0.4, 0.8]
 
 
-def _site_without_superlink(deployment: Deployment) -> subprocess.Popen:
-    """``python -m client --site synthetic_a`` with nothing at its SuperLink address (its
-    SuperNode keeps trying to connect), returned once the SuperNode has started."""
-    site = deployment.start_site(
-        "synthetic_a", "data.splits.train=4", "data.splits.val=2", "data.splits.test=2"
-    )
-    deadline = time.monotonic() + 300
-    while "Starting Flower SuperNode" not in deployment.log("synthetic_a"):
-        assert site.poll() is None, deployment.log("synthetic_a")[-3000:]
-        assert time.monotonic() < deadline, "the SuperNode never started"
-        time.sleep(0.2)
-    return site
-
-
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_stop_signal_to_the_whole_site_is_not_reported_as_a_worker_crash(
     stop, make_site, tmp_path, capsys
@@ -336,17 +322,24 @@ def test_a_stop_signal_to_the_whole_site_is_not_reported_as_a_worker_crash(
 
 def _alive(pid: int) -> bool:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        state = proc_stat(pid)[0]
     except OSError:
         return False
     return state != "Z"  # an orphan's zombie waits for whoever adopted it
 
 
 def test_a_site_killed_outright_leaves_no_worker_or_supernode_behind(tmp_path):
-    deployment = Deployment(tmp_path)
+    deployment = Deployment(tmp_path)  # no SuperLink: the SuperNode keeps trying to connect
     helpers: list[int] = []
     try:
-        site = _site_without_superlink(deployment)
+        site = deployment.start_site(
+            "synthetic_a", "data.splits.train=4", "data.splits.val=2", "data.splits.test=2"
+        )
+        deadline = time.monotonic() + 300
+        while "Starting Flower SuperNode" not in deployment.log("synthetic_a"):
+            assert site.poll() is None, deployment.log("synthetic_a")[-3000:]
+            assert time.monotonic() < deadline, "the SuperNode never started"
+            time.sleep(0.2)
         commands = {
             pid: Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
             for pid in descendants(site.pid)

@@ -236,22 +236,25 @@ def test_a_simulation_runtime_that_cannot_start_ends_the_run_with_its_cause(tmp_
 def test_ctrl_c_mid_federation_ends_the_run_at_once(tmp_path):
     # Flower's ServerApp thread (not a daemon) used to keep the interrupted process alive
     out = tmp_path / "run"
-    run = subprocess.Popen(
-        [sys.executable, "-m", "simulation.run", "preset=smoke", "methods=[federated]",
-         "federation.rounds=100", f"out_dir={out}"],
-        cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,  # its own group, as a terminal's foreground job
-    )  # fmt: skip
+    console = tmp_path / "console.txt"  # a file: an unread pipe could fill with the bar
+    with console.open("w") as stderr:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "simulation.run", "preset=smoke", "methods=[federated]",
+             "federation.rounds=100", f"out_dir={out}"],
+            cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=stderr,
+            start_new_session=True,  # its own group, as a terminal's foreground job
+        )  # fmt: skip
     try:
         deadline = time.monotonic() + 300
         while "round 2 done" not in _read(out / "run.log"):
             assert run.poll() is None and time.monotonic() < deadline, _read(out / "run.log")
             time.sleep(0.5)
         os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-        _, err = run.communicate(timeout=120)
+        run.wait(timeout=120)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(run.pid, signal.SIGKILL)
+    err = console.read_text()
     assert run.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1] == "error: the simulation stopped: interrupted"
 
