@@ -244,20 +244,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("starting:    " + " ".join(shlex.quote(part) for part in command), flush=True)
     if args.dry_run:
         return 0
-    from .supervisor import SiteWorker, run_supernode
+    from .supervisor import DEFAULT_STOP_WAIT_S, SiteWorker, run_supernode
 
     # Flower's SuperExec looks for a message to start a ClientApp for once a second by default;
     # a tenth of a second costs a local gRPC call and saves half a second per message on average
     os.environ.setdefault(SUPEREXEC_POLL_ENV, "0.1")
 
-    # a refused activation (node auth) is retried; SIGTERM/SIGINT reach the SuperNode
+    # a refused activation (node auth) is retried; SIGTERM/SIGINT reach the SuperNode, which
+    # is killed if it has not stopped after supernode.stop_wait_s
     wait_s, retries = float(node.get("activation_wait_s", 180.0)), node.get("max_retries")
+    stop_wait_s = float(node.get("stop_wait_s", DEFAULT_STOP_WAIT_S))
     if worker_socket is None:
-        return run_supernode(command, wait_s, retries)
+        return run_supernode(command, wait_s, retries, stop_wait_s=stop_wait_s)
     print(f"worker:      {worker_socket} (starting; torch, config and data stay loaded)")
     try:
         with SiteWorker(state_dir, worker_socket):
-            return run_supernode(command, wait_s, retries)
+            return run_supernode(command, wait_s, retries, stop_wait_s=stop_wait_s)
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -33,6 +33,7 @@ class SupernodeSchema:
     auth_private_key: str | None = None  # this site's key for SuperNode authentication
     max_retries: int | None = None  # stop reconnecting after this many tries (None: never)
     activation_wait_s: float = 180.0  # retry a refused activation (node auth) this long
+    stop_wait_s: float = 15.0  # after SIGTERM/Ctrl-C, kill a SuperNode still running this long
     worker: bool = True  # keep torch, config and data loaded in a site worker between messages
     idle_poll_s: float | None = DEFAULT_IDLE_POLL_S  # after an empty poll (None: Flower's 3 s)
 

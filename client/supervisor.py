@@ -19,11 +19,11 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from .worker_protocol import WORKER_START_WAIT_S
 
-__all__ = ["ACTIVATION_REFUSED", "SiteWorker", "run_supernode"]
+__all__ = ["ACTIVATION_REFUSED", "DEFAULT_STOP_WAIT_S", "SiteWorker", "run_supernode"]
 
 #: What Flower's SuperNode prints when the SuperLink refuses to activate it (code 2004).
 ACTIVATION_REFUSED = "Failed to activate SuperNode"
@@ -46,10 +46,21 @@ _SIGNAL_GRACE_S = 2.0
 #: Set when SIGTERM or SIGINT reaches this process while the SuperNode runs.
 _STOP_SIGNALLED = threading.Event()
 
+#: Seconds a SuperNode gets to stop after the stop signal is passed on before it is killed
+#: (``supernode.stop_wait_s``): Flower's SuperNode can hang in its own exit handler.
+DEFAULT_STOP_WAIT_S = 15.0
+#: A second stop signal this many seconds after the first or later kills the SuperNode at once.
+_SAME_STOP_S = 1.0
 
-def _run_once(command: Sequence[str], out: TextIO) -> tuple[int, bool]:
+
+def _run_once(
+    command: Sequence[str], out: TextIO, stop_wait_s: float = DEFAULT_STOP_WAIT_S
+) -> tuple[int, bool]:
     """Run the SuperNode to its end, passing its output through; (exit code, was it refused
-    activation). SIGTERM and SIGINT received meanwhile are passed on to it.
+    activation). SIGTERM and SIGINT received meanwhile are passed on to it; one that has not
+    stopped ``stop_wait_s`` seconds later, or when a second stop signal comes, is killed. A
+    SuperNode ended by a signal gives 128 + its number, as a shell reports it (the first stop
+    signal's when we killed it).
 
     The SuperNode is reaped as soon as it exits, not when its output ends: its SuperExec child
     holds the same pipe and leaves only once it sees its parent gone, which an unreaped
@@ -57,7 +68,7 @@ def _run_once(command: Sequence[str], out: TextIO) -> tuple[int, bool]:
     child = subprocess.Popen(
         list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     )
-    seen = {"refused": False}
+    seen: dict[str, Any] = {"refused": False, "stop_signal": None, "stop_at": 0.0}
 
     def relay() -> None:
         assert child.stdout is not None
@@ -71,16 +82,49 @@ def _run_once(command: Sequence[str], out: TextIO) -> tuple[int, bool]:
 
     def forward(signum: int, _frame: object) -> None:
         _STOP_SIGNALLED.set()
-        child.send_signal(signum)
+        now = time.monotonic()
+        if seen["stop_signal"] is None:
+            seen["stop_signal"], seen["stop_at"] = signum, now
+            child.send_signal(signum)
+            print(
+                f"stopping the site: waiting up to {stop_wait_s:g} s for its SuperNode "
+                "(Ctrl-C again to stop it at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+        elif now - seen["stop_at"] > _SAME_STOP_S:  # asked again: wanted gone now
+            _kill_supernode(child, "a second stop signal came")
+        # sooner, it is the same stop arriving twice: `timeout` passes on the signal its
+        # process group got, so Ctrl-C on `timeout ... python -m client` reaches us twice
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        code = child.wait()
+        while True:
+            try:
+                code = child.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                stopping = seen["stop_signal"] is not None
+                if stopping and time.monotonic() - seen["stop_at"] > stop_wait_s:
+                    _kill_supernode(child, f"it had not stopped {stop_wait_s:g} s after the signal")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     reader.join(timeout=_DRAIN_S)  # what it printed last (its SuperExec then leaves too)
-    return code, seen["refused"]
+    if code == -signal.SIGKILL and seen["stop_signal"] is not None:
+        code = -seen["stop_signal"]  # killed by us for that stop
+    return (128 - code if code < 0 else code), seen["refused"]
+
+
+def _kill_supernode(child: subprocess.Popen[str], why: str) -> None:
+    if child.poll() is None:
+        print(
+            f"stopping the site: killed its SuperNode ({why}); the site's state is on disk, "
+            "written after each message",
+            file=sys.stderr,
+            flush=True,
+        )
+        child.kill()
 
 
 def run_supernode(
@@ -89,17 +133,19 @@ def run_supernode(
     max_retries: int | None = None,
     out: TextIO | None = None,
     first_delay: float = _FIRST_DELAY,
+    stop_wait_s: float = DEFAULT_STOP_WAIT_S,
 ) -> int:
     """Run ``command`` (``flower-supernode ...``); while the SuperLink refuses to activate it,
     wait and start it again, for at most ``activation_wait_s`` seconds (and ``max_retries``
-    retries when given), the waits doubling from ``first_delay`` up to 30 s. Returns the
+    retries when given), the waits doubling from ``first_delay`` up to 30 s. A SuperNode that
+    has not stopped ``stop_wait_s`` seconds after SIGTERM/SIGINT is killed. Returns the
     SuperNode's last exit code."""
     out = out or sys.stdout
     deadline = time.monotonic() + activation_wait_s
     delay, attempt = first_delay, 0
     while True:
-        code, refused = _run_once(command, out)
-        if code == 0 or not refused:
+        code, refused = _run_once(command, out, stop_wait_s)
+        if code == 0 or not refused or _STOP_SIGNALLED.is_set():  # stopping: no retry
             return code
         attempt += 1
         left = deadline - time.monotonic()

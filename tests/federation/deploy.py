@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from client.flower_env import FLOWER_OFFLINE_ENV
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
@@ -81,12 +83,19 @@ class Deployment:
         )
         return env
 
-    def _spawn(self, name: str, command: list[str], home: str, limit: float) -> subprocess.Popen:
+    def _spawn(
+        self,
+        name: str,
+        command: list[str],
+        home: str,
+        limit: float,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen:
         log = open(self.root / f"{name}.log", "a")  # noqa: SIM115 - closed with the process
         process = subprocess.Popen(
             ["timeout", str(int(limit)), *command],
             cwd=self.root,
-            env=self.env(home),
+            env=env or self.env(home),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: we can kill its children too
@@ -133,7 +142,12 @@ class Deployment:
             "threads=1",  # several sites share this machine's cores
             *overrides,
         ]
-        return self._spawn(name, command, name, limit)
+        # a hospital runs the one command with no Flower variables set: the site turns
+        # Flower's telemetry and update check off itself (client/flower_env.py)
+        env = self.env(name)
+        for variable in FLOWER_OFFLINE_ENV:
+            env.pop(variable, None)
+        return self._spawn(name, command, name, limit, env)
 
     def site_dir(self, site: str) -> Path:
         return self.root / "sites" / site

@@ -22,6 +22,7 @@ import pytest
 
 from client import supervisor, worker_protocol
 from client.app import create_client_app
+from client.flower_env import FLOWER_OFFLINE_ENV
 from client.supervisor import SiteWorker
 from client.worker_protocol import KEY_FILE, WorkerUnavailable, ask_worker
 from mrprism_core.federated import PACKED_KEY
@@ -328,34 +329,77 @@ def _alive(pid: int) -> bool:
     return state != "Z"  # an orphan's zombie waits for whoever adopted it
 
 
+def _start_site_without_superlink(deployment: Deployment) -> tuple[subprocess.Popen, dict]:
+    """``python -m client`` for synthetic_a with no SuperLink to reach (its SuperNode keeps
+    trying), once its SuperNode has started; (the process, {pid: command line} of every
+    process under it)."""
+    site = deployment.start_site(
+        "synthetic_a", "data.splits.train=4", "data.splits.val=2", "data.splits.test=2"
+    )
+    deadline = time.monotonic() + 300
+    while "Starting Flower SuperNode" not in deployment.log("synthetic_a"):
+        assert site.poll() is None, deployment.log("synthetic_a")[-3000:]
+        assert time.monotonic() < deadline, "the SuperNode never started"
+        time.sleep(0.2)
+    return site, {
+        pid: Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+        for pid in descendants(site.pid)
+    }
+
+
+def _wait_gone(pids: list[int], commands: dict, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while any(_alive(pid) for pid in pids):
+        assert time.monotonic() < deadline, {p: commands[p] for p in pids if _alive(p)}
+        time.sleep(0.2)
+
+
 def test_a_site_killed_outright_leaves_no_worker_or_supernode_behind(tmp_path):
-    deployment = Deployment(tmp_path)  # no SuperLink: the SuperNode keeps trying to connect
+    """Also checks, on the same real site, that Flower's telemetry and update check are off
+    in the processes ``python -m client`` starts."""
+    deployment = Deployment(tmp_path)
     helpers: list[int] = []
     try:
-        site = deployment.start_site(
-            "synthetic_a", "data.splits.train=4", "data.splits.val=2", "data.splits.test=2"
-        )
-        deadline = time.monotonic() + 300
-        while "Starting Flower SuperNode" not in deployment.log("synthetic_a"):
-            assert site.poll() is None, deployment.log("synthetic_a")[-3000:]
-            assert time.monotonic() < deadline, "the SuperNode never started"
-            time.sleep(0.2)
-        commands = {
-            pid: Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
-            for pid in descendants(site.pid)
-        }
+        site, commands = _start_site_without_superlink(deployment)
         [client_pid] = [p for p, c in commands.items() if " -m client --site " in c]
         helpers = [
             p for p, c in commands.items() if "client.worker" in c or "supernode_launch" in c
         ]
         assert len(helpers) == 2, commands
+        # started with no Flower variables set, the SuperNode and worker run with Flower's
+        # telemetry and update check off: a hospital's site calls nowhere but its SuperLink
+        for pid in helpers:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            for variable, value in FLOWER_OFFLINE_ENV.items():
+                assert f"{variable}={value}".encode() in environ, commands[pid]
         os.kill(client_pid, signal.SIGKILL)  # no chance to stop its children itself
-        deadline = time.monotonic() + 60
-        while any(_alive(pid) for pid in helpers):
-            assert time.monotonic() < deadline, {p: commands[p] for p in helpers if _alive(p)}
-            time.sleep(0.2)
+        _wait_gone(helpers, commands, 60)
     finally:
         for pid in helpers:  # orphans: deployment.stop no longer reaches them
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        deployment.stop()
+
+
+def test_ctrl_c_to_the_whole_site_stops_it_even_when_its_supernode_hangs(tmp_path):
+    """Ctrl-C on `timeout ... python -m client`: the whole group gets SIGINT, and `timeout`
+    passes it on to the group again, so Flower's SuperNode and SuperExec see it more than
+    once; about one stop in three then hung in Flower's exit handler until killed. The site
+    must end by itself, within ``supernode.stop_wait_s`` (15 s) and a margin, as a stop by
+    SIGINT, leaving no process behind."""
+    deployment = Deployment(tmp_path)
+    try:
+        site, commands = _start_site_without_superlink(deployment)
+        time.sleep(1)  # the SuperExec has started too
+        commands.update(
+            (pid, Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " "))
+            for pid in descendants(site.pid)
+            if pid not in commands
+        )
+        os.killpg(site.pid, signal.SIGINT)
+        code = site.wait(timeout=90)
+        assert code in (128 + signal.SIGINT, -signal.SIGINT), deployment.log("synthetic_a")[-3000:]
+        _wait_gone(list(commands), commands, 30)
+        assert "starting it again" not in deployment.log("synthetic_a")
+    finally:
         deployment.stop()
