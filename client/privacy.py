@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from mrprism_core.checkpoint import atomic_write_json
+from mrprism_core.config_schema import above, at_least, check_bounds
 
 __all__ = ["PrivacyBudgetSpent", "PrivacyConfig", "PrivacyLedger", "PrivateRound"]
 
@@ -35,10 +36,10 @@ class PrivacyConfig:
     """The ``privacy`` block of a site config (every field has a default: DP off)."""
 
     enabled: bool = False  # DP-SGD on this site's training
-    target_epsilon: float | None = None  # total budget over the planned rounds; sets the noise
-    noise_multiplier: float | None = None  # or fix the noise directly (then epsilon just grows)
-    delta: float = 1e-5  # the delta every reported epsilon is stated with
-    max_grad_norm: float = 1.0  # per-sample gradient clipping bound
+    target_epsilon: float | None = above(None, 0)  # total budget over the planned rounds
+    noise_multiplier: float | None = at_least(None, 0)  # or fix the noise (epsilon then grows)
+    delta: float = above(1e-5, 0)  # the delta every reported epsilon is stated with
+    max_grad_norm: float = above(1.0, 0)  # per-sample gradient clipping bound
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> PrivacyConfig:
@@ -48,6 +49,7 @@ class PrivacyConfig:
         if unknown:
             raise ValueError(f"unknown privacy option(s) {unknown}; valid: {sorted(known)}")
         cfg = cls(**values)
+        check_bounds(cls, asdict(cfg), "privacy.")
         if cfg.enabled and (cfg.target_epsilon is None) == (cfg.noise_multiplier is None):
             raise ValueError("privacy: set exactly one of target_epsilon and noise_multiplier")
         if not 0 < cfg.delta < 1:

@@ -2,7 +2,8 @@
 
 OmegaConf merges the composed YAML into these dataclasses: a value of the wrong type
 (``train.batch_size=abc``) or a key the schema does not know (``trian.batch_size=4``) is refused
-with the key, the value and what was expected, before anything runs. The ``data`` block is
+with the key, the value and what was expected, before anything runs, and so is a number
+outside its range (``train.batch_size=0``). The ``data`` block is
 checked by its reader (each kind has its own options) when the data set is built.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mrprism_core.config_schema import checked
+from mrprism_core.config_schema import above, at_least, checked
 
 from .privacy import PrivacyConfig
 from .supernode_launch import DEFAULT_IDLE_POLL_S
@@ -21,21 +22,29 @@ __all__ = ["SiteSchema", "check_site_config"]
 
 @dataclass
 class TrainSchema:
-    batch_size: int = 8  # cases per optimizer step at this site
-    num_workers: int = 0  # DataLoader worker processes
+    batch_size: int = at_least(8, 1)  # cases per optimizer step at this site
+    num_workers: int = at_least(0, 0)  # DataLoader worker processes
 
 
 @dataclass
 class SupernodeSchema:
-    port: int = 9094  # local Runtime API port
+    port: int = at_least(9094, 1)  # local Runtime API port
     insecure: bool = True  # plain HTTP to the SuperLink (trials only)
     root_certificates: str | None = None  # CA certificate of the SuperLink (TLS)
     auth_private_key: str | None = None  # this site's key for SuperNode authentication
-    max_retries: int | None = None  # stop reconnecting after this many tries (None: never)
-    activation_wait_s: float = 180.0  # retry a refused activation (node auth) this long
-    stop_wait_s: float = 15.0  # after SIGTERM/Ctrl-C, kill a SuperNode still running this long
+    max_retries: int | None = at_least(
+        None, 0
+    )  # stop reconnecting after this many tries (None: never)
+    activation_wait_s: float = at_least(
+        180.0, 0
+    )  # retry a refused activation (node auth) this long
+    stop_wait_s: float = at_least(
+        15.0, 0
+    )  # after SIGTERM/Ctrl-C, kill a SuperNode still running this long
     worker: bool = True  # keep torch, config and data loaded in a site worker between messages
-    idle_poll_s: float | None = DEFAULT_IDLE_POLL_S  # after an empty poll (None: Flower's 3 s)
+    idle_poll_s: float | None = above(
+        DEFAULT_IDLE_POLL_S, 0
+    )  # after an empty poll (None: Flower's 3 s)
 
 
 @dataclass
@@ -44,7 +53,9 @@ class SiteSchema:
     superlink: str = "127.0.0.1:9092"  # SuperLink address host:port
     state_dir: str = "???"  # site-local state: heads, snapshot, resolved config
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    threads: int | None = None  # torch CPU threads (None: all cores); shared machine: cores/sites
+    threads: int | None = at_least(
+        None, 1
+    )  # torch CPU threads (None: all cores); shared machine: cores/sites
     share_quality: bool = False  # send one annotation-quality score per round (opt-in)
     seed: int = 0  # seeds the site's rater heads and shuffles
     train: TrainSchema = field(default_factory=TrainSchema)

@@ -2,18 +2,29 @@
 
 OmegaConf checks the merge: a value of the wrong type (``train.batch_size=abc``) or a key the
 schema does not know (``trian.epochs=4``) is refused with the key, the value and what was
-expected. Free-form blocks (a data set's reader options, model overrides) are ``dict`` fields
-and are checked by whoever reads them. The site config's schema is ``client/site_schema.py``;
-centralized training's (``site_configs/train.yaml``) and the simulation's
-(``site_configs/simulation.yaml``) are here.
+expected. Then numbers outside their range (``federation.rounds=-1``; fields made with
+:func:`at_least` or :func:`above`) are refused the same way. Free-form blocks (a data set's
+reader options, model overrides) are ``dict`` fields and are checked by whoever reads them.
+The site config's schema is ``client/site_schema.py``; centralized training's
+(``site_configs/train.yaml``) and the simulation's (``site_configs/simulation.yaml``) are here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
-__all__ = ["TrainRunSchema", "SimulationSchema", "checked"]
+__all__ = ["SimulationSchema", "TrainRunSchema", "above", "at_least", "check_bounds", "checked"]
+
+
+def at_least(default: Any, bound: float) -> Any:
+    """A schema field whose value (unless None) must be ``>= bound``."""
+    return field(default=default, metadata={"at_least": bound})
+
+
+def above(default: Any, bound: float) -> Any:
+    """A schema field whose value (unless None) must be ``> bound``."""
+    return field(default=default, metadata={"above": bound})
 
 
 def checked(schema: type, cfg: Any, what: str) -> Any:
@@ -29,7 +40,7 @@ def checked(schema: type, cfg: Any, what: str) -> Any:
     typed = OmegaConf.structured(schema)
     _writable(typed)
     try:
-        return OmegaConf.merge(typed, cfg)
+        merged = OmegaConf.merge(typed, cfg)
     except ValidationError as err:
         expected = getattr(err, "msg", str(err)).splitlines()[0]
         raise ValueError(f"{err.full_key}={err.value!r} is refused: {expected}") from err
@@ -38,6 +49,26 @@ def checked(schema: type, cfg: Any, what: str) -> Any:
             f"unknown key {err.full_key!r} (a typo?); {what} has "
             f"{sorted(f.name for f in fields(schema))} and their sub-keys"
         ) from err
+    check_bounds(schema, merged)
+    return merged
+
+
+def check_bounds(schema: type, node: Any, prefix: str = "", kebab: bool = False) -> None:
+    """Refuse a value of ``node`` (a mapping shaped like ``schema``) outside the range its
+    field declares (:func:`at_least`, :func:`above`), naming ``prefix`` + the key (spelt with
+    dashes when ``kebab``, as Flower's run config is)."""
+    for spec in fields(schema):
+        value = node[spec.name]
+        key = prefix + (spec.name.replace("_", "-") if kebab else spec.name)
+        if is_dataclass(spec.default_factory if callable(spec.default_factory) else None):
+            check_bounds(spec.default_factory, value, f"{key}.", kebab)  # type: ignore[arg-type]
+            continue
+        if value is None:
+            continue
+        if "at_least" in spec.metadata and not value >= spec.metadata["at_least"]:
+            raise ValueError(f"{key}={value!r} is refused: must be >= {spec.metadata['at_least']}")
+        if "above" in spec.metadata and not value > spec.metadata["above"]:
+            raise ValueError(f"{key}={value!r} is refused: must be > {spec.metadata['above']}")
 
 
 def _writable(node: Any) -> None:
@@ -57,12 +88,12 @@ def _writable(node: Any) -> None:
 
 @dataclass
 class TrainOptions:
-    epochs: int = 10  # passes over the training split
-    batch_size: int = 8  # cases per optimizer step
-    lr: float | None = None  # Adam learning rate; None = the preset's
+    epochs: int = at_least(10, 1)  # passes over the training split
+    batch_size: int = at_least(8, 1)  # cases per optimizer step
+    lr: float | None = above(None, 0)  # Adam learning rate; None = the preset's
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     seed: int = 0  # seeds weights, shuffling and Eq. 14's random confidences
-    num_workers: int = 0  # DataLoader worker processes
+    num_workers: int = at_least(0, 0)  # DataLoader worker processes
     progress: bool = True  # progress bars
     keep_best: bool = True  # test the best validation epoch, not the last
 
@@ -93,31 +124,31 @@ class PartitionOptions:
     sources: list[str] = field(default_factory=list)  # site configs (kind=source)
     source_overrides: list[str] = field(default_factory=list)  # Hydra overrides for each
     config_dir: str | None = None  # the hospital's own folder of site YAMLs
-    num_sites: int = 3  # iid / dirichlet / raters: virtual sites
-    alpha: float = 0.5  # dirichlet concentration
+    num_sites: int = at_least(3, 1)  # iid / dirichlet / raters: virtual sites
+    alpha: float = above(0.5, 0)  # dirichlet concentration
     skew: str = "quantity"  # dirichlet: quantity or label
-    min_raters: int = 2  # raters: the smallest rater subset of a site
+    min_raters: int = at_least(2, 1)  # raters: the smallest rater subset of a site
     data: dict[str, Any] = field(default_factory=dict)  # the pooled set; checked by its reader
 
 
 @dataclass
 class FederationOptions:
-    rounds: int = 10  # federated rounds
-    local_epochs: int = 1  # passes over a site's cases per round
+    rounds: int = at_least(10, 1)  # federated rounds
+    local_epochs: int = at_least(1, 1)  # passes over a site's cases per round
     strategy: str = "fedavg"  # server strategy
-    server_momentum: float = 0.9  # fedavgm
-    server_lr: float = 0.01  # fedadam / fedyogi
-    lr: float | None = None  # Adam learning rate; None = the preset's
+    server_momentum: float = at_least(0.9, 0)  # fedavgm
+    server_lr: float = above(0.01, 0)  # fedadam / fedyogi
+    lr: float | None = above(None, 0)  # Adam learning rate; None = the preset's
     persist_optimizer: bool = True  # sites keep their Adam state between rounds
     preset: str = "tiny"  # architecture preset
     model_options: dict[str, Any] | None = None  # model overrides (null = none)
-    batch_size: int = 8  # cases per optimizer step
+    batch_size: int = at_least(8, 1)  # cases per optimizer step
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     eval_split: str = "test"  # split every method is scored on
-    ray_num_cpus: int | None = None  # CPUs of a local Ray (None: all)
+    ray_num_cpus: int | None = at_least(None, 1)  # CPUs of a local Ray (None: all)
     ray_address: str | None = None  # join this Ray cluster
-    client_num_cpus: float = 1.0  # CPUs one virtual site reserves
-    client_num_gpus: float = 0.0  # GPU share of one virtual site
+    client_num_cpus: float = above(1.0, 0)  # CPUs one virtual site reserves
+    client_num_gpus: float = at_least(0.0, 0)  # GPU share of one virtual site
     quality_weight: str = "examples*quality"  # federated_quality's update weight
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from mrprism_core.config_schema import above, at_least, check_bounds
 from mrprism_core.models.config import get_preset
 from mrprism_core.protocol import coerce
 
@@ -18,49 +19,71 @@ __all__ = ["RunConfig"]
 class RunConfig:
     """Every field has a default, so a run with an empty run_config (simulation API) works."""
 
-    num_server_rounds: int = 3  # federated rounds
-    local_epochs: int = 1  # passes over the site's training split per round
+    num_server_rounds: int = at_least(3, 1)  # federated rounds
+    local_epochs: int = at_least(1, 1)  # passes over the site's training split per round
     strategy: str = "fedavg"  # fedavg, fedavgm, fedprox, fedadam, fedyogi, fedmedian, ...
-    fraction_train: float = 1.0  # share of connected sites sampled for training each round
-    fraction_evaluate: float = 1.0  # share of connected sites sampled for evaluation
-    min_train_nodes: int = 2  # a training round waits for at least this many sites
-    min_evaluate_nodes: int = 2  # an evaluation round waits for at least this many sites
-    min_available_nodes: int = 2  # sites that must be connected before round 1 starts
-    min_train_replies: int = 1  # usable updates a round needs to change the global model
+    fraction_train: float = above(
+        1.0, 0
+    )  # share of connected sites sampled for training each round
+    fraction_evaluate: float = above(1.0, 0)  # share of connected sites sampled for evaluation
+    min_train_nodes: int = at_least(2, 1)  # a training round waits for at least this many sites
+    min_evaluate_nodes: int = at_least(
+        2, 1
+    )  # an evaluation round waits for at least this many sites
+    min_available_nodes: int = at_least(2, 1)  # sites that must be connected before round 1 starts
+    min_train_replies: int = at_least(
+        1, 1
+    )  # usable updates a round needs to change the global model
     aggregation_weight: str = "examples"  # update weight: examples, quality, examples*quality
-    proximal_mu: float = 0.01  # FedProx proximal weight
-    server_lr: float = 0.01  # FedAdam/FedYogi server learning rate (eta)
-    server_momentum: float = 0.9  # FedAvgM: momentum of the server's averaged update
-    trim_beta: float = 0.2  # FedTrimmedAvg: fraction trimmed at each end
-    krum_malicious: int = 0  # Krum: number of malicious sites tolerated
+    proximal_mu: float = at_least(0.01, 0)  # FedProx proximal weight
+    server_lr: float = above(0.01, 0)  # FedAdam/FedYogi server learning rate (eta)
+    server_momentum: float = at_least(0.9, 0)  # FedAvgM: momentum of the server's averaged update
+    trim_beta: float = at_least(0.2, 0)  # FedTrimmedAvg: fraction trimmed at each end
+    krum_malicious: int = at_least(0, 0)  # Krum: number of malicious sites tolerated
     dp_mode: str = "none"  # user-level DP: none, server-fixed, client-fixed, server-adaptive
-    dp_noise_multiplier: float = 0.1  # user-level DP: noise std = this x clipping norm / sites
-    dp_clipping_norm: float = 1.0  # user-level DP: bound on a site's update norm (adaptive: start)
-    dp_sampled_sites: int = 2  # user-level DP: sites sampled per round (sets the noise scale)
-    dp_delta: float = 1e-5  # user-level DP: the delta the reported epsilon is stated with
+    dp_noise_multiplier: float = at_least(
+        0.1, 0
+    )  # user-level DP: noise std = this x clipping norm / sites
+    dp_clipping_norm: float = above(
+        1.0, 0
+    )  # user-level DP: bound on a site's update norm (adaptive: start)
+    dp_sampled_sites: int = at_least(
+        2, 1
+    )  # user-level DP: sites sampled per round (sets the noise scale)
+    dp_delta: float = above(1e-5, 0)  # user-level DP: the delta the reported epsilon is stated with
     secure_aggregation: bool = False  # SecAgg+: the server sees only the sum of the updates
     secagg_num_shares: float = 3  # SecAgg+: key shares per site (int > 2, or a share of the sites)
     secagg_reconstruction_threshold: float = 2  # SecAgg+: shares needed to unmask a dropped site
-    secagg_clipping_range: float = 8.0  # SecAgg+: weights are clipped to +-this before quantization
-    secagg_max_weight: float = 1000.0  # SecAgg+: most examples a site weighs in with (lower=finer)
+    secagg_clipping_range: float = above(
+        8.0, 0
+    )  # SecAgg+: weights are clipped to +-this before quantization
+    secagg_max_weight: float = above(
+        1000.0, 0
+    )  # SecAgg+: most examples a site weighs in with (lower=finer)
     model: str = "mrprism"  # mrprism or a baseline (mrprism_core.models.MODEL_NAMES)
     preset: str = "tiny"  # architecture preset
     model_options: str = "{}"  # JSON object of preset/loss overrides, e.g. {"local_norms": true}
     local_modules: str = ""  # comma-separated sub-modules kept local; empty = model default
-    in_channels: int = 3  # image channels every site must have
-    num_classes: int = 2  # classes every site must have
-    num_raters: int = 1  # rater slots of the global model; matters only if rater heads are shared
-    lr: float = 0.0  # Adam learning rate at the sites; 0 = the preset's (tiny 1e-2, paper 1e-4)
+    in_channels: int = at_least(3, 1)  # image channels every site must have
+    num_classes: int = at_least(2, 1)  # classes every site must have
+    num_raters: int = at_least(
+        1, 1
+    )  # rater slots of the global model; matters only if rater heads are shared
+    lr: float = at_least(
+        0.0, 0
+    )  # Adam learning rate at the sites; 0 = the preset's (tiny 1e-2, paper 1e-4)
     persist_optimizer: bool = True  # sites keep their Adam state between rounds (at the site)
     personalization: str = (
         "fedper"  # fedper, fedrep, fedbabu or ditto (mrprism_core.personalization)
     )
-    ditto_lambda: float = 0.1  # Ditto: pull of a site's personal model toward the global one
+    ditto_lambda: float = at_least(
+        0.1, 0
+    )  # Ditto: pull of a site's personal model toward the global one
     seed: int = 0  # seeds the initial global weights and each site's shuffles
     out_dir: str = "runs/federated"  # global checkpoint, metrics.jsonl, summary.json
     resume: bool = True  # continue from <out_dir>/global_model.pt when it exists
     initial_checkpoint: str = ""  # start from this checkpoint's shared weights ("" = fresh)
-    round_timeout: float = 3600.0  # seconds to wait for replies in each phase of a round
+    round_timeout: float = above(3600.0, 0)  # seconds to wait for replies in each phase of a round
     pipeline_rounds: bool = True  # deployment: send round r+1's training with round r's evaluation
     eval_split: str = "val"  # site split used for the per-round evaluation
     tracking: str = "none"  # none, tensorboard (<out-dir>/tensorboard/) or mlflow: round scalars
@@ -76,7 +99,9 @@ class RunConfig:
                 valid = sorted(n.replace("_", "-") for n in types)
                 raise ValueError(f"unknown run-config key {key!r}; valid keys: {valid}")
             kwargs[name] = coerce(str(types[name]), value, f"run-config {key!r}")
-        return cls(**kwargs)
+        config = cls(**kwargs)
+        check_bounds(cls, asdict(config), "run-config ", kebab=True)
+        return config
 
     def as_run_config(self) -> dict[str, Any]:
         """The kebab-case mapping :meth:`from_mapping` reads back."""

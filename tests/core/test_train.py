@@ -140,6 +140,7 @@ def test_fit_without_a_validation_split_trains_and_scores_the_last_epoch(tmp_pat
     [
         ("train.batch_size=abc", "train.batch_size='abc' is refused"),
         ("+trian.epochs=3", "unknown key 'trian' (a typo?)"),
+        ("train.epochs=0", "train.epochs=0 is refused: must be >= 1"),  # once trained 0 epochs
     ],
 )
 def test_a_mistyped_training_config_is_one_message_before_anything_runs(

@@ -41,6 +41,16 @@ def test_bad_sites_and_settings_give_clear_errors_not_tracebacks(tmp_path):
     assert "converted to Integer" in typed.stderr and "Traceback" not in typed.stderr
     typo = _client("--site", "synthetic_a", "--check", "+trian.batch_size=4")
     assert typo.returncode == 2 and "unknown key 'trian'" in typo.stderr
+    # and so is a number out of range (a negative budget was accepted as the target)
+    budget = _client(
+        "--site", "synthetic_a", "--check", "privacy=dp_sgd", "privacy.target_epsilon=-3"
+    )
+    assert (
+        budget.returncode == 2
+        and "privacy.target_epsilon=-3.0 is refused: must be > 0" in budget.stderr
+    )
+    batch = _client("--site", "synthetic_a", "--check", "train.batch_size=0")
+    assert batch.returncode == 2 and "train.batch_size=0 is refused: must be >= 1" in batch.stderr
 
 
 def test_dry_run_writes_the_resolved_config_and_shows_the_supernode_command(tmp_path):

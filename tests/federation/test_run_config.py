@@ -29,6 +29,14 @@ def test_run_config_coerces_and_rejects():
         RunConfig.from_mapping({"rounds": 3})
     with pytest.raises(ValueError, match="must be int"):
         RunConfig.from_mapping({"local-epochs": 1.5})
+    with pytest.raises(
+        ValueError, match=r"run-config num-server-rounds=0 is refused: must be >= 1"
+    ):
+        RunConfig.from_mapping({"num-server-rounds": 0})
+    with pytest.raises(
+        ValueError, match=r"run-config dp-clipping-norm=0.0 is refused: must be > 0"
+    ):
+        RunConfig.from_mapping({"dp-clipping-norm": 0})
     spec = RunConfig(local_modules="divp, confidence.rater_identity").model_spec()
     assert spec["options"]["local_modules"] == ["divp", "confidence.rater_identity"]
 

@@ -179,6 +179,10 @@ def test_unknown_models_and_methods_are_named():
         ("partition.sources=[nope]", "unknown site 'nope'"),
         ("federation.rounds=ten", "federation.rounds='ten' is refused"),
         ("+federation.round=3", "unknown key 'federation.round' (a typo?)"),
+        # out of range: before, -1 rounds ran every method and ended in a traceback
+        ("federation.rounds=-1", "federation.rounds=-1 is refused: must be >= 1"),
+        ("federation.lr=0", "federation.lr=0.0 is refused: must be > 0"),
+        ("partition.alpha=-0.5", "partition.alpha=-0.5 is refused: must be > 0"),
         # the default methods train MrPrism: refused before the first of them starts
         (
             "federation.model_options={bank_size: 4}",
