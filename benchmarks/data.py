@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from mrprism_core.cli_types import positive_int
 from mrprism_core.data.factory import build_dataset
 from mrprism_core.data.images import read_2d_pixels
 
@@ -110,11 +111,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", type=int, default=100, help="cases in the tree")
-    parser.add_argument("--raters", type=int, default=7, help="raters per case")
-    parser.add_argument("--height", type=int, default=2124, help="photograph height (px)")
-    parser.add_argument("--width", type=int, default=2056, help="photograph width (px)")
-    parser.add_argument("--size", type=int, default=256, help="resize target (px)")
+    parser.add_argument("--cases", type=positive_int, default=100, help="cases in the tree")
+    parser.add_argument("--raters", type=positive_int, default=7, help="raters per case")
+    parser.add_argument("--height", type=positive_int, default=2124, help="photograph height (px)")
+    parser.add_argument("--width", type=positive_int, default=2056, help="photograph width (px)")
+    parser.add_argument("--size", type=positive_int, default=256, help="resize target (px)")
     parser.add_argument("--out", default=str(RESULTS_DIR / "data.json"), help="JSON output")
     args = parser.parse_args()
     write_json(args.out, run(args))

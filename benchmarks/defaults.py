@@ -21,6 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mrprism_core.cli_types import positive_int
+
 from .common import RESULTS_DIR, simulation_config, spread, write_json
 
 
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         description="Sweep the default experiment's federated settings against centralized "
         "training at the same passes over the data.",
     )
-    parser.add_argument("--seeds", type=int, default=1, help="seeds per candidate")
+    parser.add_argument("--seeds", type=positive_int, default=1, help="seeds per candidate")
     parser.add_argument("--first-seed", type=int, default=0, help="the first seed")
     parser.add_argument(
         "--candidates",

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from mrprism_core.cli_types import positive_int
 from mrprism_core.federated import PACKED_KEY, StateLayout
 from mrprism_core.models import build_model, split_state
 
@@ -268,11 +269,13 @@ def secure_aggregation_cost(cases: int, rounds: int) -> dict[str, object]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["tiny", "paper"], choices=list(IMAGE_SIZE))
-    parser.add_argument("--cases", type=int, default=16, help="training cases of the site")
-    parser.add_argument("--rounds", type=int, default=3, help="federated rounds per measurement")
+    parser.add_argument("--cases", type=positive_int, default=16, help="training cases of the site")
+    parser.add_argument(
+        "--rounds", type=positive_int, default=3, help="federated rounds per measurement"
+    )
     parser.add_argument(
         "--secagg-cases",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=None,
         help="training cases per site of each SecAgg+ measurement (default: --cases)",

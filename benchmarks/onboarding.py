@@ -24,6 +24,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from mrprism_core.cli_types import positive_int
+
 from .common import RESULTS_DIR, simulation_config, spread, write_json
 
 
@@ -83,10 +85,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--site", default="synthetic_hard", help="the site that joins late")
     parser.add_argument(
-        "--cases", type=int, nargs="+", default=[8], help="training cases the newcomer adapts on"
+        "--cases",
+        type=positive_int,
+        nargs="+",
+        default=[8],
+        help="training cases the newcomer adapts on",
     )
-    parser.add_argument("--epochs", type=int, default=20, help="--adapt's passes over them")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds (0, 1, ...)")
+    parser.add_argument(
+        "--epochs", type=positive_int, default=20, help="--adapt's passes over them"
+    )
+    parser.add_argument("--seeds", type=positive_int, default=1, help="seeds (0, 1, ...)")
     parser.add_argument("--out", default=str(RESULTS_DIR / "onboarding.json"), help="JSON path")
     args = parser.parse_args(argv)
     runs = []

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mrprism_core.cli_types import positive_int
 from mrprism_core.models import build_model
 from mrprism_core.predict import predict_inputs
 
@@ -55,10 +56,10 @@ def _time(model, inputs: Path, out: Path, device: str, batch: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", nargs="+", default=["tiny", "paper"])
-    parser.add_argument("--cases", type=int, default=8, help="2-D cases")
-    parser.add_argument("--slices", type=int, default=16, help="slices of the 3-D volume")
-    parser.add_argument("--raters", type=int, default=7)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--cases", type=positive_int, default=8, help="2-D cases")
+    parser.add_argument("--slices", type=positive_int, default=16, help="slices of the 3-D volume")
+    parser.add_argument("--raters", type=positive_int, default=7)
+    parser.add_argument("--batch-size", type=positive_int, default=4)
     parser.add_argument(
         "--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     )

@@ -25,6 +25,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from mrprism_core.cli_types import positive_float, positive_int
+
 from .common import RESULTS_DIR, simulation_config, write_json
 
 BACKEND = {
@@ -222,11 +224,13 @@ def secure_vs_plain(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 16.0])
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of the quality runs")
-    parser.add_argument("--secagg-rounds", type=int, default=2, help="rounds of the timing runs")
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--cases", type=int, default=16, help="training cases per site")
+    parser.add_argument("--epsilons", type=positive_float, nargs="+", default=[1.0, 4.0, 16.0])
+    parser.add_argument("--rounds", type=positive_int, default=5, help="rounds of the quality runs")
+    parser.add_argument(
+        "--secagg-rounds", type=positive_int, default=2, help="rounds of the timing runs"
+    )
+    parser.add_argument("--image-size", type=positive_int, default=32)
+    parser.add_argument("--cases", type=positive_int, default=16, help="training cases per site")
     parser.add_argument(
         "--parts",
         nargs="+",

@@ -33,6 +33,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from mrprism_core.cli_types import positive_int
 from mrprism_core.data.factory import build_dataset
 from mrprism_core.label_fusion import evaluate_label_fusion
 from mrprism_core.metrics import RECURRENCE_METRICS, MetricAccumulator, recurrence_table
@@ -216,15 +217,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    parser.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..N-1 (default 3)")
     parser.add_argument("--site", default=None, help="take the data of this site config")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--raters", type=int, default=4, help="embedded default only")
-    parser.add_argument("--image-size", type=int, default=64, help="embedded default only")
+    parser.add_argument("--epochs", type=positive_int, default=20)
+    parser.add_argument("--raters", type=positive_int, default=4, help="embedded default only")
+    parser.add_argument("--image-size", type=positive_int, default=64, help="embedded default only")
     parser.add_argument(
-        "--train-cases", type=int, default=None, help="training cases (default: 96, or the site's)"
+        "--train-cases",
+        type=positive_int,
+        default=None,
+        help="training cases (default: 96, or the site's)",
     )
-    parser.add_argument("--test-cases", type=int, default=64, help="embedded default only")
+    parser.add_argument("--test-cases", type=positive_int, default=64, help="embedded default only")
     parser.add_argument(
         "--models",
         nargs="+",

@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mrprism_core.cli_types import positive_int
+
 from .common import RESULTS_DIR, simulation_config, spread, write_json
 
 METRICS = ("soft_dice", "dice_vs_truth")
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         description="FedAvg by examples vs annotation-quality-aware weighting vs leaving the "
         "noisy site out, on the noisy_site preset.",
     )
-    parser.add_argument("--seeds", type=int, default=3, help="seeds (0, 1, ...)")
+    parser.add_argument("--seeds", type=positive_int, default=3, help="seeds (0, 1, ...)")
     parser.add_argument("--noisy", default="synthetic_noisy", help="the site with poor raters")
     parser.add_argument(
         "--out", default=str(RESULTS_DIR / "quality_weighting.json"), help="JSON path"

@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from mrprism_core.cli_types import positive_int
+
 from .common import RESULTS_DIR, write_json
 
 
@@ -94,9 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sites", type=int, nargs="+", default=[50, 100, 200])
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--cases", type=int, default=6, help="training cases per site")
+    parser.add_argument("--sites", type=positive_int, nargs="+", default=[50, 100, 200])
+    parser.add_argument("--rounds", type=positive_int, default=2)
+    parser.add_argument("--cases", type=positive_int, default=6, help="training cases per site")
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster")
     parser.add_argument("--out", default=str(RESULTS_DIR / "scale.json"))
     args = parser.parse_args(argv)

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch.utils.data import default_collate
 
+from mrprism_core.cli_types import positive_int
+
 from .common import RESULTS_DIR, write_json
 
 SETTINGS = {"paper": {"image_size": 256, "batch": 2}, "tiny": {"image_size": 64, "batch": 8}}
@@ -99,7 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--devices", nargs="+", default=None, help="default: cpu (+ cuda if present)"
     )
-    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    parser.add_argument(
+        "--steps", type=positive_int, default=3, help="timed steps after one warm-up step"
+    )
     parser.add_argument("--out", default=str(RESULTS_DIR / "speed.json"))
     parser.add_argument(
         "--worker", nargs=3, metavar=("MODEL", "PRESET", "DEVICE"), help=argparse.SUPPRESS

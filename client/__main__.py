@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mrprism_core.cli_types import positive_float, positive_int
+
 from .site import SITE_CONFIGS_ENV, SiteDataError, SiteRuntime, compose_site_config, site_sources
 from .supernode_launch import DEFAULT_IDLE_POLL_S, FLOWER_IDLE_WAIT_S
 from .worker_protocol import SOCKET_NODE_CONFIG
@@ -102,10 +104,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="onboarding (a site that joins late, or a new rater): train only this site's rater "
         "heads on a few cases with the shared weights frozen, save them, and exit",
     )
-    parser.add_argument("--cases", type=int, default=8, help="--adapt: training cases used")
-    parser.add_argument("--epochs", type=int, default=20, help="--adapt: passes over them")
     parser.add_argument(
-        "--lr", type=float, default=None, help="--adapt: Adam learning rate (default: the preset's)"
+        "--cases", type=positive_int, default=8, help="--adapt: training cases used"
+    )
+    parser.add_argument("--epochs", type=positive_int, default=20, help="--adapt: passes over them")
+    parser.add_argument(
+        "--lr",
+        type=positive_float,
+        default=None,
+        help="--adapt: Adam learning rate (default: the preset's)",
     )
     parser.add_argument(
         "--from",
@@ -115,7 +122,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "default: the site's own snapshot",
     )
     parser.add_argument(
-        "--batch-size", type=int, default=8, help="--predict: slices per forward pass"
+        "--batch-size", type=positive_int, default=8, help="--predict: slices per forward pass"
     )
     parser.add_argument(
         "overrides",

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoint import atomic_write_bytes
+from .cli_types import positive_int
 from .data.images import ImageReadError, InputCase, find_inputs, read_case
 from .models.base import SegmentationModel
 
@@ -241,7 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--device", default="auto", help="auto (CUDA when present), cpu, cuda:0 ..."
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=8, help="slices per forward pass"
+    )
     args = parser.parse_args(argv)
 
     from .checkpoint import CorruptCheckpointError

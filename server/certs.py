@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from mrprism_core.checkpoint import atomic_write_bytes
+from mrprism_core.cli_types import positive_int
 
 __all__ = ["make_certificates"]
 
@@ -128,7 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[],
         help="DNS name or IP address the hospitals use to reach the SuperLink (repeatable)",
     )
-    parser.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    parser.add_argument(
+        "--days", type=positive_int, default=365, help="validity in days (default 365)"
+    )
     args = parser.parse_args(argv)
     try:
         out = make_certificates(args.out_dir, args.host, args.days)

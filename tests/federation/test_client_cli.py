@@ -51,6 +51,13 @@ def test_bad_sites_and_settings_give_clear_errors_not_tracebacks(tmp_path):
     )
     batch = _client("--site", "synthetic_a", "--check", "train.batch_size=0")
     assert batch.returncode == 2 and "train.batch_size=0 is refused: must be >= 1" in batch.stderr
+    # the command's own numbers too (--cases 0 stopped in torch's sampler, --lr -1 in Adam)
+    for flag, value, message in [
+        ("--cases", "0", "must be >= 1, got 0"),
+        ("--lr", "-1", "must be > 0"),
+    ]:
+        bad = _client("--site", "synthetic_a", "--adapt", flag, value)
+        assert bad.returncode == 2 and f"argument {flag}: {message}" in bad.stderr, bad.stderr
 
 
 def test_dry_run_writes_the_resolved_config_and_shows_the_supernode_command(tmp_path):
