@@ -32,19 +32,15 @@ class SupernodeSchema:
     insecure: bool = True  # plain HTTP to the SuperLink (trials only)
     root_certificates: str | None = None  # CA certificate of the SuperLink (TLS)
     auth_private_key: str | None = None  # this site's key for SuperNode authentication
-    max_retries: int | None = at_least(
-        None, 0
-    )  # stop reconnecting after this many tries (None: never)
-    activation_wait_s: float = at_least(
-        180.0, 0
-    )  # retry a refused activation (node auth) this long
-    stop_wait_s: float = at_least(
-        15.0, 0
-    )  # after SIGTERM/Ctrl-C, kill a SuperNode still running this long
+    # stop reconnecting after this many tries (None: never)
+    max_retries: int | None = at_least(None, 0)
+    # retry a refused activation (node auth) this long
+    activation_wait_s: float = at_least(180.0, 0)
+    # after SIGTERM/Ctrl-C, kill a SuperNode still running this long
+    stop_wait_s: float = at_least(15.0, 0)
     worker: bool = True  # keep torch, config and data loaded in a site worker between messages
-    idle_poll_s: float | None = above(
-        DEFAULT_IDLE_POLL_S, 0
-    )  # after an empty poll (None: Flower's 3 s)
+    # after an empty poll (None: Flower's 3 s)
+    idle_poll_s: float | None = above(DEFAULT_IDLE_POLL_S, 0)
 
 
 @dataclass
@@ -53,9 +49,8 @@ class SiteSchema:
     superlink: str = "127.0.0.1:9092"  # SuperLink address host:port
     state_dir: str = "???"  # site-local state: heads, snapshot, resolved config
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    threads: int | None = at_least(
-        None, 1
-    )  # torch CPU threads (None: all cores); shared machine: cores/sites
+    # torch CPU threads (None: all cores); shared machine: cores/sites
+    threads: int | None = at_least(None, 1)
     share_quality: bool = False  # send one annotation-quality score per round (opt-in)
     seed: int = 0  # seeds the site's rater heads and shuffles
     train: TrainSchema = field(default_factory=TrainSchema)

@@ -22,18 +22,14 @@ class RunConfig:
     num_server_rounds: int = at_least(3, 1)  # federated rounds
     local_epochs: int = at_least(1, 1)  # passes over the site's training split per round
     strategy: str = "fedavg"  # fedavg, fedavgm, fedprox, fedadam, fedyogi, fedmedian, ...
-    fraction_train: float = above(
-        1.0, 0
-    )  # share of connected sites sampled for training each round
-    fraction_evaluate: float = above(1.0, 0)  # share of connected sites sampled for evaluation
+    # share of connected sites sampled for training each round
+    fraction_train: float = above(1.0, 0)
+    fraction_evaluate: float = at_least(1.0, 0)  # share of sites sampled for evaluation (0: none)
     min_train_nodes: int = at_least(2, 1)  # a training round waits for at least this many sites
-    min_evaluate_nodes: int = at_least(
-        2, 1
-    )  # an evaluation round waits for at least this many sites
+    min_evaluate_nodes: int = at_least(2, 0)  # an evaluation round waits for this many sites
     min_available_nodes: int = at_least(2, 1)  # sites that must be connected before round 1 starts
-    min_train_replies: int = at_least(
-        1, 1
-    )  # usable updates a round needs to change the global model
+    # usable updates a round needs to change the global model
+    min_train_replies: int = at_least(1, 1)
     aggregation_weight: str = "examples"  # update weight: examples, quality, examples*quality
     proximal_mu: float = at_least(0.01, 0)  # FedProx proximal weight
     server_lr: float = above(0.01, 0)  # FedAdam/FedYogi server learning rate (eta)
@@ -41,44 +37,36 @@ class RunConfig:
     trim_beta: float = at_least(0.2, 0)  # FedTrimmedAvg: fraction trimmed at each end
     krum_malicious: int = at_least(0, 0)  # Krum: number of malicious sites tolerated
     dp_mode: str = "none"  # user-level DP: none, server-fixed, client-fixed, server-adaptive
-    dp_noise_multiplier: float = at_least(
-        0.1, 0
-    )  # user-level DP: noise std = this x clipping norm / sites
-    dp_clipping_norm: float = above(
-        1.0, 0
-    )  # user-level DP: bound on a site's update norm (adaptive: start)
-    dp_sampled_sites: int = at_least(
-        2, 1
-    )  # user-level DP: sites sampled per round (sets the noise scale)
+    # user-level DP: noise std = this x clipping norm / sites
+    dp_noise_multiplier: float = at_least(0.1, 0)
+    # user-level DP: bound on a site's update norm (adaptive: start)
+    dp_clipping_norm: float = above(1.0, 0)
+    # user-level DP: sites sampled per round (sets the noise scale)
+    dp_sampled_sites: int = at_least(2, 1)
     dp_delta: float = above(1e-5, 0)  # user-level DP: the delta the reported epsilon is stated with
     secure_aggregation: bool = False  # SecAgg+: the server sees only the sum of the updates
     secagg_num_shares: float = 3  # SecAgg+: key shares per site (int > 2, or a share of the sites)
     secagg_reconstruction_threshold: float = 2  # SecAgg+: shares needed to unmask a dropped site
-    secagg_clipping_range: float = above(
-        8.0, 0
-    )  # SecAgg+: weights are clipped to +-this before quantization
-    secagg_max_weight: float = above(
-        1000.0, 0
-    )  # SecAgg+: most examples a site weighs in with (lower=finer)
+    # SecAgg+: weights are clipped to +-this before quantization
+    secagg_clipping_range: float = above(8.0, 0)
+    # SecAgg+: most examples a site weighs in with (lower=finer)
+    secagg_max_weight: float = above(1000.0, 0)
     model: str = "mrprism"  # mrprism or a baseline (mrprism_core.models.MODEL_NAMES)
     preset: str = "tiny"  # architecture preset
     model_options: str = "{}"  # JSON object of preset/loss overrides, e.g. {"local_norms": true}
     local_modules: str = ""  # comma-separated sub-modules kept local; empty = model default
     in_channels: int = at_least(3, 1)  # image channels every site must have
     num_classes: int = at_least(2, 1)  # classes every site must have
-    num_raters: int = at_least(
-        1, 1
-    )  # rater slots of the global model; matters only if rater heads are shared
-    lr: float = at_least(
-        0.0, 0
-    )  # Adam learning rate at the sites; 0 = the preset's (tiny 1e-2, paper 1e-4)
+    # rater slots of the global model; matters only if rater heads are shared
+    num_raters: int = at_least(1, 1)
+    # Adam learning rate at the sites; 0 = the preset's (tiny 1e-2, paper 1e-4)
+    lr: float = at_least(0.0, 0)
     persist_optimizer: bool = True  # sites keep their Adam state between rounds (at the site)
     personalization: str = (
         "fedper"  # fedper, fedrep, fedbabu or ditto (mrprism_core.personalization)
     )
-    ditto_lambda: float = at_least(
-        0.1, 0
-    )  # Ditto: pull of a site's personal model toward the global one
+    # Ditto: pull of a site's personal model toward the global one
+    ditto_lambda: float = at_least(0.1, 0)
     seed: int = 0  # seeds the initial global weights and each site's shuffles
     out_dir: str = "runs/federated"  # global checkpoint, metrics.jsonl, summary.json
     resume: bool = True  # continue from <out_dir>/global_model.pt when it exists

@@ -37,6 +37,9 @@ def test_run_config_coerces_and_rejects():
         ValueError, match=r"run-config dp-clipping-norm=0.0 is refused: must be > 0"
     ):
         RunConfig.from_mapping({"dp-clipping-norm": 0})
+    # zero where zero means something: no evaluation, no server momentum, no DP noise
+    zeros = {"fraction-evaluate": 0, "min-evaluate-nodes": 0, "server-momentum": 0, "lr": 0}
+    assert RunConfig.from_mapping({**zeros, "dp-noise-multiplier": 0}).fraction_evaluate == 0
     spec = RunConfig(local_modules="divp, confidence.rater_identity").model_spec()
     assert spec["options"]["local_modules"] == ["divp", "confidence.rater_identity"]
 
