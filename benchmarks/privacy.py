@@ -149,6 +149,9 @@ def dp_sgd_alone(work: Path, epochs: int = 15, cases: int = 32) -> list[dict[str
 
 
 def _one_run(work: Path, state_dirs: list[str], secure: bool, rounds: int) -> dict[str, float]:
+    from simulation.methods import require_ray_token
+
+    require_ray_token()  # before Flower imports Ray
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 

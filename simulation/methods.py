@@ -33,11 +33,14 @@ passes over the site's data), with the same ``evaluate``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import secrets
 import socket
+import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -57,6 +60,8 @@ from mrprism_core.tracking import Tracker, open_tracker, round_scalars
 from mrprism_core.train import evaluate, make_loader, resolve_device
 
 from .partition import VirtualSite
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "METHODS",
@@ -179,6 +184,33 @@ def ray_init_args(exp: Experiment) -> dict[str, Any]:
     return {"address": "local", "num_cpus": exp.ray_num_cpus or max(1, torch.get_num_threads())}
 
 
+#: Ray's switch for token authentication of every call to its services, and the token.
+RAY_AUTH_MODE_ENV, RAY_AUTH_TOKEN_ENV = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"
+
+
+def require_ray_token(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Make every Ray this process starts require a random token; True when set here.
+
+    Ray's services (GCS, raylets, workers; Ray 2.55) listen on every network interface of the
+    machine while a simulation runs, and anyone who reaches them could run code as this user.
+    With ``RAY_AUTH_MODE=token`` and a token in the environment, which Ray's processes inherit,
+    they refuse a caller without it (``tests/simulation/test_ray_cluster.py``). Ray reads the
+    mode once, when it is imported, so this must come first, and it stays for the process's
+    life. Left alone: a mode the user set, and a process that imported Ray already (a warning
+    says so). Not for a cluster the simulation joins: that cluster has its own settings."""
+    if RAY_AUTH_MODE_ENV in environ:
+        return False
+    if "ray" in sys.modules:
+        log.warning(
+            "Ray was imported before the simulation could turn on its token authentication: "
+            "its services take calls from anyone who can reach this machine's ports"
+        )
+        return False
+    environ[RAY_AUTH_MODE_ENV] = "token"
+    environ[RAY_AUTH_TOKEN_ENV] = secrets.token_hex(32)
+    return True
+
+
 def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
     """Refuse a ``federation.ray_address`` no Ray cluster answers at, before anything runs:
     ``ray.init`` would wait for it forever and not even stop on SIGTERM.
@@ -280,6 +312,8 @@ def _run_federated(
     quality_weighted: bool = False,
     without: str | None = None,
 ) -> dict[str, Any]:
+    if not exp.ray_address:  # a Ray of our own: before anything imports Ray
+        require_ray_token()
     from flwr.simulation import run_simulation
 
     from client.app import create_client_app

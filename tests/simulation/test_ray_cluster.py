@@ -85,3 +85,51 @@ def test_simulation_joins_a_running_ray_cluster(tmp_path):
             current.unlink()
         head.wait(timeout=120)
         log.close()
+
+
+# a local Ray started as the simulation starts its own (address="local"), after
+# require_ray_token() when asked to; prints its GCS address, then waits for stdin to close
+OWN_RAY = """
+import sys
+from simulation.methods import require_ray_token
+if sys.argv[1] == "token":
+    assert require_ray_token()
+import ray
+ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")
+print("GCS", ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()
+"""
+# a stranger on the network: another driver, with no token, calls the Ray and runs a task
+STRANGER = """
+import sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR")
+print("ran", ray.get(ray.remote(lambda: 42).remote(), timeout=30))
+"""
+
+
+def _stranger_runs_code_on(mode: str) -> bool:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    own = subprocess.Popen(
+        [sys.executable, "-c", OWN_RAY, mode],
+        cwd=PROJECT_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        line = own.stdout.readline()
+        assert line.startswith("GCS "), line
+        stranger = subprocess.run(
+            [sys.executable, "-c", STRANGER, line.split()[1]],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        return stranger.returncode == 0 and "ran 42" in stranger.stdout
+    finally:
+        own.stdin.close()
+        own.wait(timeout=60)
+
+
+def test_the_simulations_own_ray_runs_no_code_for_a_caller_without_its_token():
+    # Ray's services listen on every interface; without the token anyone reaching them can
+    # run code (the first call shows the check below can tell)
+    assert _stranger_runs_code_on("plain")
+    assert not _stranger_runs_code_on("token")
