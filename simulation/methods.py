@@ -67,8 +67,10 @@ __all__ = [
     "METHODS",
     "Experiment",
     "check_methods",
+    "check_ray_address",
     "evaluate_at_sites",
     "parse_method",
+    "require_ray_token",
     "run_method",
     "write_site_dirs",
 ]
