@@ -155,6 +155,11 @@ def worker_socket_path(state_dir: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix="mrprism-worker-")) / "worker.sock"
 
 
+#: The checkout this site runs (the folder above the ``client`` package): an app the SuperLink
+#: sends must be this code (``supernode.pin_app``).
+SITE_CODE_ROOT = Path(__file__).resolve().parents[1]
+
+
 def supernode_command(
     cfg: Mapping[str, Any], state_dir: Path, worker_socket: Path | None = None
 ) -> list[str]:
@@ -162,11 +167,16 @@ def supernode_command(
     tells the ClientApp where the site worker listens."""
     node = dict(cfg.get("supernode") or {})
     idle_poll_s = node.get("idle_poll_s", DEFAULT_IDLE_POLL_S)
-    if idle_poll_s is None or float(idle_poll_s) >= FLOWER_IDLE_WAIT_S:
+    pin = bool(node.get("pin_app", True))
+    if (idle_poll_s is None or float(idle_poll_s) >= FLOWER_IDLE_WAIT_S) and not pin:
         command = [shutil.which("flower-supernode") or "flower-supernode"]
-    elif float(idle_poll_s) > 0:
-        # Flower's own entry point, its 3 s wait after an empty poll shortened
-        command = [sys.executable, "-m", "client.supernode_launch", f"--idle-poll-s={idle_poll_s}"]
+    elif idle_poll_s is None or float(idle_poll_s) > 0:
+        # Flower's own entry point, its 3 s wait after an empty poll shortened, running only
+        # apps that are this checkout's code (client/app_check.py)
+        wait = FLOWER_IDLE_WAIT_S if idle_poll_s is None else idle_poll_s
+        command = [sys.executable, "-m", "client.supernode_launch", f"--idle-poll-s={wait}"]
+        if pin:
+            command.append(f"--pin-app={SITE_CODE_ROOT}")
     else:
         raise SiteDataError(
             f"site {cfg['site']}: supernode.idle_poll_s={idle_poll_s!r} is refused: seconds > 0 "

@@ -15,17 +15,20 @@ second instead of a third: one small gRPC call each, negligible for a few hospit
 from __future__ import annotations
 
 import argparse
+import base64
 import inspect
 import sys
 import time
 import types
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = [
     "DEFAULT_IDLE_POLL_S",
     "FLOWER_IDLE_WAIT_S",
     "ShortIdleWait",
     "main",
+    "pin_app",
     "shorten_idle_wait",
 ]
 
@@ -65,6 +68,65 @@ def shorten_idle_wait(idle_poll_s: float) -> bool:
     return True
 
 
+def pin_app(root: Path) -> bool:
+    """Make the SuperNode refuse every app that is not the site's own code (see
+    :mod:`client.app_check`); False (nothing changed) when the installed Flower's loop is not
+    the one this was written for.
+
+    Flower refuses an app that none of its ``trusted_entities`` signed, with its own error
+    reply to the server. The open-source SuperLink signs nothing, so this process makes a key
+    of its own, trusts only that key, and signs an app when, and only when, it matches."""
+    import hashlib
+    import json
+
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+    from flwr.supercore.fab import Fab
+    from flwr.supercore.primitives.asymmetric_ed25519 import create_message_to_sign
+    from flwr.supernode import start_client_internal as loop
+
+    from .app_check import app_differences
+
+    pull = getattr(loop, "_pull_and_store_message", None)
+    if pull is None or "trusted_entities" not in inspect.signature(pull).parameters:
+        return False
+    key = ed25519.Ed25519PrivateKey.generate()
+    key_id = "fpk_mrprism_site"
+    trusted = {
+        key_id: key.public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode()
+    }
+
+    def site_checked(get_fab):  # noqa: ANN001, ANN202 - Flower's callable
+        def get_checked_fab(fab_hash: str, run_id: int) -> Fab:
+            fab = get_fab(fab_hash, run_id)
+            problems = app_differences(fab.content, root)
+            if problems:
+                print(
+                    f"refusing run {run_id}: its app is not this site's code ({root}): "
+                    + "; ".join(problems[:5])
+                    + (f"; and {len(problems) - 5} more" if len(problems) > 5 else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return Fab(fab.hash_str, fab.content, {})  # unsigned: Flower refuses it
+            signed_at = int(time.time())
+            digest = hashlib.sha256(fab.content).digest()
+            signature = key.sign(create_message_to_sign(digest, signed_at))
+            encoded = base64.urlsafe_b64encode(signature).decode().rstrip("=")
+            verification = json.dumps({"signature": encoded, "signed_at": signed_at})
+            return Fab(fab.hash_str, fab.content, {"valid_license": "Valid", key_id: verification})
+
+        return get_checked_fab
+
+    def pull_own_apps_only(**kwargs):  # noqa: ANN003, ANN202 - Flower's arguments
+        kwargs["get_fab"] = site_checked(kwargs["get_fab"])
+        kwargs["trusted_entities"] = trusted
+        return pull(**kwargs)
+
+    loop._pull_and_store_message = pull_own_apps_only  # type: ignore[assignment]
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m client.supernode_launch",
@@ -77,9 +139,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         required=True,
         help=f"seconds between polls that find no message (Flower's: {FLOWER_IDLE_WAIT_S})",
     )
+    parser.add_argument(
+        "--pin-app",
+        metavar="DIR",
+        default=None,
+        help="run only apps whose Python files are this checkout's (client/app_check.py)",
+    )
     args, supernode_args = parser.parse_known_args(argv)
     if not args.idle_poll_s > 0:
         parser.error(f"--idle-poll-s must be > 0, got {args.idle_poll_s}")
+    if args.pin_app and not pin_app(Path(args.pin_app)):
+        print(
+            "error: this Flower's SuperNode cannot be made to refuse apps that are not this "
+            "site's code; not starting it",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 2
     if not shorten_idle_wait(args.idle_poll_s):
         print(
             f"notice: this Flower's SuperNode has no fixed {FLOWER_IDLE_WAIT_S} s idle wait to "

@@ -9,6 +9,8 @@ import json
 import subprocess
 import sys
 import time
+import zipfile
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -16,7 +18,7 @@ from cryptography import x509
 from client.keys import make_site_keys
 from server.certs import make_certificates
 
-from .deploy import PROJECT_ROOT, Deployment, history, wait_for_round
+from .deploy import PROJECT_ROOT, Deployment, history, toml_value, wait_for_round
 
 TINY = ["data.splits.train=4", "data.splits.val=2", "data.splits.test=2", "data.image_size=32"]
 
@@ -127,3 +129,44 @@ def test_a_site_restarted_at_once_under_node_auth_waits_for_its_old_session_and_
     assert set(rounds[2]["train_sites"]) == {"synthetic_a", "synthetic_b"}  # back for round 3
     log = secure.log("synthetic_a")
     assert "Failed to activate SuperNode" in log and "its old session has not expired" in log
+
+
+def test_a_site_refuses_an_app_that_is_not_its_own_code(tmp_path):
+    """Whoever reaches the SuperLink can submit a run, and the run's app (FAB) is what a site's
+    SuperNode executes: the site runs it only if its Python files are the site's own
+    (``supernode.pin_app``, client/app_check.py). The same project with one comment added to
+    one file is refused with Flower's own verification error, and nothing trains."""
+    app = tmp_path / "app"
+    app.mkdir()
+    built = subprocess.run(
+        [str(Path(sys.executable).with_name("flwr")), "build", "--app", str(PROJECT_ROOT)],
+        cwd=app, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stdout + built.stderr
+    [fab] = app.glob("*.fab")
+    with zipfile.ZipFile(fab) as archive:
+        archive.extractall(app)
+    fab.unlink()
+    tampered = app / "client" / "app.py"
+    tampered.write_text(tampered.read_text() + "# anything at all could run here\n")
+
+    deployment = Deployment(tmp_path / "deploy")
+    try:
+        deployment.start_superlink()
+        deployment.start_site("synthetic_a", "data.splits.train=4", "data.splits.val=2")
+        deployment.wait_online(1)
+        out_dir = tmp_path / "out"
+        config = {
+            "num-server-rounds": 1, "fraction-evaluate": 0.0, "min-available-nodes": 1,
+            "min-train-nodes": 1, "out-dir": str(out_dir), "round-timeout": 120,
+        }  # fmt: skip
+        overrides = " ".join(f"{k}={toml_value(v)}" for k, v in config.items())
+        result = deployment.flwr("run", str(app), "test", "--stream", "-c", overrides, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        record = json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[0])
+        assert record["aggregated"] is False and not record["train_sites"], record
+        log = deployment.log("synthetic_a")
+        assert "its app is not this site's code" in log and "client/app.py: differs" in log
+        assert "FAB could not be verified" in log, log[-3000:]
+    finally:
+        deployment.stop()

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from client.__main__ import supernode_command
+from client.__main__ import SITE_CODE_ROOT, supernode_command
 from client.site import SiteDataError
 from client.supernode_launch import FLOWER_IDLE_WAIT_S, ShortIdleWait, shorten_idle_wait
 
@@ -46,10 +46,13 @@ def test_the_installed_flower_has_the_wait_this_shortens(monkeypatch):
 def test_the_site_config_chooses_the_supernode_command(tmp_path):
     fast = supernode_command(_config(idle_poll_s=0.5), tmp_path)
     assert fast[:4] == [sys.executable, "-m", "client.supernode_launch", "--idle-poll-s=0.5"]
+    assert f"--pin-app={SITE_CODE_ROOT}" in fast  # supernode.pin_app defaults to true
     for stock in (None, FLOWER_IDLE_WAIT_S):
-        assert supernode_command(_config(idle_poll_s=stock), tmp_path)[0].endswith(
-            "flower-supernode"
-        )
+        # Flower's own wait: its own SuperNode, unless the site runs only its own code
+        pinned = supernode_command(_config(idle_poll_s=stock), tmp_path)
+        assert pinned[3:5] == [f"--idle-poll-s={FLOWER_IDLE_WAIT_S}", f"--pin-app={SITE_CODE_ROOT}"]
+        unpinned = supernode_command(_config(idle_poll_s=stock, pin_app=False), tmp_path)
+        assert unpinned[0].endswith("flower-supernode")
     with pytest.raises(SiteDataError, match=r"supernode.idle_poll_s=0 is refused"):
         supernode_command(_config(idle_poll_s=0), tmp_path)
 
