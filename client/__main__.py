@@ -167,21 +167,21 @@ def supernode_command(
     tells the ClientApp where the site worker listens."""
     node = dict(cfg.get("supernode") or {})
     idle_poll_s = node.get("idle_poll_s", DEFAULT_IDLE_POLL_S)
+    wait = FLOWER_IDLE_WAIT_S if idle_poll_s is None else float(idle_poll_s)
     pin = bool(node.get("pin_app", True))
-    if (idle_poll_s is None or float(idle_poll_s) >= FLOWER_IDLE_WAIT_S) and not pin:
-        command = [shutil.which("flower-supernode") or "flower-supernode"]
-    elif idle_poll_s is None or float(idle_poll_s) > 0:
-        # Flower's own entry point, its 3 s wait after an empty poll shortened, running only
-        # apps that are this checkout's code (client/app_check.py)
-        wait = FLOWER_IDLE_WAIT_S if idle_poll_s is None else idle_poll_s
-        command = [sys.executable, "-m", "client.supernode_launch", f"--idle-poll-s={wait}"]
-        if pin:
-            command.append(f"--pin-app={SITE_CODE_ROOT}")
-    else:
+    if not wait > 0:
         raise SiteDataError(
             f"site {cfg['site']}: supernode.idle_poll_s={idle_poll_s!r} is refused: seconds > 0 "
             f"(or null for Flower's {FLOWER_IDLE_WAIT_S} s)"
         )
+    if wait >= FLOWER_IDLE_WAIT_S and not pin:
+        command = [shutil.which("flower-supernode") or "flower-supernode"]
+    else:
+        # Flower's own entry point, its 3 s wait after an empty poll shortened, running only
+        # apps that are this checkout's code (client/app_check.py)
+        command = [sys.executable, "-m", "client.supernode_launch", f"--idle-poll-s={wait:g}"]
+        if pin:
+            command.append(f"--pin-app={SITE_CODE_ROOT}")
     command += ["--superlink", str(cfg["superlink"])]
     if node.get("insecure", False):
         command.append("--insecure")

@@ -23,6 +23,8 @@ import types
 from collections.abc import Sequence
 from pathlib import Path
 
+from mrprism_core.cli_types import positive_float
+
 __all__ = [
     "DEFAULT_IDLE_POLL_S",
     "FLOWER_IDLE_WAIT_S",
@@ -135,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--idle-poll-s",
-        type=float,
+        type=positive_float,
         required=True,
         help=f"seconds between polls that find no message (Flower's: {FLOWER_IDLE_WAIT_S})",
     )
@@ -146,8 +148,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="run only apps whose Python files are this checkout's (client/app_check.py)",
     )
     args, supernode_args = parser.parse_known_args(argv)
-    if not args.idle_poll_s > 0:
-        parser.error(f"--idle-poll-s must be > 0, got {args.idle_poll_s}")
     if args.pin_app and not pin_app(Path(args.pin_app)):
         print(
             "error: this Flower's SuperNode cannot be made to refuse apps that are not this "

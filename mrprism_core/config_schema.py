@@ -60,7 +60,7 @@ def check_bounds(schema: type, node: Any, prefix: str = "", kebab: bool = False)
     for spec in fields(schema):
         value = node[spec.name]
         key = prefix + (spec.name.replace("_", "-") if kebab else spec.name)
-        if is_dataclass(spec.default_factory if callable(spec.default_factory) else None):
+        if is_dataclass(spec.default_factory):  # a nested schema (MISSING, list: not)
             check_bounds(spec.default_factory, value, f"{key}.", kebab)  # type: ignore[arg-type]
             continue
         if value is None:
