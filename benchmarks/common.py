@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import platform
-import statistics
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from mrprism_core.metrics import spread as spread  # the benchmarks' mean and spread
 
 RESULTS_DIR = Path("benchmarks/results")
 
@@ -45,16 +45,3 @@ def simulation_config(overrides: list[str]) -> dict[str, Any]:
     with initialize_config_module("site_configs", version_base="1.3"):
         cfg = compose("simulation", overrides=overrides)
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-
-
-def spread(values: Sequence[float | None], digits: int | None = None) -> dict[str, float] | None:
-    """Mean and sample standard deviation (0 for one value), rounded to ``digits`` when given;
-    None if any value is missing."""
-    if not values or any(v is None for v in values):
-        return None
-    numbers = [float(v) for v in values]  # type: ignore[arg-type]
-    std = statistics.stdev(numbers) if len(numbers) > 1 else 0.0
-    mean = statistics.fmean(numbers)
-    if digits is None:
-        return {"mean": mean, "std": std}
-    return {"mean": round(mean, digits), "std": round(std, digits)}

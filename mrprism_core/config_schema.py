@@ -156,6 +156,7 @@ class FederationOptions:
 class SimulationSchema:
     out_dir: str = "runs/simulation"  # report, plots and the sites' state
     seed: int = 0  # partitions, weights, heads, shuffles
+    seeds: int = at_least(1, 1)  # runs, seeds seed .. seed+seeds-1; more than one: mean and spread
     methods: list[str] = field(default_factory=list)  # the grid
     progress: bool = True  # progress bar
     tracking: str = "none"  # none, tensorboard or mlflow

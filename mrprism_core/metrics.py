@@ -6,6 +6,7 @@ empty masks is 1 (both agree there is nothing); binarisation is ``x > threshold`
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ __all__ = [
     "MetricAccumulator",
     "RECURRENCE_METRICS",
     "recurrence_table",
+    "spread",
 ]
 
 #: What :class:`MetricAccumulator` reports for every recurrence (``<name>_rec<i>``).
@@ -299,3 +301,16 @@ def recurrence_table(result: Mapping[str, Any]) -> list[dict[str, float | None]]
 
 def _optional_float(value: Any) -> float | None:
     return None if value is None else float(value)
+
+
+def spread(values: Sequence[float | None], digits: int | None = None) -> dict[str, float] | None:
+    """Mean and sample standard deviation over runs (seeds; 0 for one value), rounded to
+    ``digits`` when given; None if any value is missing."""
+    if not values or any(v is None for v in values):
+        return None
+    numbers = [float(v) for v in values]  # type: ignore[arg-type]
+    std = statistics.stdev(numbers) if len(numbers) > 1 else 0.0
+    mean = statistics.fmean(numbers)
+    if digits is None:
+        return {"mean": mean, "std": std}
+    return {"mean": round(mean, digits), "std": round(std, digits)}

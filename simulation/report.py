@@ -3,15 +3,16 @@ tables a person reads) and three plots."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mrprism_core.checkpoint import atomic_write_bytes, atomic_write_json
+from mrprism_core.metrics import spread
 
-__all__ = ["targets", "write_report"]
+__all__ = ["console_summary", "over_seeds", "targets", "write_report", "write_seed_report"]
 
 FEDERATED_VS_CENTRAL_POINTS = 1.0
 FEDERATED_VS_LOCAL_POINTS = 3.0
@@ -59,28 +60,33 @@ def targets(methods: Mapping[str, Any], train_cases: Mapping[str, int]) -> list[
     return out
 
 
+def _scalar(value: Any) -> float | None:
+    """A row's metric as one number: per-rater Dice (a list, one per rater) by its mean."""
+    if isinstance(value, list):
+        return float(np.mean(value)) if value else None
+    return None if value is None else float(value)
+
+
 def _fmt(value: Any) -> str:
     return "-" if value is None else f"{100 * float(value):.1f}"
 
 
-def _markdown(results: Mapping[str, Any]) -> str:
-    methods = results["methods"]
-    sites = [s["name"] for s in results["sites"]]
-    lines = [
-        "# Simulation results",
-        "",
-        f"Seed {results['config']['seed']}; {len(sites)} sites; "
-        f"{results['config']['federation']['rounds']} rounds x "
-        f"{results['config']['federation']['local_epochs']} local epoch(s); "
-        f"strategy {results['config']['federation']['strategy']}; "
-        f"model preset {results['config']['federation']['preset']}. "
-        "Scores in points (x100) on each site's test split.",
-        "",
-        "| site | raters | train cases |",
-        "|---|---|---|",
-    ]
-    for site in results["sites"]:
-        lines.append(f"| {site['name']} | {site['num_raters']} | {site['cases'].get('train', 0)} |")
+def _setup(results: Mapping[str, Any]) -> str:
+    """The experiment in one sentence, for the reports' heads."""
+    federation = results["config"]["federation"]
+    return (
+        f"{len(results['sites'])} sites; {federation['rounds']} rounds x "
+        f"{federation['local_epochs']} local epoch(s); strategy {federation['strategy']}; "
+        f"model preset {federation['preset']}. Scores in points (x100) on each site's test split."
+    )
+
+
+def _score_tables(
+    methods: Mapping[str, Any], sites: Sequence[str], show: Callable[[Any], str]
+) -> list[str]:
+    """Soft Dice, per-rater Dice and Dice vs truth: method x site, and the site mean; ``show``
+    writes one cell from what the results hold there."""
+    lines = []
     for metric, title in (
         ("soft_dice", "Soft Dice (paper 000, Table 1)"),
         (
@@ -92,15 +98,27 @@ def _markdown(results: Mapping[str, Any]) -> str:
         lines += ["", f"## {title}", "", "| method | " + " | ".join(sites) + " | mean |"]
         lines.append("|---" * (len(sites) + 2) + "|")
         for name, method in methods.items():
-            cells = []
-            for site in sites:
-                value = method["sites"][site].get(metric)
-                if isinstance(value, list):
-                    value = float(np.mean(value)) if value else None
-                cells.append(_fmt(value))
+            cells = [show(method["sites"][site].get(metric)) for site in sites]
             lines.append(
-                f"| {name} | " + " | ".join(cells) + f" | {_fmt(method['mean'].get(metric))} |"
+                f"| {name} | " + " | ".join(cells) + f" | {show(method['mean'].get(metric))} |"
             )
+    return lines
+
+
+def _markdown(results: Mapping[str, Any]) -> str:
+    methods = results["methods"]
+    sites = [s["name"] for s in results["sites"]]
+    lines = [
+        "# Simulation results",
+        "",
+        f"Seed {results['config']['seed']}; {_setup(results)}",
+        "",
+        "| site | raters | train cases |",
+        "|---|---|---|",
+    ]
+    for site in results["sites"]:
+        lines.append(f"| {site['name']} | {site['num_raters']} | {site['cases'].get('train', 0)} |")
+    lines += _score_tables(methods, sites, lambda value: _fmt(_scalar(value)))
     lines += ["", "## Targets", "", "| target | measured (points) | met |", "|---|---|---|"]
     for target in results["targets"]:
         lines.append(
@@ -188,21 +206,35 @@ def _recurrence_table(methods: Mapping[str, Any], sites: Sequence[str]) -> list[
         "rec0 starts from equal confidences; each later recurrence feeds ConP the raters' "
         "reliabilities DivP estimated in the one before. Site means in points; GED as is.",
         "",
-        "| method | recurrence | soft Dice | Dice vs truth | per-rater Dice | GED |",
+        "| method | recurrence | soft Dice | per-rater Dice | Dice vs truth | GED |",
         "|---|---|---|---|---|---|",
     ]
     for name, method in recurring.items():
-        tables = [method["sites"][site].get("recurrences") or [] for site in sites]
-        for index in range(min(len(table) for table in tables)):
-            cells = []
-            for metric in ("soft_dice", "dice_vs_truth", "per_rater_dice", "ged"):
-                values = [table[index].get(metric) for table in tables]
-                value = None if None in values else float(np.mean(values))
-                cells.append(
-                    ("-" if value is None else f"{value:.3f}") if metric == "ged" else _fmt(value)
-                )
+        for index, row in enumerate(_recurrence_means(method, sites)):
+            cells = [
+                ("-" if row[metric] is None else f"{row[metric]:.3f}")
+                if metric == "ged"
+                else _fmt(row[metric])
+                for metric in _MODEL_METRICS
+            ]
             lines.append(f"| {name} | rec{index} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _recurrence_means(
+    method: Mapping[str, Any], sites: Sequence[str]
+) -> list[dict[str, float | None]]:
+    """rec0 ... rec_tau of one method, each metric the mean over the sites (None when a site
+    has no value); empty when its model does not recur."""
+    tables = [method["sites"][site].get("recurrences") or [] for site in sites]
+    rows = []
+    for index in range(min(len(table) for table in tables)):
+        row = {}
+        for metric in _MODEL_METRICS:
+            values = [table[index].get(metric) for table in tables]
+            row[metric] = None if None in values else float(np.mean(values))
+        rows.append(row)
+    return rows
 
 
 def _model_table(methods: Mapping[str, Any], sites: Sequence[str]) -> list[str]:
@@ -231,9 +263,7 @@ def _model_table(methods: Mapping[str, Any], sites: Sequence[str]) -> list[str]:
             row = method["mean"] if site == "mean" else method["sites"][site]
             cells = []
             for metric in _MODEL_METRICS:
-                value = row.get(metric)
-                if isinstance(value, list):
-                    value = float(np.mean(value)) if value else None
+                value = _scalar(row.get(metric))
                 if metric == "ged":  # a distance, not a score: as is
                     cells.append("-" if value is None else f"{float(value):.3f}")
                 else:
@@ -358,3 +388,152 @@ def write_report(
     _plot_methods(results, out_dir / "methods.png")
     if cases:
         _plot_cases(cases, out_dir / "cases.png")
+
+
+# ---- several seeds ----------------------------------------------------------------------
+
+
+def over_seeds(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The runs of one experiment with different seeds (each :func:`run_experiment`'s results)
+    summarised: every method x site x metric, the site means, each recurrence (site mean) and
+    each target as mean and sample standard deviation over the seeds. A target is met when its
+    mean over the seeds meets it; its value at every seed is kept beside."""
+    first = runs[0]
+    sites = [s["name"] for s in first["sites"]]
+    methods: dict[str, Any] = {}
+    for name in first["methods"]:
+        per_seed = [run["methods"][name] for run in runs]
+        recurrences = [_recurrence_means(method, sites) for method in per_seed]
+        methods[name] = {
+            "sites": {
+                site: {
+                    metric: spread([_scalar(m["sites"][site].get(metric)) for m in per_seed])
+                    for metric in _MODEL_METRICS
+                }
+                for site in sites
+            },
+            "mean": {
+                metric: spread([m["mean"].get(metric) for m in per_seed])
+                for metric in _MODEL_METRICS
+            },
+            "recurrences": [
+                {
+                    metric: spread([rows[i][metric] for rows in recurrences])
+                    for metric in _MODEL_METRICS
+                }
+                for i in range(min(len(rows) for rows in recurrences))
+            ],
+            "seconds": spread([m["seconds"] for m in per_seed]),
+        }
+    # the targets' rules applied to the means over the seeds (each gap is linear in the scores,
+    # so its value there is the mean of the per-seed gaps)
+    means = {
+        name: {
+            "mean": {k: v["mean"] for k, v in method["mean"].items() if v is not None},
+            "sites": {
+                site: {k: v["mean"] for k, v in row.items() if v is not None}
+                for site, row in method["sites"].items()
+            },
+        }
+        for name, method in methods.items()
+    }
+    train_cases = {s["name"]: s["cases"].get("train", 0) for s in first["sites"]}
+    verdicts = targets(means, train_cases)
+    for index, verdict in enumerate(verdicts):
+        at_seeds = [run["targets"][index]["measured_points"] for run in runs]
+        verdict["measured_points"] = spread(at_seeds, 2)
+        verdict["per_seed"] = at_seeds
+    return {
+        "seeds": [int(run["seed"]) for run in runs],
+        "sites": first["sites"],
+        "methods": methods,
+        "targets": verdicts,
+    }
+
+
+def _cell(value: Mapping[str, float] | None, scale: float = 100.0, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    return f"{scale * value['mean']:.{digits}f} ± {scale * value['std']:.{digits}f}"
+
+
+def _seed_markdown(summary: Mapping[str, Any]) -> str:
+    seeds = summary["seeds"]
+    methods = summary["methods"]
+    sites = [s["name"] for s in summary["sites"]]
+    lines = [
+        "# Simulation results over seeds",
+        "",
+        f"Seeds {', '.join(map(str, seeds))}: mean ± sample standard deviation over the "
+        f"{len(seeds)} runs (each run's own report: `seed<N>/results.md`); {_setup(summary)}",
+    ]
+    lines += _score_tables(methods, sites, _cell)
+    lines += [
+        "",
+        "## Targets (met when the mean over the seeds meets them)",
+        "",
+        "| target | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std | met |",
+        "|---" * (len(seeds) + 3) + "|",
+    ]
+    for target in summary["targets"]:
+        measured = target["measured_points"]
+        lines.append(
+            f"| {target['target']} | "
+            + " | ".join(f"{value:+.2f}" for value in target["per_seed"])
+            + f" | {measured['mean']:+.2f} ± {measured['std']:.2f} | "
+            + f"{'yes' if target['met'] else '**no**'} |"
+        )
+    recurring = {n: m for n, m in methods.items() if len(m["recurrences"]) > 1}
+    if recurring:
+        lines += [
+            "",
+            "## Per recurrence (paper 000, Table 1 style)",
+            "",
+            "Site means in points; GED as is.",
+            "",
+            "| method | recurrence | soft Dice | per-rater Dice | Dice vs truth | GED |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, method in recurring.items():
+            for index, row in enumerate(method["recurrences"]):
+                cells = [
+                    _cell(row[metric], 1.0, 3) if metric == "ged" else _cell(row[metric])
+                    for metric in _MODEL_METRICS
+                ]
+                lines.append(f"| {name} | rec{index} | " + " | ".join(cells) + " |")
+    lines += ["", "## Time per run", "", "| method | seconds |", "|---|---|"]
+    for name, method in methods.items():
+        lines.append(f"| {name} | {_cell(method['seconds'], 1.0, 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_seed_report(out_dir: Path, summary: dict[str, Any]) -> None:
+    """Write the summary over seeds as ``results.json`` and ``results.md`` in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "results.json", summary)
+    atomic_write_bytes(out_dir / "results.md", _seed_markdown(summary).encode())
+
+
+def console_summary(results: Mapping[str, Any]) -> list[str]:
+    """What ``python -m simulation.run`` prints at the end: each method's mean soft Dice and
+    each target, for one run or over seeds."""
+    lines = []
+    over = "seeds" in results
+    for name, method in results["methods"].items():
+        score = method["mean"]["soft_dice"]
+        if over:
+            lines.append(
+                f"{name:17} mean soft Dice {score['mean']:.4f} ± {score['std']:.4f} "
+                f"over seeds {', '.join(map(str, results['seeds']))}"
+            )
+        else:
+            lines.append(f"{name:17} mean soft Dice {score:.4f}")
+    for target in results["targets"]:
+        verdict = "met" if target["met"] else "NOT met"
+        measured = target["measured_points"]
+        if over:
+            shown = f"{measured['mean']:+.2f} ± {measured['std']:.2f} points on the mean"
+        else:
+            shown = f"{measured:+.2f} points"
+        lines.append(f"{target['target']}: {shown} ({verdict})")
+    return lines

@@ -32,7 +32,7 @@ from mrprism_core.train import seed_everything
 
 from .methods import Experiment, check_methods, check_ray_address, mean_row, run_method
 from .partition import VirtualSite, partition
-from .report import targets, write_report
+from .report import console_summary, over_seeds, targets, write_report, write_seed_report
 
 log = logging.getLogger(__name__)
 # Flower's logger: run.log always, the console without a progress bar (route_logs)
@@ -87,8 +87,9 @@ def _example_cases(sites: list[VirtualSite], state_dirs: dict[str, str], split: 
     return cases
 
 
-def run_experiment(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Run the configured grid and write the report; returns the results dict."""
+def run_experiment(cfg: dict[str, Any], label: str = "") -> dict[str, Any]:
+    """Run the configured grid with ``cfg["seed"]`` and write the report; returns the results
+    dict. ``label`` goes before the progress bar's text (which seed of several)."""
     seed = int(cfg["seed"])
     seed_everything(seed)
     out_dir = Path(str(cfg["out_dir"]))
@@ -134,7 +135,7 @@ def run_experiment(cfg: dict[str, Any]) -> dict[str, Any]:
     )
 
     def tick(text: str) -> None:
-        bar.set_description(text)
+        bar.set_description(label + text)
         bar.update(1)
 
     exp.on_progress = tick
@@ -157,6 +158,25 @@ def run_experiment(cfg: dict[str, Any]) -> dict[str, Any]:
         cases = _example_cases(sites, results["methods"][source]["state_dirs"], exp.eval_split)
     write_report(out_dir, results, cases)
     return results
+
+
+def run_seeds(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Run the experiment ``cfg["seeds"]`` times, with seeds ``seed``, ``seed + 1``, ...: one
+    seed writes its report to ``out_dir`` (:func:`run_experiment`); several write theirs to
+    ``out_dir/seed<N>/`` and the mean and spread of every score to ``out_dir``. Returns what
+    ``out_dir/results.json`` holds."""
+    count = int(cfg.get("seeds", 1))
+    if count == 1:
+        return run_experiment(cfg)
+    out_dir = Path(str(cfg["out_dir"]))
+    runs = []
+    for offset in range(count):
+        seed = int(cfg["seed"]) + offset
+        one = {**cfg, "seed": seed, "seeds": 1, "out_dir": str(out_dir / f"seed{seed}")}
+        runs.append(run_experiment(one, label=f"seed {seed} ({offset + 1}/{count}) "))
+    summary = {"config": cfg, **over_seeds(runs)}
+    write_seed_report(out_dir, summary)
+    return summary
 
 
 class _HideRunSimulationDeprecation(logging.Filter):
@@ -250,12 +270,8 @@ def main() -> None:
             sys.exit(2)
         route_logs(bool(container.get("progress", True)))
         with ends_on_error():
-            results = run_experiment(container)
-        for name, method in results["methods"].items():
-            print(f"{name:17} mean soft Dice {method['mean']['soft_dice']:.4f}")
-        for target in results["targets"]:
-            verdict = "met" if target["met"] else "NOT met"
-            print(f"{target['target']}: {target['measured_points']:+.2f} points ({verdict})")
+            results = run_seeds(container)
+        print("\n".join(console_summary(results)))
         print(f"report: {cfg.out_dir}/results.md")
 
     _run()

@@ -167,6 +167,8 @@ def test_a_site_refuses_an_app_that_is_not_its_own_code(tmp_path):
         assert record["aggregated"] is False and not record["train_sites"], record
         log = deployment.log("synthetic_a")
         assert "its app is not this site's code" in log and "client/app.py: differs" in log
-        assert "FAB could not be verified" in log, log[-3000:]
+        # Flower's own refusal, naming the failed verification (not an unsupported SuperLink)
+        assert "FAB verification failed" in log and "not supported" not in log, log[-3000:]
+        assert "could not be verified" in record["dropped"][0]["reason"], record["dropped"]
     finally:
         deployment.stop()

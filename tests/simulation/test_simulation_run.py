@@ -302,3 +302,56 @@ def test_model_options_take_the_documented_mapping_override():
     )
     typed = checked(SimulationSchema, composed, "the simulation config")
     assert dict(typed.federation.model_options) == {"recurrences": 2, "divp_pixel_context": True}
+
+
+def test_several_seeds_give_each_run_and_the_mean_and_spread_of_every_score(tmp_path):
+    from simulation.run import run_seeds
+
+    cfg = _tiny_config(tmp_path / "seeds")
+    cfg["methods"], cfg["seeds"] = ["local", "centralized"], 2
+    summary = run_seeds(cfg)
+    runs = [
+        json.loads((tmp_path / "seeds" / f"seed{s}" / "results.json").read_text()) for s in (5, 6)
+    ]
+    assert [run["seed"] for run in runs] == summary["seeds"] == [5, 6]
+    for name in cfg["methods"]:
+        for site, row in summary["methods"][name]["sites"].items():
+            scores = [run["methods"][name]["sites"][site]["soft_dice"] for run in runs]
+            assert scores[0] != scores[1], (name, site)  # the seeds really differ
+            assert row["soft_dice"]["mean"] == pytest.approx((scores[0] + scores[1]) / 2)
+            assert row["soft_dice"]["std"] == pytest.approx(abs(scores[0] - scores[1]) / 2**0.5)
+        # rec0 .. rec1 of the site means, each over the seeds
+        last = summary["methods"][name]["recurrences"][-1]["soft_dice"]["mean"]
+        assert last == pytest.approx(summary["methods"][name]["mean"]["soft_dice"]["mean"])
+    on_disk = json.loads((tmp_path / "seeds" / "results.json").read_text())
+    assert on_disk["methods"] == summary["methods"]
+    markdown = (tmp_path / "seeds" / "results.md").read_text()
+    assert "Seeds 5, 6" in markdown and "| local | rec1 |" in markdown and " ± " in markdown
+
+
+def test_over_seeds_judges_a_target_on_the_mean_and_keeps_each_seed():
+    from simulation.report import console_summary, over_seeds
+
+    def run(seed: int, federated: float, centralized: float) -> dict:
+        def method(score: float) -> dict:
+            row = {"soft_dice": score, "per_rater_dice": [score], "dice_vs_truth": None}
+            return {"sites": {"a": row}, "mean": {"soft_dice": score}, "seconds": 1.0}
+
+        return {
+            "seed": seed,
+            "sites": [{"name": "a", "num_raters": 1, "cases": {"train": 4}}],
+            "methods": {"federated": method(federated), "centralized": method(centralized)},
+            "targets": [{"measured_points": round(100 * (federated - centralized), 2)}],
+        }
+
+    # seed 0 is within one point of centralized, seed 1 is not: on the mean (-1.1) it fails
+    summary = over_seeds([run(0, 0.850, 0.855), run(1, 0.840, 0.857)])
+    [target] = summary["targets"]
+    assert target["per_seed"] == [-0.5, -1.7]
+    assert target["measured_points"]["mean"] == pytest.approx(-1.1)
+    assert target["met"] is False
+    summary = over_seeds([run(0, 0.850, 0.855), run(1, 0.845, 0.852)])  # mean -0.6: met
+    assert summary["targets"][0]["met"] is True
+    lines = console_summary(summary)
+    assert lines[0].startswith("federated         mean soft Dice 0.8475 ± 0.0035 over seeds 0, 1")
+    assert lines[-1].endswith("-0.60 ± 0.14 points on the mean (met)")
