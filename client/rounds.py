@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from mrprism_core.checkpoint import CorruptCheckpointError
-from mrprism_core.federated import QUALITY_KEY, StateLayout, split_evaluation
+from mrprism_core.federated import QUALITY_KEY, SELECT_KEY, StateLayout, split_evaluation
 from mrprism_core.models import SegmentationModel, split_state
 from mrprism_core.protocol import RoundInstructions, SiteReply
 
@@ -90,6 +90,9 @@ def _evaluate(
     model = site.evaluated_model(model, instructions.personalization)
     result = site.evaluate(model, instructions.eval_split)
     scalars, details = split_evaluation(result)
+    if instructions.select_split:  # the score a round is chosen by (simulation: best_val)
+        chosen_by = site.evaluate(model, instructions.select_split)
+        scalars[SELECT_KEY] = float(chosen_by["soft_dice"])
     reply = SiteReply(
         site=site.name,
         num_raters=site.info.num_raters,

@@ -145,6 +145,7 @@ class FederationOptions:
     batch_size: int = at_least(8, 1)  # cases per optimizer step
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     eval_split: str = "test"  # split every method is scored on
+    select: str = "last"  # round reported: last, or best_val (best validation soft Dice)
     ray_num_cpus: int | None = at_least(None, 1)  # CPUs of a local Ray (None: all)
     ray_address: str | None = None  # join this Ray cluster
     client_num_cpus: float = above(1.0, 0)  # CPUs one virtual site reserves

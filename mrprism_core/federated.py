@@ -23,6 +23,7 @@ __all__ = [
     "AGGREGATION_WEIGHTS",
     "PACKED_KEY",
     "QUALITY_KEY",
+    "SELECT_KEY",
     "WEIGHT_KEY",
     "aggregation_weights",
     "StateLayout",
@@ -34,6 +35,9 @@ __all__ = [
 
 #: Metric in which a site that opted in (``share_quality``) sends its annotation-quality score.
 QUALITY_KEY = "annotation-quality"
+#: Metric of an evaluation reply holding the soft Dice on the split rounds are chosen by
+#: (``RoundInstructions.select_split``).
+SELECT_KEY = "select-soft-dice"
 
 #: Metric the server writes into each usable update for a quality-aware aggregation; Flower's
 #: strategies weight by it (``weighted_by_key``).

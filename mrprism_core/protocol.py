@@ -42,6 +42,9 @@ class RoundInstructions:
     ditto_lambda: float = 0.1  # Ditto's pull toward the global model
     local_epochs: int = 1  # training: passes over the site's training split
     eval_split: str = "val"  # evaluation: the split scored
+    # evaluation: also score this split, sent as "select-soft-dice" for choosing a round by
+    # (the simulation's federation.select=best_val); "" = none
+    select_split: str = ""
     server_round: int = 0  # this round (Flower's strategies set it too)
     proximal_mu: float = 0.0  # FedProx's proximal weight (set by Flower's FedProx)
 

@@ -74,6 +74,7 @@ class RunConfig:
     round_timeout: float = above(3600.0, 0)  # seconds to wait for replies in each phase of a round
     pipeline_rounds: bool = True  # deployment: send round r+1's training with round r's evaluation
     eval_split: str = "val"  # site split used for the per-round evaluation
+    select_split: str = ""  # also score this split each round ("select-soft-dice"); "" = none
     tracking: str = "none"  # none, tensorboard (<out-dir>/tensorboard/) or mlflow: round scalars
 
     @classmethod

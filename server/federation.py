@@ -225,6 +225,7 @@ def round_instructions(cfg: RunConfig, layout: StateLayout) -> RoundInstructions
         ditto_lambda=cfg.ditto_lambda,
         local_epochs=cfg.local_epochs,
         eval_split=cfg.eval_split,
+        select_split=cfg.select_split,
     )
 
 

@@ -40,7 +40,7 @@ import secrets
 import socket
 import sys
 import time
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -51,8 +51,8 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from client.site import SiteRuntime
 from client.state import SiteStore
-from mrprism_core.data.factory import build_dataset, dataset_info
-from mrprism_core.federated import recurrences_from_details
+from mrprism_core.data.factory import EmptySplitError, build_dataset, dataset_info
+from mrprism_core.federated import SELECT_KEY, recurrences_from_details
 from mrprism_core.local_training import run_epochs
 from mrprism_core.metrics import recurrence_table
 from mrprism_core.models import MODEL_NAMES, build_model_for_data, check_model_options
@@ -147,6 +147,7 @@ class Experiment:
     batch_size: int = 8
     device: str = "auto"
     eval_split: str = "test"
+    select_split: str = ""  # choose each method's reported round by this split ("" = the last)
     ray_num_cpus: int | None = None
     ray_address: str | None = None  # join this Ray cluster ("auto", "HOST:6379")
     client_num_cpus: float = 1.0
@@ -243,6 +244,64 @@ def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
             f"federation.ray_address={address}: no Ray cluster answers at {host}:{port} "
             f"({err.strerror or err}); is `ray start --head --port={port}` running there?"
         ) from err
+
+
+#: ``federation.select``: the round a method's scores are reported from.
+SELECTIONS = {"last": "", "best_val": "val"}
+
+
+def selection_split(select: str, sites: Sequence[VirtualSite]) -> str:
+    """The split rounds are chosen by for ``federation.select`` ("" = the last round); raises
+    naming the sites without validation cases when ``best_val`` needs them."""
+    if select not in SELECTIONS:
+        raise ValueError(f"federation.select={select!r} is refused: choose from {list(SELECTIONS)}")
+    split = SELECTIONS[select]
+    if split:
+        empty = []
+        for site in sites:
+            try:
+                build_dataset(site.data, split)
+            except EmptySplitError:
+                empty.append(site.name)
+        if empty:
+            raise ValueError(
+                f"federation.select={select} chooses each method's round by the sites' "
+                f"{split} split, but {empty} have no {split} cases (data.splits.{split}=0); "
+                f"give them some (preset=best_val does) or use federation.select=last"
+            )
+    return split
+
+
+class RoundChoice:
+    """The round whose scores a method reports: the last one, or the one with the best mean
+    soft Dice on the selection split (a later round wins only when strictly better)."""
+
+    def __init__(self, by_split: str) -> None:
+        self.by_split = by_split
+        self.best: float | None = None
+        self.round = 0
+        self.scores: list[float] = []  # the selection score of every round
+
+    def offer(self, server_round: int, score: float | None) -> bool:
+        """Record round ``server_round``; True when it is now the one to report. A round
+        without a selection score (no site answered the evaluation) cannot be chosen."""
+        if not self.by_split:
+            self.round = server_round
+            return True
+        if score is None:
+            return False
+        self.scores.append(score)
+        if self.best is None or score > self.best:
+            self.best, self.round = score, server_round
+            return True
+        return False
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "by": f"best {self.by_split} soft Dice" if self.by_split else "last round",
+            "round": self.round,
+            "scores": self.scores,
+        }
 
 
 def _row(result: Mapping[str, Any], slots: slice | None = None) -> dict[str, Any]:
@@ -362,6 +421,7 @@ def _run_federated(
         "out-dir": str(out_dir),
         "resume": False,
         "eval-split": exp.eval_split,
+        "select-split": exp.select_split,
         "secure-aggregation": secure,
         "aggregation-weight": exp.quality_weight if quality_weighted else "examples",
         # the largest site weighs in with its example count: the finest SecAgg+ quantization
@@ -372,14 +432,19 @@ def _run_federated(
     spent: dict[str, dict[str, float]] = {}
     weighting: dict[str, Any] = {}
     round_seconds: list[float] = []
+    choice = RoundChoice(exp.select_split)
 
     tracker = exp.tracker(method)
 
     def on_round(record: dict[str, Any]) -> None:
         tracker.scalars(int(record["round"]), round_scalars(record))
-        for name, row in record["evaluate_sites"].items():
+        rows = record["evaluate_sites"]
+        for name, row in rows.items():
             history[name].append(float(row["soft-dice"]))
-            finals[name] = row
+        chosen_by = [float(row[SELECT_KEY]) for row in rows.values() if SELECT_KEY in row]
+        score = sum(chosen_by) / len(chosen_by) if chosen_by else None
+        if rows and choice.offer(int(record["round"]), score):
+            finals.update(rows)
         weighting.update(record.get("aggregation_weights", {}))  # the last round's
         round_seconds.append(float(record["seconds"]))
         for name, row in record["train_sites"].items():
@@ -421,6 +486,8 @@ def _run_federated(
         # no federated evaluation under SecAgg+ / of the fine-tuned heads: each site scores
         # its final model itself
         finals = evaluate_at_sites(exp, dirs, out_dir)
+        choice = RoundChoice("")  # the final model is the only one there is to score
+        choice.offer(exp.rounds, None)
         if secure:
             for name, row in finals.items():
                 history[name].append(float(row["soft-dice"]))
@@ -443,6 +510,7 @@ def _run_federated(
         "history": history,
         "state_dirs": {s.name: str(d) for s, d in zip(exp.sites, dirs)},
         "round_seconds": round_seconds,  # server-measured, train + evaluate, per round
+        "selected": {s.name: choice.report() for s in exp.sites},  # one global model
     }
     if privacy:
         result["privacy"] = spent
@@ -481,11 +549,12 @@ def _site_scalars(site: str, result: Mapping[str, Any]) -> dict[str, Any]:
 def _run_local(exp: Experiment) -> dict[str, Any]:
     dirs = write_site_dirs(exp, "local")
     tracker = exp.tracker("local")
-    sites, history = {}, {}
+    sites, history, selected = {}, {}, {}
     for site, state_dir in zip(exp.sites, dirs):
         runtime = SiteRuntime.from_state_dir(state_dir)
         model = runtime.build_model(exp.spec(runtime.info))
         history[site.name] = []
+        choice = RoundChoice(exp.select_split)  # each site alone: its own best round
         for server_round in range(1, exp.rounds + 1):
             runtime.train(
                 model,
@@ -498,14 +567,20 @@ def _run_local(exp: Experiment) -> dict[str, Any]:
             result = runtime.evaluate(model, exp.eval_split)
             history[site.name].append(float(result["soft_dice"]))
             tracker.scalars(server_round, _site_scalars(site.name, result))
+            score = None
+            if exp.select_split:
+                score = float(runtime.evaluate(model, exp.select_split)["soft_dice"])
+            if choice.offer(server_round, score):
+                sites[site.name] = _row(result)
             exp.tick(f"local: {site.name} round {server_round}/{exp.rounds}")
         runtime.save(model, server_round=exp.rounds, run_id=0)
-        sites[site.name] = _row(result)
+        selected[site.name] = choice.report()
     tracker.close()
     return {
         "sites": sites,
         "history": history,
         "state_dirs": {s.name: str(d) for s, d in zip(exp.sites, dirs)},
+        "selected": selected,
     }
 
 
@@ -527,27 +602,39 @@ def _run_centralized(exp: Experiment) -> dict[str, Any]:
     device = resolve_device(exp.device)
     pooled = ConcatDataset([build_dataset(slotted(s), "train") for s in exp.sites])
     tests = {s.name: build_dataset(slotted(s), exp.eval_split) for s in exp.sites}
+    chosen_on = {}
+    if exp.select_split:
+        chosen_on = {s.name: build_dataset(slotted(s), exp.select_split) for s in exp.sites}
     info = dataset_info(pooled.datasets[0])
     torch.manual_seed(exp.seed)
     model = build_model_for_data(exp.spec(info), info).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=exp.lr)
     history: dict[str, list[float]] = {s.name: [] for s in exp.sites}
     results: dict[str, Any] = {}
+    choice = RoundChoice(exp.select_split)  # one pooled model: one round for every site
 
     def loader(epoch: int) -> DataLoader:
         torch.manual_seed(exp.seed * 1_000_003 + epoch)  # the epoch's shuffles of Eq. 10-12
         return make_loader(pooled, exp.batch_size, shuffle=True, seed=exp.seed + epoch)
 
     tracker = exp.tracker("centralized")
+
+    def scored(dataset: Any) -> dict[str, Any]:
+        return evaluate(model, make_loader(dataset, exp.batch_size, shuffle=False), device)
+
     for server_round in range(1, exp.rounds + 1):
         first = (server_round - 1) * exp.local_epochs
         run_epochs(model, optimizer, loader, device, exp.local_epochs, first_epoch=first)
+        latest = {}
         for site in exp.sites:
-            results[site.name] = evaluate(
-                model, make_loader(tests[site.name], exp.batch_size, shuffle=False), device
-            )
-            history[site.name].append(float(results[site.name]["soft_dice"]))
-            tracker.scalars(server_round, _site_scalars(site.name, results[site.name]))
+            latest[site.name] = scored(tests[site.name])
+            history[site.name].append(float(latest[site.name]["soft_dice"]))
+            tracker.scalars(server_round, _site_scalars(site.name, latest[site.name]))
+        score = None
+        if chosen_on:
+            score = sum(float(scored(d)["soft_dice"]) for d in chosen_on.values()) / len(chosen_on)
+        if choice.offer(server_round, score):
+            results = latest
         exp.tick(f"centralized: round {server_round}/{exp.rounds}")
     tracker.close()
     sites = {}
@@ -556,7 +643,12 @@ def _run_centralized(exp: Experiment) -> dict[str, Any]:
         sites[site.name] = _row(
             results[site.name], slice(start, start + infos[site.name].num_raters)
         )
-    return {"sites": sites, "history": history, "rater_slots": offsets}
+    return {
+        "sites": sites,
+        "history": history,
+        "rater_slots": offsets,
+        "selected": {s.name: choice.report() for s in exp.sites},  # one pooled model
+    }
 
 
 def run_method(name: str, exp: Experiment) -> dict[str, Any]:

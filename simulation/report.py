@@ -74,10 +74,17 @@ def _fmt(value: Any) -> str:
 def _setup(results: Mapping[str, Any]) -> str:
     """The experiment in one sentence, for the reports' heads."""
     federation = results["config"]["federation"]
+    chosen = (
+        "the round with the best validation soft Dice (local: each site its own; "
+        "`selected` in results.json)"
+        if federation.get("select", "last") == "best_val"
+        else "the last round"
+    )
     return (
         f"{len(results['sites'])} sites; {federation['rounds']} rounds x "
         f"{federation['local_epochs']} local epoch(s); strategy {federation['strategy']}; "
-        f"model preset {federation['preset']}. Scores in points (x100) on each site's test split."
+        f"model preset {federation['preset']}. Scores in points (x100) on each site's test "
+        f"split, of {chosen}."
     )
 
 
@@ -125,6 +132,7 @@ def _markdown(results: Mapping[str, Any]) -> str:
             f"| {target['target']} | {target['measured_points']:+.2f} | "
             f"{'yes' if target['met'] else '**no**'} |"
         )
+    lines += _selected_table(methods, sites)
     private = {name: m["privacy"] for name, m in methods.items() if m.get("privacy")}
     if private:
         lines += [
@@ -185,6 +193,22 @@ def _markdown(results: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _selected_table(methods: Mapping[str, Any], sites: Sequence[str]) -> list[str]:
+    """Which round each method's scores come from, when rounds were chosen on validation."""
+    chosen = {
+        name: method["selected"]
+        for name, method in methods.items()
+        if any(row["by"] != "last round" for row in method.get("selected", {}).values())
+    }
+    if not chosen:
+        return []
+    lines = ["", "## Round reported (best validation soft Dice)", ""]
+    lines += ["| method | " + " | ".join(sites) + " |", "|---" * (len(sites) + 1) + "|"]
+    for name, selected in chosen.items():
+        lines.append(f"| {name} | " + " | ".join(str(selected[s]["round"]) for s in sites) + " |")
+    return lines
 
 
 _MODEL_METRICS = ("soft_dice", "per_rater_dice", "dice_vs_truth", "ged")

@@ -30,7 +30,14 @@ from mrprism_core.models.config import get_preset
 from mrprism_core.tracking import check_tracking
 from mrprism_core.train import seed_everything
 
-from .methods import Experiment, check_methods, check_ray_address, mean_row, run_method
+from .methods import (
+    Experiment,
+    check_methods,
+    check_ray_address,
+    mean_row,
+    run_method,
+    selection_split,
+)
 from .partition import VirtualSite, partition
 from .report import console_summary, over_seeds, targets, write_report, write_seed_report
 
@@ -119,6 +126,7 @@ def run_experiment(cfg: dict[str, Any], label: str = "") -> dict[str, Any]:
         batch_size=int(fed["batch_size"]),
         device=str(fed["device"]),
         eval_split=str(fed["eval_split"]),
+        select_split=selection_split(str(fed.get("select", "last")), sites),
         ray_num_cpus=fed.get("ray_num_cpus"),
         ray_address=fed.get("ray_address") or None,
         client_num_cpus=float(fed.get("client_num_cpus") or 1.0),
@@ -264,7 +272,7 @@ def main() -> None:
             )
             check_tracking(str(container.get("tracking", "none")))
             check_ray_address(federation["ray_address"])
-            resolve_sites(container)
+            selection_split(federation["select"], resolve_sites(container))
         except (ValueError, FileNotFoundError) as err:  # SiteDataError is a ValueError
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)

@@ -24,6 +24,7 @@ def test_instructions_round_trip_every_field():
         ditto_lambda=0.3,
         local_epochs=3,
         eval_split="test",
+        select_split="val",
         server_round=2,
         proximal_mu=0.05,
     )

@@ -183,6 +183,13 @@ def test_unknown_models_and_methods_are_named():
         ("federation.rounds=-1", "federation.rounds=-1 is refused: must be >= 1"),
         ("federation.lr=0", "federation.lr=0.0 is refused: must be > 0"),
         ("partition.alpha=-0.5", "partition.alpha=-0.5 is refused: must be > 0"),
+        ("federation.select=best", "federation.select='best' is refused: choose from"),
+        # the default preset's sites have no validation cases to choose a round by
+        (
+            "federation.select=best_val",
+            "federation.select=best_val chooses each method's round by the sites' val split, "
+            "but ['synthetic_a', 'synthetic_b', 'synthetic_hard'] have no val cases",
+        ),
         # the default methods train MrPrism: refused before the first of them starts
         (
             "federation.model_options={bank_size: 4}",
@@ -355,3 +362,45 @@ def test_over_seeds_judges_a_target_on_the_mean_and_keeps_each_seed():
     lines = console_summary(summary)
     assert lines[0].startswith("federated         mean soft Dice 0.8475 ± 0.0035 over seeds 0, 1")
     assert lines[-1].endswith("-0.60 ± 0.14 points on the mean (met)")
+
+
+def test_best_val_reports_each_method_at_its_best_validation_round(tmp_path):
+    cfg = _tiny_config(tmp_path / "best")
+    cfg["partition"]["data"]["splits"]["val"] = 4
+    cfg["methods"] = ["federated", "local", "centralized"]
+    cfg["federation"].update(rounds=3, lr=0.01, select="best_val")
+    results = run_experiment(cfg)
+    for name, method in results["methods"].items():
+        for site, row in method["sites"].items():
+            chosen = method["selected"][site]
+            assert chosen["by"] == "best val soft Dice" and len(chosen["scores"]) == 3, name
+            best = chosen["scores"].index(max(chosen["scores"])) + 1  # the first best round
+            assert chosen["round"] == best, (name, site)
+            # the test scores reported are that round's, not the last one's
+            assert row["soft_dice"] == method["history"][site][best - 1], (name, site)
+    # one global model, one pooled model: one round for all their sites
+    for name in ("federated", "centralized"):
+        assert len({r["round"] for r in results["methods"][name]["selected"].values()}) == 1
+    markdown = (tmp_path / "best" / "results.md").read_text()
+    assert "of the round with the best validation soft Dice" in markdown
+    assert "## Round reported (best validation soft Dice)" in markdown
+
+
+def test_a_round_is_chosen_by_its_validation_score_or_is_the_last():
+    from simulation.methods import RoundChoice
+
+    best = RoundChoice("val")
+    for server_round, score in enumerate([0.5, 0.7, 0.6, 0.7], start=1):
+        best.offer(server_round, score)
+    assert best.report() == {"by": "best val soft Dice", "round": 2, "scores": [0.5, 0.7, 0.6, 0.7]}
+    last = RoundChoice("")
+    assert all(last.offer(server_round, None) for server_round in (1, 2, 3))
+    assert last.report()["round"] == 3
+
+
+def test_best_val_without_validation_cases_is_refused_before_training(tmp_path):
+    cfg = _tiny_config(tmp_path / "noval")
+    cfg["federation"]["select"] = "best_val"
+    with pytest.raises(ValueError, match=r"\['site00', 'site01'\] have no val cases"):
+        run_experiment(cfg)
+    assert not (tmp_path / "noval" / "work").exists()
