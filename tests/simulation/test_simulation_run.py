@@ -368,16 +368,22 @@ def test_best_val_reports_each_method_at_its_best_validation_round(tmp_path):
     cfg = _tiny_config(tmp_path / "best")
     cfg["partition"]["data"]["splits"]["val"] = 4
     cfg["methods"] = ["federated", "local", "centralized"]
-    cfg["federation"].update(rounds=3, lr=0.01, select="best_val")
+    # at this learning rate the scores jump about: local-only training peaked before its
+    # last round (rounds 2 and 3 of 4 when this test was written, by 0.02-0.09 soft Dice)
+    cfg["federation"].update(rounds=4, lr=0.1, select="best_val")
     results = run_experiment(cfg)
+    earlier = []
     for name, method in results["methods"].items():
         for site, row in method["sites"].items():
             chosen = method["selected"][site]
-            assert chosen["by"] == "best val soft Dice" and len(chosen["scores"]) == 3, name
+            assert chosen["by"] == "best val soft Dice" and len(chosen["scores"]) == 4, name
             best = chosen["scores"].index(max(chosen["scores"])) + 1  # the first best round
             assert chosen["round"] == best, (name, site)
             # the test scores reported are that round's, not the last one's
             assert row["soft_dice"] == method["history"][site][best - 1], (name, site)
+            if method["history"][site][best - 1] != method["history"][site][-1]:
+                earlier.append((name, site))
+    assert earlier  # a round other than the last was reported somewhere: the choice mattered
     # one global model, one pooled model: one round for all their sites
     for name in ("federated", "centralized"):
         assert len({r["round"] for r in results["methods"][name]["selected"].values()}) == 1
