@@ -246,6 +246,14 @@ def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
         ) from err
 
 
+def split_cases(site: VirtualSite, split: str) -> int:
+    """How many cases the site's ``split`` holds (0 when its config gives it none)."""
+    try:
+        return len(build_dataset(site.data, split))
+    except EmptySplitError:
+        return 0
+
+
 #: ``federation.select``: the round a method's scores are reported from.
 SELECTIONS = {"last": "", "best_val": "val"}
 
@@ -257,12 +265,7 @@ def selection_split(select: str, sites: Sequence[VirtualSite]) -> str:
         raise ValueError(f"federation.select={select!r} is refused: choose from {list(SELECTIONS)}")
     split = SELECTIONS[select]
     if split:
-        empty = []
-        for site in sites:
-            try:
-                build_dataset(site.data, split)
-            except EmptySplitError:
-                empty.append(site.name)
+        empty = [site.name for site in sites if not split_cases(site, split)]
         if empty:
             raise ValueError(
                 f"federation.select={select} chooses each method's round by the sites' "

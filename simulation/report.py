@@ -181,7 +181,8 @@ def _markdown(results: Mapping[str, Any]) -> str:
             "the updates) and was scored once, after the last round.",
         ]
 
-    lines += _recurrence_table(methods, sites)
+    means = {name: _recurrence_means(method, sites) for name, method in methods.items()}
+    lines += _recurrence_table(means, _metric_cell)
     lines += _model_table(methods, sites)
     lines += ["", "## Time", "", "| method | seconds |", "|---|---|"]
     for name, method in methods.items():
@@ -214,13 +215,19 @@ def _selected_table(methods: Mapping[str, Any], sites: Sequence[str]) -> list[st
 _MODEL_METRICS = ("soft_dice", "per_rater_dice", "dice_vs_truth", "ged")
 
 
-def _recurrence_table(methods: Mapping[str, Any], sites: Sequence[str]) -> list[str]:
-    """rec0 ... rec_tau of every method whose model recurs (paper 000, Table 1 style)."""
-    recurring = {
-        name: method
-        for name, method in methods.items()
-        if any(len(row.get("recurrences") or []) > 1 for row in method["sites"].values())
-    }
+def _metric_cell(metric: str, value: float | None) -> str:
+    """One run's cell: a score in points, GED (a distance, not a score) as is."""
+    if metric == "ged":
+        return "-" if value is None else f"{value:.3f}"
+    return _fmt(value)
+
+
+def _recurrence_table(
+    rows_by_method: Mapping[str, Sequence[Mapping[str, Any]]], show: Callable[[str, Any], str]
+) -> list[str]:
+    """rec0 ... rec_tau (site means) of every method whose model recurs (paper 000, Table 1
+    style); ``rows_by_method`` holds each method's rows, ``show(metric, value)`` writes a cell."""
+    recurring = {name: rows for name, rows in rows_by_method.items() if len(rows) > 1}
     if not recurring:
         return []
     lines = [
@@ -233,14 +240,9 @@ def _recurrence_table(methods: Mapping[str, Any], sites: Sequence[str]) -> list[
         "| method | recurrence | soft Dice | per-rater Dice | Dice vs truth | GED |",
         "|---|---|---|---|---|---|",
     ]
-    for name, method in recurring.items():
-        for index, row in enumerate(_recurrence_means(method, sites)):
-            cells = [
-                ("-" if row[metric] is None else f"{row[metric]:.3f}")
-                if metric == "ged"
-                else _fmt(row[metric])
-                for metric in _MODEL_METRICS
-            ]
+    for name, rows in recurring.items():
+        for index, row in enumerate(rows):
+            cells = [show(metric, row[metric]) for metric in _MODEL_METRICS]
             lines.append(f"| {name} | rec{index} | " + " | ".join(cells) + " |")
     return lines
 
@@ -285,13 +287,7 @@ def _model_table(methods: Mapping[str, Any], sites: Sequence[str]) -> list[str]:
         rows[(model, setting)] = method["mean"]
         for site in [*sites, "mean"]:
             row = method["mean"] if site == "mean" else method["sites"][site]
-            cells = []
-            for metric in _MODEL_METRICS:
-                value = _scalar(row.get(metric))
-                if metric == "ged":  # a distance, not a score: as is
-                    cells.append("-" if value is None else f"{float(value):.3f}")
-                else:
-                    cells.append(_fmt(value))
+            cells = [_metric_cell(metric, _scalar(row.get(metric))) for metric in _MODEL_METRICS]
             label = f"**{site}**" if site == "mean" else site
             lines.append(f"| {model} | {setting} | {label} | " + " | ".join(cells) + " |")
     beaten = []
@@ -507,24 +503,10 @@ def _seed_markdown(summary: Mapping[str, Any]) -> str:
             + f" | {measured['mean']:+.2f} ± {measured['std']:.2f} | "
             + f"{'yes' if target['met'] else '**no**'} |"
         )
-    recurring = {n: m for n, m in methods.items() if len(m["recurrences"]) > 1}
-    if recurring:
-        lines += [
-            "",
-            "## Per recurrence (paper 000, Table 1 style)",
-            "",
-            "Site means in points; GED as is.",
-            "",
-            "| method | recurrence | soft Dice | per-rater Dice | Dice vs truth | GED |",
-            "|---|---|---|---|---|---|",
-        ]
-        for name, method in recurring.items():
-            for index, row in enumerate(method["recurrences"]):
-                cells = [
-                    _cell(row[metric], 1.0, 3) if metric == "ged" else _cell(row[metric])
-                    for metric in _MODEL_METRICS
-                ]
-                lines.append(f"| {name} | rec{index} | " + " | ".join(cells) + " |")
+    lines += _recurrence_table(
+        {name: method["recurrences"] for name, method in methods.items()},
+        lambda metric, value: _cell(value, 1.0, 3) if metric == "ged" else _cell(value),
+    )
     lines += ["", "## Time per run", "", "| method | seconds |", "|---|---|"]
     for name, method in methods.items():
         lines.append(f"| {name} | {_cell(method['seconds'], 1.0, 0)} |")

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from client.site import compose_site_config
 from client.state import SiteStore
 from mrprism_core.config_schema import SimulationSchema, checked
-from mrprism_core.data.factory import EmptySplitError, build_dataset, dataset_info
+from mrprism_core.data.factory import build_dataset, dataset_info
 from mrprism_core.models import model_from_build_args
 from mrprism_core.models.config import get_preset
 from mrprism_core.tracking import check_tracking
@@ -37,6 +37,7 @@ from .methods import (
     mean_row,
     run_method,
     selection_split,
+    split_cases,
 )
 from .partition import VirtualSite, partition
 from .report import console_summary, over_seeds, targets, write_report, write_seed_report
@@ -55,16 +56,6 @@ def resolve_sites(cfg: dict[str, Any]) -> list[VirtualSite]:
         own = part.get("config_dir")  # a hospital-owned folder overlaying site_configs/
         part["sources"] = [compose_site_config(name, overrides, own) for name in part["sources"]]
     return partition(part, int(cfg["seed"]))
-
-
-def _cases(site: VirtualSite) -> dict[str, int]:
-    counts = {}
-    for split in ("train", "val", "test"):
-        try:
-            counts[split] = len(build_dataset(site.data, split))
-        except EmptySplitError:
-            counts[split] = 0
-    return counts
 
 
 def _example_cases(sites: list[VirtualSite], state_dirs: dict[str, str], split: str) -> list[dict]:
@@ -150,7 +141,8 @@ def run_experiment(cfg: dict[str, Any], label: str = "") -> dict[str, Any]:
     site_rows = []
     for site in sites:
         info = dataset_info(build_dataset(site.data, "train"))
-        site_rows.append({"name": site.name, "num_raters": info.num_raters, "cases": _cases(site)})
+        counts = {split: split_cases(site, split) for split in ("train", "val", "test")}
+        site_rows.append({"name": site.name, "num_raters": info.num_raters, "cases": counts})
     results: dict[str, Any] = {"config": cfg, "seed": seed, "sites": site_rows, "methods": {}}
     for method in methods:
         run_log.info("method %s", method)
