@@ -55,7 +55,7 @@ def _train(
     result = site.train(
         model,
         local_epochs=instructions.local_epochs,
-        lr=instructions.lr,
+        lr=instructions.round_lr(),
         seed=site.round_seed(instructions.seed, server_round),
         proximal_mu=instructions.proximal_mu,
         planned_rounds=instructions.num_server_rounds,

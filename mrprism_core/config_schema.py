@@ -91,6 +91,7 @@ class TrainOptions:
     epochs: int = at_least(10, 1)  # passes over the training split
     batch_size: int = at_least(8, 1)  # cases per optimizer step
     lr: float | None = above(None, 0)  # Adam learning rate; None = the preset's
+    lr_schedule: str = "constant"  # the rate over the epochs: constant or cosine
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     seed: int = 0  # seeds weights, shuffling and Eq. 14's random confidences
     num_workers: int = at_least(0, 0)  # DataLoader worker processes
@@ -139,6 +140,7 @@ class FederationOptions:
     server_momentum: float = at_least(0.9, 0)  # fedavgm
     server_lr: float = above(0.01, 0)  # fedadam / fedyogi
     lr: float | None = above(None, 0)  # Adam learning rate; None = the preset's
+    lr_schedule: str = "constant"  # the rate over the rounds: constant or cosine
     persist_optimizer: bool = True  # sites keep their Adam state between rounds
     preset: str = "tiny"  # architecture preset
     model_options: dict[str, Any] | None = None  # model overrides (null = none)

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+from .lr_schedule import scheduled_lr
+
 __all__ = ["PACKED_KEY", "RoundInstructions", "SiteReply", "coerce"]
 
 #: Name of the one array that carries the shared weights in a message.
@@ -34,7 +36,7 @@ class RoundInstructions:
 
     model_spec: dict[str, Any]  # the architecture every site builds (models.build_model_for_data)
     layout: str  # fingerprint of the shared-weight layout (federated.StateLayout)
-    lr: float  # Adam learning rate at the sites
+    lr: float  # Adam learning rate at the sites (the base rate of lr_schedule)
     seed: int  # seeds each site's per-round shuffles
     num_server_rounds: int  # rounds planned (sites calibrate DP-SGD noise on it)
     persist_optimizer: bool = True  # sites keep their Adam state between rounds
@@ -47,6 +49,11 @@ class RoundInstructions:
     select_split: str = ""
     server_round: int = 0  # this round (Flower's strategies set it too)
     proximal_mu: float = 0.0  # FedProx's proximal weight (set by Flower's FedProx)
+    lr_schedule: str = "constant"  # the rate over the rounds (mrprism_core.lr_schedule)
+
+    def round_lr(self) -> float:
+        """This round's learning rate: ``lr`` under ``lr_schedule`` over the planned rounds."""
+        return scheduled_lr(self.lr, self.server_round, self.num_server_rounds, self.lr_schedule)
 
     def to_config(self) -> dict[str, Any]:
         """Kebab-case keys; the model spec as a JSON string (records hold no nested dicts)."""

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
 from .data.factory import EmptySplitError, build_dataset, dataset_info
+from .lr_schedule import check_lr_schedule, scheduled_lr
 from .metrics import MetricAccumulator
 from .models import SegmentationModel, build_model_for_data, model_from_build_args
 
@@ -262,6 +263,7 @@ def fit(cfg: Mapping[str, Any]) -> dict[str, Any]:
     }
     model = build_model_for_data(spec, info).to(device)
     lr = float(train_cfg.get("lr") or preset_lr(model))
+    schedule = check_lr_schedule(str(train_cfg.get("lr_schedule", "constant")), "train.lr_schedule")
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
 
     start_epoch, history = 0, []
@@ -288,6 +290,10 @@ def fit(cfg: Mapping[str, Any]) -> dict[str, Any]:
         val_loader = make_loader(val_set, batch_size, shuffle=False, num_workers=workers)
     bar = tqdm(total=epochs, initial=start_epoch, desc="epochs", disable=not progress, unit="epoch")
 
+    def set_lr(epoch: int) -> None:  # 1-based; a resumed run continues the schedule
+        for group in optimizer.param_groups:
+            group["lr"] = scheduled_lr(lr, epoch, epochs, schedule)
+
     def train_loader(epoch: int) -> DataLoader:
         seed = int(train_cfg["seed"]) + epoch
         return make_loader(train_set, batch_size, shuffle=True, seed=seed, num_workers=workers)
@@ -297,7 +303,8 @@ def fit(cfg: Mapping[str, Any]) -> dict[str, Any]:
         val_metrics = None
         if val_loader is not None:
             val_metrics = evaluate(model, val_loader, device, progress=progress)
-        record = {"epoch": epoch + 1, "train": train_metrics, "val": val_metrics}
+        epoch_lr = float(optimizer.param_groups[0]["lr"])
+        record = {"epoch": epoch + 1, "lr": epoch_lr, "train": train_metrics, "val": val_metrics}
         history.append(record)
         _write_history(out_dir / "metrics.jsonl", history)
         payload = _checkpoint_payload(model, optimizer, epoch + 1, record)
@@ -309,16 +316,19 @@ def fit(cfg: Mapping[str, Any]) -> dict[str, Any]:
             epoch + 1,
             {
                 **{f"train/{k}": v for k, v in train_metrics.items()},
+                "train/lr": epoch_lr,
                 **{f"val/{k}": v for k, v in (val_metrics or {}).items()},
             },
         )
         scored = "" if val_metrics is None else f", val soft Dice {val_metrics['soft_dice']:.4f}"
         log.info("epoch %d: loss %.4f%s", epoch + 1, train_metrics["loss"], scored)
         bar.update(1)
+        set_lr(epoch + 2)
 
     from .local_training import run_epochs  # it drives train_epoch, defined above
 
     if epochs > start_epoch:
+        set_lr(start_epoch + 1)
         run_epochs(
             model,
             optimizer,

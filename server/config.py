@@ -61,6 +61,8 @@ class RunConfig:
     num_raters: int = at_least(1, 1)
     # Adam learning rate at the sites; 0 = the preset's (tiny 1e-2, paper 1e-4)
     lr: float = at_least(0.0, 0)
+    # the sites' learning rate over the rounds: constant, or cosine (decays towards 0)
+    lr_schedule: str = "constant"
     persist_optimizer: bool = True  # sites keep their Adam state between rounds (at the site)
     personalization: str = (
         "fedper"  # fedper, fedrep, fedbabu or ditto (mrprism_core.personalization)

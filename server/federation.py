@@ -45,6 +45,7 @@ from mrprism_core.federated import (
     aggregation_weights,
     update_problem,
 )
+from mrprism_core.lr_schedule import check_lr_schedule
 from mrprism_core.models import build_model_for_data, split_state
 from mrprism_core.personalization import check_personalization
 from mrprism_core.protocol import RoundInstructions, SiteReply
@@ -218,6 +219,7 @@ def round_instructions(cfg: RunConfig, layout: StateLayout) -> RoundInstructions
         model_spec=cfg.model_spec(),
         layout=layout.fingerprint,
         lr=cfg.site_lr(),
+        lr_schedule=check_lr_schedule(cfg.lr_schedule, "run-config lr-schedule"),
         seed=cfg.seed,
         num_server_rounds=cfg.num_server_rounds,
         persist_optimizer=cfg.persist_optimizer,
@@ -393,7 +395,8 @@ def run_federation(
     started = time.time()
     for server_round in range(done + 1, cfg.num_server_rounds + 1):
         log.info("round %d/%d", server_round, cfg.num_server_rounds)
-        config = ConfigRecord(replace(standing, server_round=server_round).to_config())
+        instructions = replace(standing, server_round=server_round)
+        config = ConfigRecord(instructions.to_config())
         if next_train is None:
             next_train = _push(grid, strategy.configure_train(server_round, arrays, config, grid))
         replies, dropped = _collect(grid, next_train, cfg.round_timeout, sites)
@@ -441,6 +444,7 @@ def run_federation(
             "run_id": run_id,
             "seconds": round(time.time() - started, 3),  # since the previous round's record
             "aggregated": aggregated,
+            "lr": instructions.round_lr(),  # the sites' learning rate this round
             "user_level_dp": user_level_privacy(cfg, server_round),
             "train": dict(train_metrics or MetricRecord()),
             "evaluate": dict(eval_metrics or MetricRecord()),

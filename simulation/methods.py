@@ -54,6 +54,7 @@ from client.state import SiteStore
 from mrprism_core.data.factory import EmptySplitError, build_dataset, dataset_info
 from mrprism_core.federated import SELECT_KEY, recurrences_from_details
 from mrprism_core.local_training import run_epochs
+from mrprism_core.lr_schedule import scheduled_lr
 from mrprism_core.metrics import recurrence_table
 from mrprism_core.models import MODEL_NAMES, build_model_for_data, check_model_options
 from mrprism_core.tracking import Tracker, open_tracker, round_scalars
@@ -140,6 +141,7 @@ class Experiment:
     server_momentum: float = 0.9
     server_lr: float = 0.01
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # the rate over the rounds (mrprism_core.lr_schedule)
     persist_optimizer: bool = True
     preset: str = "tiny"
     model_options: dict[str, Any] = field(default_factory=dict)
@@ -169,6 +171,11 @@ class Experiment:
     def tracker(self, method: str) -> Tracker:
         """The method's run in ``<out_dir>/tensorboard/<method>`` (or a no-op tracker)."""
         return open_tracker(self.tracking, self.tracking_dir or self.work_dir.parent, method)
+
+    def round_lr(self, server_round: int) -> float:
+        """The learning rate of a round (a centralized round: its epochs), as the federated
+        sites compute it from their round instructions."""
+        return scheduled_lr(self.lr, server_round, self.rounds, self.lr_schedule)
 
     def tick(self, text: str) -> None:
         if self.on_progress is not None:
@@ -410,6 +417,7 @@ def _run_federated(
         "server-momentum": exp.server_momentum,
         "server-lr": exp.server_lr,
         "lr": exp.lr,
+        "lr-schedule": exp.lr_schedule,
         "persist-optimizer": exp.persist_optimizer,
         "personalization": personalization,
         "seed": exp.seed,
@@ -562,7 +570,7 @@ def _run_local(exp: Experiment) -> dict[str, Any]:
             runtime.train(
                 model,
                 local_epochs=exp.local_epochs,
-                lr=exp.lr,
+                lr=exp.round_lr(server_round),
                 seed=runtime.round_seed(exp.seed, server_round),
                 persist_optimizer=exp.persist_optimizer,
                 server_round=server_round,
@@ -626,6 +634,8 @@ def _run_centralized(exp: Experiment) -> dict[str, Any]:
         return evaluate(model, make_loader(dataset, exp.batch_size, shuffle=False), device)
 
     for server_round in range(1, exp.rounds + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = exp.round_lr(server_round)
         first = (server_round - 1) * exp.local_epochs
         run_epochs(model, optimizer, loader, device, exp.local_epochs, first_epoch=first)
         latest = {}

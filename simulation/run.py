@@ -25,6 +25,7 @@ from client.site import compose_site_config
 from client.state import SiteStore
 from mrprism_core.config_schema import SimulationSchema, checked
 from mrprism_core.data.factory import build_dataset, dataset_info
+from mrprism_core.lr_schedule import check_lr_schedule
 from mrprism_core.models import model_from_build_args
 from mrprism_core.models.config import get_preset
 from mrprism_core.tracking import check_tracking
@@ -110,6 +111,7 @@ def run_experiment(cfg: dict[str, Any], label: str = "") -> dict[str, Any]:
         server_momentum=float(fed.get("server_momentum", Experiment.server_momentum)),
         server_lr=float(fed.get("server_lr", Experiment.server_lr)),
         lr=float(fed["lr"] or get_preset(str(fed["preset"])).lr),
+        lr_schedule=check_lr_schedule(str(fed.get("lr_schedule", "constant"))),
         persist_optimizer=bool(fed.get("persist_optimizer", True)),
         preset=str(fed["preset"]),
         model_options=dict(fed.get("model_options") or {}),
@@ -263,6 +265,7 @@ def main() -> None:
                 list(container["methods"]), federation["preset"], federation["model_options"]
             )
             check_tracking(str(container.get("tracking", "none")))
+            check_lr_schedule(str(federation["lr_schedule"]), "federation.lr_schedule")
             check_ray_address(federation["ray_address"])
             selection_split(federation["select"], resolve_sites(container))
         except (ValueError, FileNotFoundError) as err:  # SiteDataError is a ValueError

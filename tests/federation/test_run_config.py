@@ -6,10 +6,11 @@ import torch
 
 from mrprism_core.checkpoint import save_checkpoint
 from mrprism_core.data.factory import DatasetInfo
+from mrprism_core.federated import StateLayout
 from mrprism_core.models import build_model_for_data, split_state
 from mrprism_core.models.config import get_preset
 from server.config import RunConfig
-from server.federation import initial_arrays, user_level_privacy
+from server.federation import initial_arrays, round_instructions, user_level_privacy
 from server.strategies import DP_MODES, STRATEGY_NAMES, build_strategy
 
 from .deploy import PROJECT_ROOT
@@ -49,6 +50,13 @@ def test_site_learning_rate_is_the_presets_unless_set():
     assert RunConfig(preset="tiny").site_lr() == get_preset("tiny").lr
     assert get_preset("paper").lr != get_preset("tiny").lr  # the lookup is by preset
     assert RunConfig(preset="paper", lr=0.02).site_lr() == 0.02
+
+
+def test_an_unknown_lr_schedule_is_refused_with_its_run_config_key():
+    cfg = RunConfig(lr_schedule="linear")
+    layout = StateLayout.of(initial_arrays(cfg))
+    with pytest.raises(ValueError, match="run-config lr-schedule=linear: unknown"):
+        round_instructions(cfg, layout)
 
 
 @pytest.mark.parametrize("name", STRATEGY_NAMES)

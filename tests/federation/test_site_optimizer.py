@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from client.site import SiteRuntime
 from client.state import OPTIMIZER_FILE, SiteStore
 from server.config import RunConfig
@@ -48,3 +50,19 @@ def test_state_of_another_model_gives_a_fresh_optimizer(make_site, caplog):
     _round(state_dir, RunConfig(model="unet_mv").model_spec(), server_round=2)
     assert "belongs to another model" in caplog.text
     assert _steps(state_dir) == 1  # one batch of 4 cases, started afresh
+
+
+def test_a_site_trains_at_the_rate_its_round_instructions_schedule(make_site, task_identity):
+    from client.app import create_client_app
+    from tests.federation.conftest import node_context, train_message
+
+    replies = {}
+    for schedule in ("constant", "cosine"):
+        state_dir = make_site("synthetic_a", name=f"site_{schedule}")
+        cfg = RunConfig(lr=0.01, num_server_rounds=4, lr_schedule=schedule)
+        message, _ = train_message(cfg, server_round=3)
+        reply = create_client_app()(message, node_context(state_dir))
+        assert not reply.has_error(), reply.error
+        replies[schedule] = SiteStore(state_dir).load_optimizer()["param_groups"][0]["lr"]
+    # round 3 of 4: 0.01 x (1 + cos(pi / 2)) / 2 under cosine, 0.01 unchanged
+    assert replies == {"constant": 0.01, "cosine": pytest.approx(0.005)}

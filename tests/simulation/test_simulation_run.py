@@ -126,6 +126,22 @@ def test_same_seed_gives_identical_partitions_and_metrics(tmp_path):
     assert scores(first) == scores(second)  # bit for bit, every site, metric and round
 
 
+def test_every_method_steps_at_the_rate_the_schedule_gives_its_round(tmp_path):
+    from client.state import SiteStore
+
+    config = _tiny_config(tmp_path)
+    config["methods"] = ["federated", "local"]
+    config["federation"].update(rounds=2, lr=0.01, lr_schedule="cosine")
+    results = run_experiment(config)
+    server_log = tmp_path / "work" / "federated" / "server" / "metrics.jsonl"
+    rounds = [json.loads(line) for line in server_log.read_text().splitlines()]
+    assert [r["lr"] for r in rounds] == pytest.approx([0.01, 0.005])  # (1 + cos(pi / 2)) / 2
+    for method in ("federated", "local"):  # the rate each site's Adam took its last steps at
+        for site, state_dir in results["methods"][method]["state_dirs"].items():
+            saved = SiteStore(state_dir).load_optimizer()["param_groups"][0]["lr"]
+            assert saved == pytest.approx(0.005), (method, site)
+
+
 def test_privacy_methods_report_their_cost_and_budget(tmp_path):
     cfg = _tiny_config(tmp_path / "private")
     cfg["partition"]["num_sites"] = 3  # SecAgg+ needs three sites
