@@ -1,7 +1,7 @@
 """What federation costs: bytes on the wire per round, and the fixed time per message.
 
 ``python -m benchmarks.federation [--presets tiny paper] [--cases 16] [--rounds 3]
-[--secagg-cases 16 64 128] [--skip-overhead] [--skip-secagg]``
+[--variants worker ...] [--secagg-cases 16 64 128] [--skip-overhead] [--skip-secagg]``
 
 * bytes: per client and round the site downloads and uploads the packed shared weights;
   compared with sending the full model (shared + rater heads), for M = 7 raters.
@@ -15,8 +15,9 @@
   The round time is the server's own measurement (``metrics.jsonl``).
 * breakdown: the pieces a per-message ClientApp process pays without the worker, each timed
   alone (interpreter + Flower import, our ClientApp module, torch and the round code, site
-  config, data, model build, state read and write); what is left of the fixed cost is Flower's
-  own (process start-up by the SuperNode, polling, message transport).
+  config, data, model build, state read and write: snapshot and Adam moments), and the part of
+  the write a reply still waits for when the site worker writes behind it; what is left of the
+  fixed cost is Flower's own (process start-up by the SuperNode, polling, message transport).
 * SecAgg+: a SecAgg+ round (four stages, each a message; training only) over a plain one
   (training and evaluation, two messages, pipelined), three tiny sites, for each of
   ``--secagg-cases`` training cases per site (default ``--cases``): the fixed cost is twice the
@@ -132,10 +133,26 @@ def message_breakdown(preset: str, cases: int, root: Path) -> dict[str, float]:
     pieces["site_data_s"] = _timed(lambda: (site.info, site.dataset("val")))
     model = site.build_model(spec)  # the first build also pays one-off lazy imports
     pieces["model_build_s"] = _timed(lambda: site.build_model(spec))
-    site.save(model, server_round=1, run_id=0)
-    pieces["state_write_s"] = _timed(lambda: site.save(model, server_round=1, run_id=0))
+    optimizer = torch.optim.Adam(model.parameters())  # Adam's moments, as a site keeps them
+    for parameter in model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
+
+    def write_state(runtime: SiteRuntime) -> None:  # what a training message writes
+        runtime.save(model, server_round=1, run_id=0)
+        runtime.store.save_optimizer(optimizer.state_dict(), server_round=1)
+
+    write_state(site)
+    pieces["state_write_s"] = _timed(lambda: write_state(site))
+    # the site worker's store: the reply waits only for a copy, the disk write runs behind it
+    behind = SiteRuntime.from_state_dir(root, write_behind=True)
+    pieces["state_write_behind_s"] = _timed(lambda: write_state(behind))
+    behind.store.flush()
     site.forget_saved_state()
-    pieces["state_read_s"] = _timed(lambda: site.build_model(spec)) - pieces["model_build_s"]
+    pieces["state_read_s"] = (
+        _timed(lambda: (site.build_model(spec), site.store.load_optimizer()))
+        - pieces["model_build_s"]
+    )
     return pieces
 
 
@@ -217,18 +234,25 @@ OVERHEAD_VARIANTS: dict[str, tuple[str, ...]] = {
 }
 
 
-def overhead(preset: str, cases: int, rounds: int) -> dict[str, object]:
+def overhead(
+    preset: str, cases: int, rounds: int, variants: Sequence[str] = tuple(OVERHEAD_VARIANTS)
+) -> dict[str, object]:
     """Fixed cost per message = (a federated round - the same work done directly) / 2, a round
     being two messages (train, evaluate); rounds after the first (which also installs the
-    app bundle), for each of :data:`OVERHEAD_VARIANTS`."""
+    app bundle), for each of ``variants`` (:data:`OVERHEAD_VARIANTS`; ``worker`` always)."""
+    chosen = ["worker", *(name for name in variants if name != "worker")]
     with tempfile.TemporaryDirectory() as tmp:
         breakdown = message_breakdown(preset, cases, Path(tmp) / "pieces")
         direct = direct_round_seconds(preset, cases, Path(tmp) / "direct")
         round_times = {
             name: federated_round_seconds(
-                preset, cases, Path(tmp) / name, site_overrides=extra, rounds=rounds
+                preset,
+                cases,
+                Path(tmp) / name,
+                site_overrides=OVERHEAD_VARIANTS[name],
+                rounds=rounds,
             )
-            for name, extra in OVERHEAD_VARIANTS.items()
+            for name in chosen
         }
     per_message = {name: (_after_first(times) - direct) / 2 for name, times in round_times.items()}
     return {
@@ -237,10 +261,14 @@ def overhead(preset: str, cases: int, rounds: int) -> dict[str, object]:
         "direct_seconds": direct,
         "round_seconds": round_times,
         "overhead_per_message_s": per_message["worker"],
-        "overhead_per_message_s_flower_idle_wait": per_message["worker_flower_idle_wait"],
-        "overhead_per_message_s_without_worker": per_message["no_worker"],
+        "overhead_per_message_s_flower_idle_wait": per_message.get("worker_flower_idle_wait"),
+        "overhead_per_message_s_without_worker": per_message.get("no_worker"),
         "breakdown_without_worker_s": breakdown,
     }
+
+
+def _seconds(value: object) -> str:
+    return "not measured" if value is None else f"{value:.1f} s"
 
 
 def secure_aggregation_cost(cases: int, rounds: int) -> dict[str, object]:
@@ -283,6 +311,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--skip-overhead", action="store_true", help="no fixed-cost-per-message measurement"
     )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(OVERHEAD_VARIANTS),
+        choices=list(OVERHEAD_VARIANTS),
+        metavar="NAME",
+        help="site settings whose fixed cost is measured (default: all): "
+        f"{', '.join(OVERHEAD_VARIANTS)}; worker, the default setting, always",
+    )
     parser.add_argument("--skip-secagg", action="store_true", help="no SecAgg+ measurement")
     parser.add_argument("--out", default=str(RESULTS_DIR / "federation.json"))
     args = parser.parse_args(argv)
@@ -300,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     secure: list[dict[str, object]] = []
     if not args.skip_overhead:
         for preset in args.presets:
-            row = overhead(preset, args.cases, args.rounds)
+            row = overhead(preset, args.cases, args.rounds, args.variants)
             rows.append(row)
             pieces = ", ".join(
                 f"{k.removesuffix('_s')} {v:.2f}"
@@ -309,8 +346,9 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"{preset:6} {args.cases} cases: direct {row['direct_seconds']:.1f} s; fixed cost "
                 f"per message {row['overhead_per_message_s']:.1f} s with the site worker, "
-                f"{row['overhead_per_message_s_flower_idle_wait']:.1f} s with it at Flower's 3 s "
-                f"idle wait, {row['overhead_per_message_s_without_worker']:.1f} s without it\n"
+                f"{_seconds(row['overhead_per_message_s_flower_idle_wait'])} with it at "
+                f"Flower's 3 s idle wait, {_seconds(row['overhead_per_message_s_without_worker'])}"
+                " without it\n"
                 f"       without the worker, per message: {pieces} (s)"
             )
     for cases in [] if args.skip_secagg else args.secagg_cases or [args.cases]:

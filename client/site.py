@@ -224,10 +224,18 @@ def compose_site_config(
 class SiteRuntime:
     """A site's config, data and model files; the unit the ClientApp and simulation drive."""
 
-    def __init__(self, cfg: Mapping[str, Any], state_dir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Mapping[str, Any],
+        state_dir: str | Path | None = None,
+        *,
+        write_behind: bool = False,
+    ) -> None:
+        """``write_behind``: the site worker's store, which writes state in the background."""
         self.cfg = dict(cfg)
         self.name = str(self.cfg["site"])
-        self.store = SiteStore(state_dir if state_dir is not None else self.cfg["state_dir"])
+        root = state_dir if state_dir is not None else self.cfg["state_dir"]
+        self.store = SiteStore(root, write_behind=write_behind)
         self.seed = int(self.cfg.get("seed", 0))
         self.device = resolve_device(str(self.cfg.get("device", "auto")))
         if self.cfg.get("threads"):
@@ -237,7 +245,7 @@ class SiteRuntime:
         self._datasets: dict[str, Dataset] = {}
 
     @classmethod
-    def from_state_dir(cls, state_dir: str | Path) -> SiteRuntime:
+    def from_state_dir(cls, state_dir: str | Path, *, write_behind: bool = False) -> SiteRuntime:
         """Open the site whose resolved config ``python -m client`` (or the simulation)
         wrote into ``state_dir``."""
         from omegaconf import OmegaConf
@@ -249,7 +257,7 @@ class SiteRuntime:
                 "`python -m client --site NAME`, which writes it"
             )
         cfg = OmegaConf.to_container(OmegaConf.load(store.config_path), resolve=True)
-        return cls(cfg, state_dir)  # type: ignore[arg-type]
+        return cls(cfg, state_dir, write_behind=write_behind)  # type: ignore[arg-type]
 
     # --- data -------------------------------------------------------------------------
     def dataset(self, split: str) -> Dataset:

@@ -7,9 +7,13 @@ starts a fresh ClientApp process per message; without the worker each of them wo
 torch, compose the config and build the data sets again.
 
 What it keeps in memory is only what can be rebuilt from the state directory: the rater heads,
-the snapshot, the optimizer state and the privacy ledger are read from disk for every message
-and written back atomically, so a killed worker loses nothing but the message in flight (whose
-ClientApp then answers with an error and the round goes on without the site).
+the snapshot, the optimizer state and the privacy ledger are written back atomically after
+every message, so a killed worker loses nothing but the message in flight (whose ClientApp
+then answers with an error and the round goes on without the site). The snapshot and the
+optimizer state are written behind the reply and read back from memory while their files are
+unchanged (``SiteStore(write_behind=True)``): the next message, and a stop by SIGTERM or
+Ctrl-C, first wait for the write; a worker killed outright within that second or so keeps the
+previous round's files, as if killed during the round.
 """
 
 from __future__ import annotations
@@ -18,12 +22,16 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Listener
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from .parent_watch import exit_with_parent
 from .rounds import run_message
@@ -47,7 +55,7 @@ def serve(state_dir: str | Path, socket_path: str | Path, max_messages: int | No
     """Open the site in ``state_dir``, listen on ``socket_path`` (owner-only) and run the
     messages that come, one at a time; returns after ``max_messages`` messages (default: never).
     """
-    site = SiteRuntime.from_state_dir(state_dir)
+    site = SiteRuntime.from_state_dir(state_dir, write_behind=True)
     _warm(site)
     socket_path = Path(socket_path)
     socket_path.unlink(missing_ok=True)  # left by a worker that was killed
@@ -61,38 +69,54 @@ def serve(state_dir: str | Path, socket_path: str | Path, max_messages: int | No
         f"(pid {os.getpid()}, {socket_path})",
         flush=True,
     )
+    try:
+        with listener:
+            _serve_messages(site, listener, max_messages)
+    finally:  # a stop, or the last message: the state written behind its reply reaches disk
+        site.store.flush()
+
+
+def _serve_messages(site: SiteRuntime, listener: Listener, max_messages: int | None) -> None:
     served = 0
-    with listener:
-        while max_messages is None or served < max_messages:
+    while max_messages is None or served < max_messages:
+        try:
+            conn = listener.accept()
+        except (AuthenticationError, OSError, EOFError) as err:
+            log.warning("refused a connection: %s", err)
+            continue
+        with conn:
             try:
-                conn = listener.accept()
-            except (AuthenticationError, OSError, EOFError) as err:
-                log.warning("refused a connection: %s", err)
+                kind, config, packed, run_id = receive_request(conn)
+            except (EOFError, OSError, ValueError, KeyError) as err:
+                log.warning("dropped a malformed request: %s", err)
                 continue
-            with conn:
-                try:
-                    kind, config, packed, run_id = receive_request(conn)
-                except (EOFError, OSError, ValueError, KeyError) as err:
-                    log.warning("dropped a malformed request: %s", err)
-                    continue
-                started = time.perf_counter()
-                site.forget_saved_state()
-                try:
-                    outcome = run_message(kind, config, packed, run_id=run_id, site=site)
-                except Exception as err:  # a bug, not a site fault: say it, keep serving
-                    log.exception("the %s message failed", kind)
-                    reason = f"the site worker failed: {type(err).__name__}: {err}"
-                    outcome = RoundOutcome(error=reason)
-                served += 1
-                print(
-                    f"{kind} message {served} in {time.perf_counter() - started:.1f} s"
-                    + (f": {outcome.error}" if outcome.error else ""),
-                    flush=True,
-                )
-                try:
-                    send_outcome(conn, outcome)
-                except OSError as err:  # the ClientApp gave up (timeout, SuperNode stopped)
-                    log.warning("could not answer the %s message: %s", kind, err)
+            started = time.perf_counter()
+            outcome = _run(site, kind, config, packed, run_id)
+            served += 1
+            print(
+                f"{kind} message {served} in {time.perf_counter() - started:.1f} s"
+                + (f": {outcome.error}" if outcome.error else ""),
+                flush=True,
+            )
+            try:
+                send_outcome(conn, outcome)
+            except OSError as err:  # the ClientApp gave up (timeout, SuperNode stopped)
+                log.warning("could not answer the %s message: %s", kind, err)
+
+
+def _run(
+    site: SiteRuntime, kind: str, config: dict[str, Any], packed: np.ndarray, run_id: int
+) -> RoundOutcome:
+    site.forget_saved_state()
+    try:
+        site.store.flush()  # the previous message's state, written behind its reply
+    except OSError as err:  # a full or failing disk: this round would start from stale state
+        return RoundOutcome(error=f"the site's state could not be written: {err}")
+    try:
+        return run_message(kind, config, packed, run_id=run_id, site=site)
+    except Exception as err:  # a bug, not a site fault: say it, keep serving
+        log.exception("the %s message failed", kind)
+        return RoundOutcome(error=f"the site worker failed: {type(err).__name__}: {err}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -111,6 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         os._exit(0)
 
     exit_with_parent(leave)  # python -m client was killed outright: no orphaned worker
+    # python -m client stops its worker with SIGTERM: leave through serve's cleanup, which
+    # waits for the state written behind the last reply
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         serve(args.state_dir, args.socket, args.max_messages)
     except (SiteDataError, FileNotFoundError) as err:

@@ -35,15 +35,20 @@ class CorruptCheckpointError(RuntimeError):
     """A checkpoint or state file exists but cannot be trusted (truncated, edited, not ours)."""
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically: readers see the old file or the new one, never a
-    partial one. The temp file lives in the same directory so the rename is atomic."""
+def atomic_write_bytes(
+    path: str | os.PathLike, data: bytes | memoryview, *more: bytes | memoryview
+) -> Path:
+    """Write ``data`` (and ``more``, appended) to ``path`` atomically: readers see the old file
+    or the new one, never a partial one. The temp file lives in the same directory so the
+    rename is atomic. Parts are written one after the other, so a large body needs no copy
+    to put a header before it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            for part in (data, *more):
+                handle.write(part)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -88,9 +93,9 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """Atomically save a ``torch.save``-able dict with a SHA-256 checksum header."""
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    body = buffer.getvalue()
+    body = buffer.getbuffer()  # a view: a model's or optimizer's state is copied no more
     digest = hashlib.sha256(body).hexdigest().encode()
-    return atomic_write_bytes(path, _MAGIC + digest + b"\n" + body)
+    return atomic_write_bytes(path, _MAGIC + digest + b"\n", body)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
@@ -105,14 +110,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     if not raw.startswith(_MAGIC):
         raise CorruptCheckpointError(f"{path}: not a MrPrism-FL checkpoint (bad header)")
     header_end = len(_MAGIC) + 64
-    digest, body = raw[len(_MAGIC) : header_end], raw[header_end + 1 :]
-    if hashlib.sha256(body).hexdigest().encode() != digest:
+    digest = raw[len(_MAGIC) : header_end]
+    if hashlib.sha256(memoryview(raw)[header_end + 1 :]).hexdigest().encode() != digest:
         raise CorruptCheckpointError(
             f"{path}: checksum mismatch (truncated or modified); restore it from a backup or "
             "delete it to start this state afresh"
         )
+    body = io.BytesIO(raw)  # shares raw's bytes; torch reads the archive from this position on
+    body.seek(header_end + 1)
     # weights_only: a checkpoint holds tensors and plain containers, never code to run.
-    return torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
+    return torch.load(body, map_location=map_location, weights_only=True)
 
 
 def shared_weights_from_checkpoint(
