@@ -111,10 +111,13 @@ def open_tracker(kind: str, out_dir: str | Path, run: str = "") -> Tracker:
 
 def round_scalars(record: Mapping[str, Any]) -> dict[str, float]:
     """The scalars of one federated round record (``server/federation.py``): aggregated
-    train/evaluate metrics, each site's, its DP epsilon, dropped sites and the round's time."""
+    train/evaluate metrics, each site's, its DP epsilon, dropped sites, the round's time and the
+    sites' learning rate."""
     values: dict[str, float] = {"round/seconds": record.get("seconds", math.nan)}
     values["round/dropped_sites"] = len(record.get("dropped", []))
     values["round/aggregated"] = float(bool(record.get("aggregated", False)))
+    if "lr" in record:  # the sites' learning rate (lr_schedule)
+        values["round/lr"] = float(record["lr"])
     for phase in ("train", "evaluate"):
         for metric, value in (record.get(phase) or {}).items():
             values[f"{phase}/{metric}"] = value

@@ -12,7 +12,21 @@ import numpy as np
 from mrprism_core.checkpoint import atomic_write_bytes, atomic_write_json
 from mrprism_core.metrics import spread
 
-__all__ = ["console_summary", "over_seeds", "targets", "write_report", "write_seed_report"]
+__all__ = [
+    "cases_source",
+    "console_summary",
+    "over_seeds",
+    "targets",
+    "write_report",
+    "write_seed_report",
+]
+
+
+def cases_source(methods: Mapping[str, Any]) -> str | None:
+    """The method whose final personalised models draw ``cases.png``: the federation, else
+    local-only training (None: neither ran, no picture)."""
+    return next((m for m in ("federated", "local") if m in methods), None)
+
 
 FEDERATED_VS_CENTRAL_POINTS = 1.0
 FEDERATED_VS_LOCAL_POINTS = 3.0
@@ -187,17 +201,20 @@ def _markdown(results: Mapping[str, Any]) -> str:
     lines += ["", "## Time", "", "| method | seconds |", "|---|---|"]
     for name, method in methods.items():
         lines.append(f"| {name} | {method['seconds']:.0f} |")
-    lines += [
-        "",
-        "Plots: `rounds.png` (soft Dice per round per site), `methods.png` (methods per site),",
-        "`cases.png` (one test case per site: image, raters, calibrated and personalised masks).",
-        "",
-    ]
+    lines += ["", "Plots: `rounds.png` (soft Dice per round per site), `methods.png` (each site)."]
+    if cases_source(methods) is not None:
+        lines += [
+            "`cases.png`: one test case per site (image, raters, calibrated and personalised",
+            f"masks) through `{cases_source(methods)}`'s final models, whichever round the "
+            "tables report.",
+        ]
+    lines.append("")
     return "\n".join(lines)
 
 
 def _selected_table(methods: Mapping[str, Any], sites: Sequence[str]) -> list[str]:
-    """Which round each method's scores come from, when rounds were chosen on validation."""
+    """Which round each method's scores come from, when rounds were chosen on validation
+    (over seeds: each seed's round, ``17 / 20 / 18``)."""
     chosen = {
         name: method["selected"]
         for name, method in methods.items()
@@ -205,10 +222,14 @@ def _selected_table(methods: Mapping[str, Any], sites: Sequence[str]) -> list[st
     }
     if not chosen:
         return []
+
+    def rounds(row: Mapping[str, Any]) -> str:
+        return " / ".join(map(str, row["rounds"])) if "rounds" in row else str(row["round"])
+
     lines = ["", "## Round reported (best validation soft Dice)", ""]
     lines += ["| method | " + " | ".join(sites) + " |", "|---" * (len(sites) + 1) + "|"]
     for name, selected in chosen.items():
-        lines.append(f"| {name} | " + " | ".join(str(selected[s]["round"]) for s in sites) + " |")
+        lines.append(f"| {name} | " + " | ".join(rounds(selected[s]) for s in sites) + " |")
     return lines
 
 
@@ -445,6 +466,14 @@ def over_seeds(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             ],
             "seconds": spread([m["seconds"] for m in per_seed]),
         }
+        if all("selected" in m for m in per_seed):  # each seed's reported round, per site
+            methods[name]["selected"] = {
+                site: {
+                    "by": per_seed[0]["selected"][site]["by"],
+                    "rounds": [m["selected"][site]["round"] for m in per_seed],
+                }
+                for site in sites
+            }
     # the targets' rules applied to the means over the seeds (each gap is linear in the scores,
     # so its value there is the mean of the per-seed gaps)
     means = {
@@ -503,6 +532,7 @@ def _seed_markdown(summary: Mapping[str, Any]) -> str:
             + f" | {measured['mean']:+.2f} ± {measured['std']:.2f} | "
             + f"{'yes' if target['met'] else '**no**'} |"
         )
+    lines += _selected_table(methods, sites)
     lines += _recurrence_table(
         {name: method["recurrences"] for name, method in methods.items()},
         lambda metric, value: _cell(value, 1.0, 3) if metric == "ged" else _cell(value),

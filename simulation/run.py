@@ -41,7 +41,14 @@ from .methods import (
     split_cases,
 )
 from .partition import VirtualSite, partition
-from .report import console_summary, over_seeds, targets, write_report, write_seed_report
+from .report import (
+    cases_source,
+    console_summary,
+    over_seeds,
+    targets,
+    write_report,
+    write_seed_report,
+)
 
 log = logging.getLogger(__name__)
 # Flower's logger: run.log always, the console without a progress bar (route_logs)
@@ -154,7 +161,7 @@ def run_experiment(cfg: dict[str, Any], label: str = "") -> dict[str, Any]:
     bar.close()
     train_cases = {row["name"]: row["cases"]["train"] for row in site_rows}
     results["targets"] = targets(results["methods"], train_cases)
-    source = next((m for m in ("federated", "local") if m in results["methods"]), None)
+    source = cases_source(results["methods"])
     cases = []
     if source is not None:
         cases = _example_cases(sites, results["methods"][source]["state_dirs"], exp.eval_split)

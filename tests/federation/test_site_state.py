@@ -73,3 +73,26 @@ def test_what_the_worker_wrote_is_read_back_as_a_copy_until_another_process_repl
     # `python -m client --adapt`, or a restore, replaces the file from another process
     SiteStore(tmp_path).save_optimizer({"state": {0: {"exp_avg": torch.zeros(2)}}}, server_round=2)
     assert torch.equal(store.load_optimizer()["state"][0]["exp_avg"], torch.zeros(2))
+
+
+def test_a_worker_whose_last_write_failed_answers_the_next_message_with_the_reason(
+    make_site, task_identity, tmp_path
+):
+    from client.site import SiteRuntime
+    from client.worker import _run
+    from server.config import RunConfig
+
+    from .conftest import train_message
+
+    site = SiteRuntime.from_state_dir(make_site("synthetic_a"), write_behind=True)
+    (tmp_path / "taken").write_text("a file where a folder should be")
+    # the previous reply's state went to a place that cannot be written (a full disk, say)
+    site.store = SiteStore(tmp_path / "taken" / "site", write_behind=True)
+    site.store.save_optimizer({"state": {}}, server_round=1)
+    message, _ = train_message(RunConfig())
+    config = dict(message.content["config"])
+    packed = message.content["arrays"]["shared-weights"].numpy()
+    outcome = _run(site, "train", config, packed, run_id=1)
+    assert outcome.error is not None and outcome.shared is None
+    assert outcome.error.startswith("the site's state could not be written: ")
+    assert "taken/site" in outcome.error

@@ -19,6 +19,7 @@ def test_the_server_app_writes_each_rounds_aggregate_and_site_scores(tmp_path, m
         "tracking": "tensorboard",
         "out-dir": str(out_dir),
         "model-options": json.dumps({"recurrences": 1}),
+        "lr-schedule": "cosine",
     }
     rounds = simulate(config, state_dirs)
     logged = scalars(out_dir / "tensorboard")
@@ -32,3 +33,4 @@ def test_the_server_app_writes_each_rounds_aggregate_and_site_scores(tmp_path, m
         [r["evaluate"]["soft-dice"] for r in rounds]
     )
     assert [v for _, v in logged["round/dropped_sites"]] == [0.0, 0.0]
+    assert [v for _, v in logged["round/lr"]] == pytest.approx([1e-2, 5e-3])  # tiny, cosine

@@ -69,6 +69,7 @@ def test_smoke_run_writes_the_contracted_report(tmp_path):
     markdown = (out / "results.md").read_text()
     assert "| federated |" in markdown and "## Targets" in markdown
     assert "| federated | rec3 |" in markdown  # the per-recurrence table
+    assert "masks) through `federated`'s final models" in markdown  # what cases.png draws
     for plot in ("rounds.png", "methods.png", "cases.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
 
@@ -426,3 +427,28 @@ def test_best_val_without_validation_cases_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"\['site00', 'site01'\] have no val cases"):
         run_experiment(cfg)
     assert not (tmp_path / "noval" / "work").exists()
+
+
+def test_the_seeds_report_names_each_seeds_reported_round(tmp_path):
+    from simulation.report import over_seeds, write_seed_report
+
+    def run(seed: int, chosen: int) -> dict:
+        row = {"soft_dice": 0.8, "per_rater_dice": [0.8], "dice_vs_truth": None}
+        selected = {"a": {"by": "best val soft Dice", "round": chosen, "scores": []}}
+        method = {"sites": {"a": row}, "mean": {"soft_dice": 0.8}, "seconds": 1.0}
+        return {
+            "seed": seed,
+            "config": {"federation": {"rounds": 20, "local_epochs": 1, "strategy": "fedavg",
+                                      "preset": "tiny", "select": "best_val"}},
+            "sites": [{"name": "a", "num_raters": 1, "cases": {"train": 4}}],
+            "methods": {"federated": {**method, "selected": selected}},
+            "targets": [],
+        }  # fmt: skip
+
+    runs = [run(0, 17), run(1, 20), run(2, 18)]
+    summary = {"config": runs[0]["config"], **over_seeds(runs)}  # as run_seeds writes it
+    assert summary["methods"]["federated"]["selected"]["a"]["rounds"] == [17, 20, 18]
+    write_seed_report(tmp_path, summary)
+    markdown = (tmp_path / "results.md").read_text()
+    assert "## Round reported (best validation soft Dice)" in markdown
+    assert "| federated | 17 / 20 / 18 |" in markdown
