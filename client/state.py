@@ -161,9 +161,10 @@ def _stamp(path: Path) -> tuple[int, int, int]:
 
 
 def _copy_tensors(value: Any) -> Any:
-    """``value`` with every tensor in its dicts, lists and tuples copied."""
+    """``value`` with every tensor in its dicts, lists and tuples copied to the CPU (where a
+    checkpoint read from disk lands too; a GPU site keeps no second copy on its GPU)."""
     if isinstance(value, torch.Tensor):
-        return value.detach().clone()
+        return value.detach().to("cpu", copy=True)
     if isinstance(value, dict):
         return {k: _copy_tensors(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
