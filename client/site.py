@@ -34,6 +34,7 @@ from mrprism_core.data.factory import (
 from mrprism_core.data.files import FileDataset, RaterAgreement
 from mrprism_core.data.views import CaseSubset
 from mrprism_core.local_training import FedProx, HeadsOnly, local_strategy, run_epochs
+from mrprism_core.lr_schedule import set_lr
 from mrprism_core.models import (
     SegmentationModel,
     build_model_for_data,
@@ -609,8 +610,7 @@ class SiteRuntime:
             )
             return
         optimizer.load_state_dict(saved)
-        for group in optimizer.param_groups:
-            group["lr"] = lr  # this round's learning rate, not the saved one
+        set_lr(optimizer, lr)  # this round's learning rate, not the saved one
 
     # --- onboarding -----------------------------------------------------------------------
     def adapt(

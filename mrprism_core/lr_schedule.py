@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["LR_SCHEDULES", "check_lr_schedule", "scheduled_lr"]
+import torch
+
+__all__ = ["LR_SCHEDULES", "check_lr_schedule", "scheduled_lr", "set_lr"]
 
 #: ``constant``: the base rate throughout; ``cosine``: half a cosine from the base rate at the
 #: first step down towards 0 at the step after the last (the last step keeps a small rate).
@@ -41,3 +43,10 @@ def scheduled_lr(base_lr: float, step: int, total: int, schedule: str = "constan
         return float(base_lr)
     done = (min(max(step, 1), total) - 1) / total  # 0 at the first step, (T-1)/T at the last
     return float(base_lr) * 0.5 * (1.0 + math.cos(math.pi * done))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Give every parameter group of ``optimizer`` the rate ``lr`` (a round's or an epoch's,
+    or this round's over a saved optimizer state that brought its own)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr

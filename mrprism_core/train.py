@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
 from .data.factory import EmptySplitError, build_dataset, dataset_info
-from .lr_schedule import check_lr_schedule, scheduled_lr
+from .lr_schedule import check_lr_schedule, scheduled_lr, set_lr
 from .metrics import MetricAccumulator
 from .models import SegmentationModel, build_model_for_data, model_from_build_args
 
@@ -290,9 +290,8 @@ def fit(cfg: Mapping[str, Any]) -> dict[str, Any]:
         val_loader = make_loader(val_set, batch_size, shuffle=False, num_workers=workers)
     bar = tqdm(total=epochs, initial=start_epoch, desc="epochs", disable=not progress, unit="epoch")
 
-    def set_lr(epoch: int) -> None:  # 1-based; a resumed run continues the schedule
-        for group in optimizer.param_groups:
-            group["lr"] = scheduled_lr(lr, epoch, epochs, schedule)
+    def schedule_epoch(epoch: int) -> None:  # 1-based; a resumed run continues the schedule
+        set_lr(optimizer, scheduled_lr(lr, epoch, epochs, schedule))
 
     def train_loader(epoch: int) -> DataLoader:
         seed = int(train_cfg["seed"]) + epoch
@@ -323,12 +322,12 @@ def fit(cfg: Mapping[str, Any]) -> dict[str, Any]:
         scored = "" if val_metrics is None else f", val soft Dice {val_metrics['soft_dice']:.4f}"
         log.info("epoch %d: loss %.4f%s", epoch + 1, train_metrics["loss"], scored)
         bar.update(1)
-        set_lr(epoch + 2)
+        schedule_epoch(epoch + 2)
 
     from .local_training import run_epochs  # it drives train_epoch, defined above
 
     if epochs > start_epoch:
-        set_lr(start_epoch + 1)
+        schedule_epoch(start_epoch + 1)
         run_epochs(
             model,
             optimizer,

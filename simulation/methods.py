@@ -54,7 +54,7 @@ from client.state import SiteStore
 from mrprism_core.data.factory import EmptySplitError, build_dataset, dataset_info
 from mrprism_core.federated import SELECT_KEY, recurrences_from_details
 from mrprism_core.local_training import run_epochs
-from mrprism_core.lr_schedule import scheduled_lr
+from mrprism_core.lr_schedule import scheduled_lr, set_lr
 from mrprism_core.metrics import recurrence_table
 from mrprism_core.models import MODEL_NAMES, build_model_for_data, check_model_options
 from mrprism_core.tracking import Tracker, open_tracker, round_scalars
@@ -634,8 +634,7 @@ def _run_centralized(exp: Experiment) -> dict[str, Any]:
         return evaluate(model, make_loader(dataset, exp.batch_size, shuffle=False), device)
 
     for server_round in range(1, exp.rounds + 1):
-        for group in optimizer.param_groups:
-            group["lr"] = exp.round_lr(server_round)
+        set_lr(optimizer, exp.round_lr(server_round))
         first = (server_round - 1) * exp.local_epochs
         run_epochs(model, optimizer, loader, device, exp.local_epochs, first_epoch=first)
         latest = {}

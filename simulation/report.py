@@ -202,11 +202,11 @@ def _markdown(results: Mapping[str, Any]) -> str:
     for name, method in methods.items():
         lines.append(f"| {name} | {method['seconds']:.0f} |")
     lines += ["", "Plots: `rounds.png` (soft Dice per round per site), `methods.png` (each site)."]
-    if cases_source(methods) is not None:
+    drawn = cases_source(methods)
+    if drawn is not None:
         lines += [
             "`cases.png`: one test case per site (image, raters, calibrated and personalised",
-            f"masks) through `{cases_source(methods)}`'s final models, whichever round the "
-            "tables report.",
+            f"masks) through `{drawn}`'s final models, whichever round the tables report.",
         ]
     lines.append("")
     return "\n".join(lines)

@@ -118,7 +118,9 @@ def run_experiment(cfg: dict[str, Any], label: str = "") -> dict[str, Any]:
         server_momentum=float(fed.get("server_momentum", Experiment.server_momentum)),
         server_lr=float(fed.get("server_lr", Experiment.server_lr)),
         lr=float(fed["lr"] or get_preset(str(fed["preset"])).lr),
-        lr_schedule=check_lr_schedule(str(fed.get("lr_schedule", "constant"))),
+        lr_schedule=check_lr_schedule(
+            str(fed.get("lr_schedule", "constant")), "federation.lr_schedule"
+        ),
         persist_optimizer=bool(fed.get("persist_optimizer", True)),
         preset=str(fed["preset"]),
         model_options=dict(fed.get("model_options") or {}),
