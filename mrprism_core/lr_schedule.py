@@ -11,8 +11,10 @@ round instructions) or a centralized epoch.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the ClientApp reads round rates through protocol.py and imports no torch
+    import torch
 
 __all__ = ["LR_SCHEDULES", "check_lr_schedule", "scheduled_lr", "set_lr"]
 
