@@ -241,6 +241,16 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def command_lines(pids: list[int]) -> dict[int, str]:
+    """{pid: command line} of those of ``pids`` still running when read: a short-lived
+    helper (a SuperNode's own subprocess) may end between listing and reading."""
+    found: dict[int, str] = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            found[pid] = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    return found
+
+
 def history(out_dir: Path) -> list[dict]:
     """The rounds a run has recorded in ``out_dir``'s metrics log so far."""
     path = out_dir / "metrics.jsonl"

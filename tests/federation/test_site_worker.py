@@ -29,7 +29,7 @@ from mrprism_core.federated import PACKED_KEY
 from server.config import RunConfig
 
 from .conftest import node_context, train_message
-from .deploy import Deployment, descendants, history, proc_stat, wait_for_round
+from .deploy import Deployment, command_lines, descendants, history, proc_stat, wait_for_round
 
 # A fresh interpreter, like Flower's per-message ClientApp process: it rebuilds the server's
 # message, calls our ClientApp with the worker's socket in its node config, and reports what it
@@ -341,10 +341,7 @@ def _start_site_without_superlink(deployment: Deployment) -> tuple[subprocess.Po
         assert site.poll() is None, deployment.log("synthetic_a")[-3000:]
         assert time.monotonic() < deadline, "the SuperNode never started"
         time.sleep(0.2)
-    return site, {
-        pid: Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
-        for pid in descendants(site.pid)
-    }
+    return site, command_lines(descendants(site.pid))
 
 
 def _wait_gone(pids: list[int], commands: dict, seconds: float) -> None:
@@ -392,9 +389,7 @@ def test_ctrl_c_to_the_whole_site_stops_it_even_when_its_supernode_hangs(tmp_pat
         site, commands = _start_site_without_superlink(deployment)
         time.sleep(1)  # the SuperExec has started too
         commands.update(
-            (pid, Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " "))
-            for pid in descendants(site.pid)
-            if pid not in commands
+            command_lines([pid for pid in descendants(site.pid) if pid not in commands])
         )
         os.killpg(site.pid, signal.SIGINT)
         code = site.wait(timeout=90)
