@@ -1,5 +1,6 @@
 """Flower ClientApp: unpack the server's message, run the site's round, reply with the shared
-weights and metrics only. Rater heads and data stay in the site's state directory.
+weights (with SCAFFOLD also the site's control variate) and metrics only. Rater heads and data
+stay in the site's state directory.
 
 This module imports no torch: in deployment ``python -m client`` keeps a site worker warm
 (``client/worker.py``) and the ClientApp, a fresh process per message, only hands it the
@@ -27,7 +28,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from mrprism_core.protocol import PACKED_KEY
+from mrprism_core.protocol import CONTROL_KEY, PACKED_KEY
 
 from .worker_protocol import SOCKET_NODE_CONFIG, RoundOutcome, WorkerUnavailable, ask_worker
 
@@ -42,18 +43,25 @@ def node_state_dir(context: Context) -> Path:
 
 
 def _run(
-    kind: str, config: dict[str, Any], packed: np.ndarray, context: Context, state_dir: Path
+    kind: str,
+    config: dict[str, Any],
+    packed: np.ndarray,
+    context: Context,
+    state_dir: Path,
+    control: np.ndarray | None = None,
 ) -> RoundOutcome:
     """The message's work, by the site worker when the node has one, else in this process."""
     socket_path = context.node_config.get(SOCKET_NODE_CONFIG)
     if socket_path:
         try:
-            return ask_worker(socket_path, state_dir, kind, config, packed, context.run_id)
+            return ask_worker(socket_path, state_dir, kind, config, packed, context.run_id, control)
         except WorkerUnavailable as err:
             return RoundOutcome(error=str(err))
     from .rounds import run_message  # torch, the model and the data: only without a worker
 
-    return run_message(kind, config, packed, run_id=context.run_id, state_dir=state_dir)
+    return run_message(
+        kind, config, packed, run_id=context.run_id, state_dir=state_dir, control=control
+    )
 
 
 def _error_reply(msg: Message, context: Context, state_dir: Path, error: str) -> Message:
@@ -101,14 +109,19 @@ def create_client_app(state_dirs: Sequence[str] | None = None) -> ClientApp:
         if "config" not in msg.content.config_records:  # SecAgg+ speaks the legacy records
             return _legacy_train(msg, context, state_dir)
         config = dict(msg.content["config"])
-        packed = msg.content["arrays"][PACKED_KEY].numpy()
-        outcome = _run("train", config, packed, context, state_dir)
+        arrays = msg.content["arrays"]
+        packed = arrays[PACKED_KEY].numpy()
+        control = arrays[CONTROL_KEY].numpy() if CONTROL_KEY in arrays else None
+        outcome = _run("train", config, packed, context, state_dir, control)
         if outcome.error is not None:
             return _error_reply(msg, context, state_dir, outcome.error)
         assert outcome.reply is not None and outcome.shared is not None
+        sent = {PACKED_KEY: Array(outcome.shared)}
+        if outcome.control is not None:  # SCAFFOLD: the site's new control variate
+            sent[CONTROL_KEY] = Array(outcome.control)
         content = RecordDict(
             {
-                "arrays": ArrayRecord({PACKED_KEY: Array(outcome.shared)}),
+                "arrays": ArrayRecord(sent),
                 "metrics": MetricRecord(outcome.reply.to_metrics()),
                 "site": ConfigRecord(outcome.reply.to_site()),
             }

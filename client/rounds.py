@@ -18,7 +18,7 @@ import torch
 from mrprism_core.checkpoint import CorruptCheckpointError
 from mrprism_core.federated import QUALITY_KEY, SELECT_KEY, StateLayout, split_evaluation
 from mrprism_core.models import SegmentationModel, split_state
-from mrprism_core.protocol import RoundInstructions, SiteReply
+from mrprism_core.protocol import CONTROL_KEY, RoundInstructions, SiteReply
 
 from .site import SiteDataError, SiteRuntime
 from .worker_protocol import RoundOutcome
@@ -46,10 +46,29 @@ def _site_model(
     return model, layout
 
 
+def _server_control(
+    instructions: RoundInstructions, layout: StateLayout, control: np.ndarray | None
+) -> dict[str, torch.Tensor] | None:
+    """The server's SCAFFOLD control variate per shared tensor (None: no drift correction)."""
+    if instructions.drift_correction == "none":
+        return None
+    if control is None:
+        raise ValueError(
+            f"drift-correction={instructions.drift_correction} but the message carries no "
+            f"{CONTROL_KEY!r} array; is the server up to date?"
+        )
+    return layout.unpack(torch.from_numpy(np.require(control, requirements=["C", "W"])))
+
+
 def _train(
-    site: SiteRuntime, instructions: RoundInstructions, packed: np.ndarray, run_id: int
+    site: SiteRuntime,
+    instructions: RoundInstructions,
+    packed: np.ndarray,
+    run_id: int,
+    control: np.ndarray | None = None,
 ) -> RoundOutcome:
     model, layout = _site_model(site, instructions, packed)
+    server_control = _server_control(instructions, layout, control)
     heads_from = site.heads_round  # before this round's save replaces the snapshot
     server_round = instructions.server_round
     result = site.train(
@@ -63,6 +82,7 @@ def _train(
         server_round=server_round,
         personalization=instructions.personalization,
         ditto_lambda=instructions.ditto_lambda,
+        server_control=server_control,
     )
     site.save(model, server_round=server_round, run_id=run_id)
     metrics = {
@@ -79,8 +99,14 @@ def _train(
         num_examples=int(result["num_examples"]),
         metrics=metrics,
     )
-    shared = layout.pack(split_state(model)[0]).numpy()  # rater heads stay here
-    return RoundOutcome(shared=shared, reply=reply)
+    shared_state = split_state(model)[0]
+    shared = layout.pack(shared_state).numpy()  # rater heads stay here
+    new_control = None
+    if server_control is not None:  # the shared buffers (no gradient) get zeros
+        mean = result["control"]
+        full = {k: mean.get(k, torch.zeros_like(v)) for k, v in shared_state.items()}
+        new_control = layout.pack(full).numpy()
+    return RoundOutcome(shared=shared, reply=reply, control=new_control)
 
 
 def _evaluate(
@@ -112,15 +138,17 @@ def run_message(
     run_id: int,
     state_dir: str | Path | None = None,
     site: SiteRuntime | None = None,
+    control: np.ndarray | None = None,
 ) -> RoundOutcome:
     """Run one ``train`` or ``evaluate`` message at the site whose state is in ``state_dir``
-    (or on an already open ``site``); a site fault becomes :attr:`RoundOutcome.error`."""
+    (or on an already open ``site``); ``control``: the server's packed SCAFFOLD control
+    variate. A site fault becomes :attr:`RoundOutcome.error`."""
     try:
         if site is None:
             site = SiteRuntime.from_state_dir(state_dir)  # type: ignore[arg-type]
         instructions = RoundInstructions.from_config(config)
         if kind == "train":
-            return _train(site, instructions, packed, run_id)
+            return _train(site, instructions, packed, run_id, control)
         if kind == "evaluate":
             return _evaluate(site, instructions, packed)
         raise ValueError(f"unknown message kind {kind!r}")

@@ -6,6 +6,7 @@ The ClientApp (``client/app.py``) only unpacks messages and calls this.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -33,6 +34,7 @@ from mrprism_core.data.factory import (
 )
 from mrprism_core.data.files import FileDataset, RaterAgreement
 from mrprism_core.data.views import CaseSubset
+from mrprism_core.drift_correction import GradientCorrection, local_correction
 from mrprism_core.local_training import FedProx, HeadsOnly, local_strategy, run_epochs
 from mrprism_core.lr_schedule import set_lr
 from mrprism_core.models import (
@@ -483,13 +485,18 @@ class SiteRuntime:
         server_round: int = 0,
         personalization: str = "fedper",
         ditto_lambda: float = 0.1,
-    ) -> dict[str, float]:
+        server_control: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, Any]:
         """``local_epochs`` passes of :func:`~mrprism_core.local_training.run_epochs` with the
         strategy for this round (:func:`~mrprism_core.local_training.local_strategy`: FedProx
         when ``proximal_mu``, the phases of ``personalization``; with the site's
         ``privacy.enabled``, DP-SGD, and the spent epsilon is in the result). With
         ``persist_optimizer`` the Adam state is read from and written back to the site's
-        state directory. With ``ditto`` the site's personal model trains afterwards."""
+        state directory. With ``ditto`` the site's personal model trains afterwards.
+
+        With ``server_control`` (SCAFFOLD, :mod:`mrprism_core.drift_correction`; the server's
+        control variate, per shared tensor) each step is corrected by it minus the site's own,
+        and the site's new control variate is saved and returned under ``"control"``."""
         torch.manual_seed(seed)
         check_personalization(personalization)
         # the weights as received: FedProx's and Ditto's anchor, Ditto's first personal model
@@ -512,27 +519,40 @@ class SiteRuntime:
         keep_optimizer = persist_optimizer and private is None
         if keep_optimizer:
             self._restore_optimizer(optimizer, lr)
+        if server_control is not None and private is not None:
+            raise SiteDataError(
+                f"site {self.name}: drift-correction=scaffold would send the site's mean "
+                "gradient, which DP-SGD does not protect; run without one of the two"
+            )
+        drift = None
+        if server_control is not None:
+            correction = local_correction(server_control, self._site_control())
+            drift = GradientCorrection(model, optimizer, shared_keys, correction)
         if private is not None:
             optimizer, dp_loader = private.wrap(
                 model, optimizer, self.loader("train", shuffle=True, seed=seed), local_epochs
             )
         try:
-            totals: dict[str, float] = run_epochs(
-                model,
-                optimizer,
-                (lambda _: dp_loader)
-                if private is not None
-                else (lambda epoch: self.loader("train", shuffle=True, seed=seed + epoch)),
-                self.device,
-                local_epochs,
-                strategy,
-            )
+            with drift or contextlib.nullcontext():
+                totals: dict[str, Any] = run_epochs(
+                    model,
+                    optimizer,
+                    (lambda _: dp_loader)
+                    if private is not None
+                    else (lambda epoch: self.loader("train", shuffle=True, seed=seed + epoch)),
+                    self.device,
+                    local_epochs,
+                    strategy,
+                )
         finally:  # the accountant books the noisy steps taken, even when a step failed
             spent = private.finish() if private is not None else {}
         totals.update(spent)
         totals["num_examples"] = len(self.dataset("train"))
         if keep_optimizer:
             self.store.save_optimizer(optimizer.state_dict(), server_round=server_round)
+        if drift is not None:
+            totals["control"] = drift.mean_gradients()
+            self.store.save_control(totals["control"], server_round=server_round)
         if personalization == "ditto":
             totals["personal_loss"] = self._train_personal(
                 model, received, reference or {}, local_epochs, lr, seed, ditto_lambda, server_round
@@ -584,6 +604,14 @@ class SiteRuntime:
         if saved is None or saved["build_args"] != build_args:
             return None
         return saved["model_state"]
+
+    def _site_control(self) -> dict[str, torch.Tensor] | None:
+        """The site's control variate of its last round (None: none yet, or unreadable)."""
+        try:
+            return self.store.load_control()
+        except CorruptCheckpointError as err:
+            log.warning("site %s: %s; taking plain steps this round", self.name, err)
+            return None
 
     def _restore_optimizer(self, optimizer: torch.optim.Optimizer, lr: float) -> None:
         """Load the saved Adam state when it fits this model (same parameters, same shapes);

@@ -26,6 +26,7 @@ SITE_CONFIG_FILE = "site_config.yaml"
 SNAPSHOT_FILE = "site_model.pt"
 PRIVACY_LEDGER = "privacy_ledger.json"  # the DP accountant's history of noisy steps
 OPTIMIZER_FILE = "optimizer.pt"  # the site's Adam moments, carried from round to round
+CONTROL_FILE = "control_variate.pt"  # SCAFFOLD: the site's mean gradient of its last round
 PERSONAL_FILE = "personal_model.pt"  # Ditto: the site's own complete model
 
 
@@ -103,6 +104,19 @@ class SiteStore:
     def save_optimizer(self, state: dict[str, Any], *, server_round: int) -> Path:
         """Atomically replace the site's optimizer state (it never leaves the site)."""
         return self._save(self.optimizer_path, {"optimizer_state": state, "round": server_round})
+
+    @property
+    def control_path(self) -> Path:
+        return self.root / CONTROL_FILE
+
+    def load_control(self) -> dict[str, torch.Tensor] | None:
+        """The site's SCAFFOLD control variate from its last round, or None."""
+        saved = self._load(self.control_path)
+        return None if saved is None else saved["control"]
+
+    def save_control(self, control: dict[str, torch.Tensor], *, server_round: int) -> Path:
+        """Atomically replace the site's control variate (a copy of it goes to the server)."""
+        return self._save(self.control_path, {"control": control, "round": server_round})
 
     @property
     def personal_path(self) -> Path:

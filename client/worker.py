@@ -86,12 +86,12 @@ def _serve_messages(site: SiteRuntime, listener: Listener, max_messages: int | N
             continue
         with conn:
             try:
-                kind, config, packed, run_id = receive_request(conn)
+                kind, config, packed, run_id, control = receive_request(conn)
             except (EOFError, OSError, ValueError, KeyError) as err:
                 log.warning("dropped a malformed request: %s", err)
                 continue
             started = time.perf_counter()
-            outcome = _run(site, kind, config, packed, run_id)
+            outcome = _run(site, kind, config, packed, run_id, control)
             served += 1
             print(
                 f"{kind} message {served} in {time.perf_counter() - started:.1f} s"
@@ -105,7 +105,12 @@ def _serve_messages(site: SiteRuntime, listener: Listener, max_messages: int | N
 
 
 def _run(
-    site: SiteRuntime, kind: str, config: dict[str, Any], packed: np.ndarray, run_id: int
+    site: SiteRuntime,
+    kind: str,
+    config: dict[str, Any],
+    packed: np.ndarray,
+    run_id: int,
+    control: np.ndarray | None = None,
 ) -> RoundOutcome:
     site.forget_saved_state()
     try:
@@ -113,7 +118,7 @@ def _run(
     except OSError as err:  # a full or failing disk: this round would start from stale state
         return RoundOutcome(error=f"the site's state could not be written: {err}")
     try:
-        return run_message(kind, config, packed, run_id=run_id, site=site)
+        return run_message(kind, config, packed, run_id=run_id, site=site, control=control)
     except Exception as err:  # a bug, not a site fault: say it, keep serving
         log.exception("the %s message failed", kind)
         return RoundOutcome(error=f"the site worker failed: {type(err).__name__}: {err}")

@@ -62,11 +62,14 @@ class WorkerUnavailable(RuntimeError):
 @dataclass
 class RoundOutcome:
     """What one message produced at a site: the packed shared weights to send (training
-    only) and the reply; or, when the site cannot take part, only ``error`` (the reason)."""
+    only; with ``drift-correction=scaffold`` also the site's new control variate, packed the
+    same way) and the reply; or, when the site cannot take part, only ``error`` (the
+    reason)."""
 
     shared: np.ndarray | None = None
     reply: SiteReply | None = None
     error: str | None = None
+    control: np.ndarray | None = None
 
 
 def write_key(state_dir: str | Path) -> bytes:
@@ -84,35 +87,54 @@ def read_key(state_dir: str | Path) -> bytes:
     return (Path(state_dir) / KEY_FILE).read_bytes()
 
 
-def _send_array(conn: Connection, header: dict[str, Any], array: np.ndarray | None) -> None:
-    if array is not None:
-        array = np.ascontiguousarray(array)
-        header = {**header, "dtype": array.dtype.str, "shape": list(array.shape)}
+def _send_arrays(
+    conn: Connection, header: dict[str, Any], arrays: dict[str, np.ndarray | None]
+) -> None:
+    """The JSON header (naming each array's dtype and shape), then each array's raw bytes."""
+    present = {name: np.ascontiguousarray(a) for name, a in arrays.items() if a is not None}
+    header = {
+        **header,
+        "arrays": {n: [a.dtype.str, list(a.shape)] for n, a in present.items()},
+    }
     conn.send_bytes(json.dumps(header).encode())
-    if array is not None:
+    for array in present.values():
         conn.send_bytes(memoryview(array).cast("B"))
 
 
-def _receive_array(conn: Connection) -> tuple[dict[str, Any], np.ndarray | None]:
+def _receive_arrays(conn: Connection) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     header = json.loads(conn.recv_bytes())
-    if "dtype" not in header:
-        return header, None
-    data = conn.recv_bytes()
-    array = np.frombuffer(data, dtype=np.dtype(header["dtype"])).reshape(header["shape"])
-    return header, array
+    arrays = {}
+    for name, (dtype, shape) in header.pop("arrays", {}).items():
+        arrays[name] = np.frombuffer(conn.recv_bytes(), dtype=np.dtype(dtype)).reshape(shape)
+    return header, arrays
 
 
 def send_request(
-    conn: Connection, kind: str, config: dict[str, Any], packed: np.ndarray, run_id: int
+    conn: Connection,
+    kind: str,
+    config: dict[str, Any],
+    packed: np.ndarray,
+    run_id: int,
+    control: np.ndarray | None = None,
 ) -> None:
-    _send_array(conn, {"kind": kind, "config": config, "run_id": run_id}, packed)
+    header = {"kind": kind, "config": config, "run_id": run_id}
+    _send_arrays(conn, header, {"shared": packed, "control": control})
 
 
-def receive_request(conn: Connection) -> tuple[str, dict[str, Any], np.ndarray, int]:
-    header, packed = _receive_array(conn)
-    if packed is None:
+def receive_request(
+    conn: Connection,
+) -> tuple[str, dict[str, Any], np.ndarray, int, np.ndarray | None]:
+    """(kind, config, packed shared weights, run id, the server's control variate or None)."""
+    header, arrays = _receive_arrays(conn)
+    if "shared" not in arrays:
         raise ValueError("a request without shared weights")
-    return str(header["kind"]), dict(header["config"]), packed, int(header["run_id"])
+    return (
+        str(header["kind"]),
+        dict(header["config"]),
+        arrays["shared"],
+        int(header["run_id"]),
+        arrays.get("control"),
+    )
 
 
 def send_outcome(conn: Connection, outcome: RoundOutcome) -> None:
@@ -120,15 +142,20 @@ def send_outcome(conn: Connection, outcome: RoundOutcome) -> None:
     if outcome.reply is not None:
         header["metrics"] = outcome.reply.to_metrics()
         header["site"] = outcome.reply.to_site()
-    _send_array(conn, header, outcome.shared)
+    _send_arrays(conn, header, {"shared": outcome.shared, "control": outcome.control})
 
 
 def receive_outcome(conn: Connection) -> RoundOutcome:
-    header, shared = _receive_array(conn)
+    header, arrays = _receive_arrays(conn)
     reply = None
     if "metrics" in header:
         reply = SiteReply.from_records(header["metrics"], header["site"])
-    return RoundOutcome(shared=shared, reply=reply, error=header.get("error"))
+    return RoundOutcome(
+        shared=arrays.get("shared"),
+        reply=reply,
+        error=header.get("error"),
+        control=arrays.get("control"),
+    )
 
 
 def _connect(socket_path: str | Path, state_dir: str | Path, start_wait_s: float) -> Connection:
@@ -151,6 +178,7 @@ def ask_worker(
     config: dict[str, Any],
     packed: np.ndarray,
     run_id: int,
+    control: np.ndarray | None = None,
 ) -> RoundOutcome:
     """Have the site worker at ``socket_path`` run one message; waits for its answer, and up
     to :data:`WORKER_START_WAIT_S` for a worker being started again.
@@ -161,7 +189,7 @@ def ask_worker(
     """
     try:
         with _connect(socket_path, state_dir, WORKER_START_WAIT_S) as conn:
-            send_request(conn, kind, config, packed, run_id)
+            send_request(conn, kind, config, packed, run_id, control)
             return receive_outcome(conn)
     except (OSError, EOFError) as err:
         raise WorkerUnavailable(

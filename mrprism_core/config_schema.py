@@ -141,6 +141,7 @@ class FederationOptions:
     server_lr: float = above(0.01, 0)  # fedadam / fedyogi
     lr: float | None = above(None, 0)  # Adam learning rate; None = the preset's
     lr_schedule: str = "constant"  # the rate over the rounds: constant or cosine
+    drift_correction: str = "none"  # client drift: none or scaffold (control variates)
     persist_optimizer: bool = True  # sites keep their Adam state between rounds
     preset: str = "tiny"  # architecture preset
     model_options: dict[str, Any] | None = None  # model overrides (null = none)

@@ -15,10 +15,13 @@ from typing import Any
 
 from .lr_schedule import scheduled_lr
 
-__all__ = ["PACKED_KEY", "RoundInstructions", "SiteReply", "coerce"]
+__all__ = ["CONTROL_KEY", "PACKED_KEY", "RoundInstructions", "SiteReply", "coerce"]
 
 #: Name of the one array that carries the shared weights in a message.
 PACKED_KEY = "shared-weights"
+#: With ``drift-correction=scaffold``: the array beside them that carries the server's control
+#: variate (to a site) or the site's new one (in its reply), packed like the weights.
+CONTROL_KEY = "control-variate"
 
 
 def _kebab(name: str) -> str:
@@ -50,6 +53,7 @@ class RoundInstructions:
     server_round: int = 0  # this round (Flower's strategies set it too)
     proximal_mu: float = 0.0  # FedProx's proximal weight (set by Flower's FedProx)
     lr_schedule: str = "constant"  # the rate over the rounds (mrprism_core.lr_schedule)
+    drift_correction: str = "none"  # none or scaffold (mrprism_core.drift_correction)
 
     def round_lr(self) -> float:
         """This round's learning rate: ``lr`` under ``lr_schedule`` over the planned rounds."""

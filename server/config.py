@@ -63,6 +63,8 @@ class RunConfig:
     lr: float = at_least(0.0, 0)
     # the sites' learning rate over the rounds: constant, or cosine (decays towards 0)
     lr_schedule: str = "constant"
+    # client drift: none, or scaffold (control variates; fedavg/fedprox, twice the payload)
+    drift_correction: str = "none"
     persist_optimizer: bool = True  # sites keep their Adam state between rounds (at the site)
     personalization: str = (
         "fedper"  # fedper, fedrep, fedbabu or ditto (mrprism_core.personalization)

@@ -37,6 +37,7 @@ from mrprism_core.checkpoint import (
     shared_weights_from_checkpoint,
 )
 from mrprism_core.data.factory import DatasetInfo
+from mrprism_core.drift_correction import check_drift_correction
 from mrprism_core.federated import (
     PACKED_KEY,
     QUALITY_KEY,
@@ -48,7 +49,7 @@ from mrprism_core.federated import (
 from mrprism_core.lr_schedule import check_lr_schedule
 from mrprism_core.models import build_model_for_data, split_state
 from mrprism_core.personalization import check_personalization
-from mrprism_core.protocol import RoundInstructions, SiteReply
+from mrprism_core.protocol import CONTROL_KEY, RoundInstructions, SiteReply
 
 from .config import RunConfig
 from .grid import collect_replies
@@ -220,6 +221,13 @@ def round_instructions(cfg: RunConfig, layout: StateLayout) -> RoundInstructions
         layout=layout.fingerprint,
         lr=cfg.site_lr(),
         lr_schedule=check_lr_schedule(cfg.lr_schedule, "run-config lr-schedule"),
+        drift_correction=check_drift_correction(
+            cfg.drift_correction,
+            "run-config drift-correction",
+            strategy=cfg.strategy,
+            dp_mode=cfg.dp_mode,
+            secure=cfg.secure_aggregation,
+        ),
         seed=cfg.seed,
         num_server_rounds=cfg.num_server_rounds,
         persist_optimizer=cfg.persist_optimizer,
@@ -317,7 +325,8 @@ class RunFiles:
         initial = initial_arrays(cfg)
         layout = StateLayout.of(initial)
         if not (cfg.resume and self.checkpoint.exists()):
-            return layout, 0, ArrayRecord({PACKED_KEY: layout.pack(initial)}), []
+            packed = layout.pack(initial)
+            return layout, 0, _global_arrays(cfg, packed, torch.zeros_like(packed)), []
         payload = load_checkpoint(self.checkpoint)
         if payload["model_spec"] != cfg.model_spec():
             raise ValueError(
@@ -330,7 +339,10 @@ class RunFiles:
         if strategy is not None:
             restore_server_optimizer_state(strategy, payload.get("server_optimizer", {}))
         packed = layout.pack(payload["shared_state"])
-        return layout, done, ArrayRecord({PACKED_KEY: packed}), history
+        control = payload.get("control_variate")
+        if control is None or control.shape != packed.shape:  # resumed with SCAFFOLD newly on
+            control = torch.zeros_like(packed)
+        return layout, done, _global_arrays(cfg, packed, control), history
 
     def write_summary(self, cfg: RunConfig, **fields: Any) -> dict:
         """``summary.json``: the run config, where the checkpoint is, and ``fields``."""
@@ -362,17 +374,34 @@ class RunFiles:
         # trims back to the checkpoint's round
         lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in history)
         atomic_write_bytes(self.metrics, lines.encode())
-        save_checkpoint(
-            self.checkpoint,
-            {
-                "shared_state": layout.unpack(arrays.to_torch_state_dict()[PACKED_KEY]),
-                "round": server_round,
-                "run_id": run_id,
-                "model_spec": cfg.model_spec(),
-                "run_config": cfg.as_run_config(),
-                "server_optimizer": server_optimizer or {},
-            },
-        )
+        tensors = arrays.to_torch_state_dict()
+        payload = {
+            "shared_state": layout.unpack(tensors[PACKED_KEY]),
+            "round": server_round,
+            "run_id": run_id,
+            "model_spec": cfg.model_spec(),
+            "run_config": cfg.as_run_config(),
+            "server_optimizer": server_optimizer or {},
+        }
+        if CONTROL_KEY in tensors:  # SCAFFOLD's server control variate, for a resume
+            payload["control_variate"] = tensors[CONTROL_KEY]
+        save_checkpoint(self.checkpoint, payload)
+
+
+def _global_arrays(cfg: RunConfig, packed: torch.Tensor, control: torch.Tensor) -> ArrayRecord:
+    """What the server sends to train: the packed shared weights and, with SCAFFOLD, its
+    control variate beside them (averaged with the weights, as the sites' own ones come back
+    in the same record)."""
+    if cfg.drift_correction == "none":
+        return ArrayRecord({PACKED_KEY: packed})
+    return ArrayRecord({PACKED_KEY: packed, CONTROL_KEY: control})
+
+
+def _weights_only(arrays: ArrayRecord) -> ArrayRecord:
+    """The global record without SCAFFOLD's control variate: what an evaluation needs."""
+    if CONTROL_KEY not in arrays:
+        return arrays
+    return ArrayRecord({PACKED_KEY: arrays[PACKED_KEY]})
 
 
 def run_federation(
@@ -429,7 +458,9 @@ def run_federation(
                     int(row["skipped-steps"]),
                 )
 
-        evaluation = _push(grid, strategy.configure_evaluate(server_round, arrays, config, grid))
+        evaluation = _push(
+            grid, strategy.configure_evaluate(server_round, _weights_only(arrays), config, grid)
+        )
         if pipelined and server_round < cfg.num_server_rounds:
             # the next round starts from the weights just sent for evaluation, so it can go now
             upcoming = ConfigRecord(replace(standing, server_round=server_round + 1).to_config())

@@ -52,6 +52,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from client.site import SiteRuntime
 from client.state import SiteStore
 from mrprism_core.data.factory import EmptySplitError, build_dataset, dataset_info
+from mrprism_core.drift_correction import check_drift_correction
 from mrprism_core.federated import SELECT_KEY, recurrences_from_details
 from mrprism_core.local_training import run_epochs
 from mrprism_core.lr_schedule import scheduled_lr, set_lr
@@ -100,6 +101,22 @@ def parse_method(name: str) -> tuple[str, str]:
     return model or "mrprism", method
 
 
+def check_simulated_drift_correction(federation: Mapping[str, Any], methods: Sequence[str]) -> str:
+    """``federation.drift_correction``, refused (naming the key) when the strategy or a
+    method of the grid cannot run with it."""
+    name = str(federation.get("drift_correction", "none"))
+    kinds = [parse_method(method)[1] for method in methods]
+    strategy = str(federation.get("strategy", "fedavg"))
+    secure = "federated_secagg" in kinds
+    check_drift_correction(name, "federation.drift_correction", strategy=strategy, secure=secure)
+    if name != "none" and any(DP_METHOD.fullmatch(kind) for kind in kinds):
+        raise ValueError(
+            f"federation.drift_correction={name} cannot run beside a federated_dp_eps method: "
+            "it would send each DP-SGD site's mean gradient, which DP-SGD does not protect"
+        )
+    return name
+
+
 def check_methods(
     names: list[str], preset: str = "tiny", model_options: Mapping[str, Any] | None = None
 ) -> None:
@@ -142,6 +159,7 @@ class Experiment:
     server_lr: float = 0.01
     lr: float = 1e-3
     lr_schedule: str = "constant"  # the rate over the rounds (mrprism_core.lr_schedule)
+    drift_correction: str = "none"  # federated methods: none or scaffold
     persist_optimizer: bool = True
     preset: str = "tiny"
     model_options: dict[str, Any] = field(default_factory=dict)
@@ -418,6 +436,7 @@ def _run_federated(
         "server-lr": exp.server_lr,
         "lr": exp.lr,
         "lr-schedule": exp.lr_schedule,
+        "drift-correction": exp.drift_correction,
         "persist-optimizer": exp.persist_optimizer,
         "personalization": personalization,
         "seed": exp.seed,

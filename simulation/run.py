@@ -35,6 +35,7 @@ from .methods import (
     Experiment,
     check_methods,
     check_ray_address,
+    check_simulated_drift_correction,
     mean_row,
     run_method,
     selection_split,
@@ -121,6 +122,7 @@ def run_experiment(cfg: dict[str, Any], label: str = "") -> dict[str, Any]:
         lr_schedule=check_lr_schedule(
             str(fed.get("lr_schedule", "constant")), "federation.lr_schedule"
         ),
+        drift_correction=check_simulated_drift_correction(fed, methods),
         persist_optimizer=bool(fed.get("persist_optimizer", True)),
         preset=str(fed["preset"]),
         model_options=dict(fed.get("model_options") or {}),
@@ -275,6 +277,7 @@ def main() -> None:
             )
             check_tracking(str(container.get("tracking", "none")))
             check_lr_schedule(str(federation["lr_schedule"]), "federation.lr_schedule")
+            check_simulated_drift_correction(federation, list(container["methods"]))
             check_ray_address(federation["ray_address"])
             selection_split(federation["select"], resolve_sites(container))
         except (ValueError, FileNotFoundError) as err:  # SiteDataError is a ValueError

@@ -28,6 +28,7 @@ def test_instructions_round_trip_every_field():
         server_round=2,
         proximal_mu=0.05,
         lr_schedule="cosine",
+        drift_correction="scaffold",
     )
     config = sent.to_config()
     assert all(isinstance(v, (str, int, float, bool)) for v in config.values())  # record-safe

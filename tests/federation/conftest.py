@@ -7,11 +7,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from client.site import compose_site_config
 from client.state import SiteStore
 from mrprism_core.federated import PACKED_KEY, StateLayout
+from mrprism_core.protocol import CONTROL_KEY
 from server.config import RunConfig
 from server.federation import initial_arrays, round_instructions
 
@@ -53,9 +55,10 @@ def train_message(cfg: RunConfig | None = None, server_round: int = 1):
     layout = StateLayout.of(initial)
     instructions = replace(round_instructions(cfg, layout), server_round=server_round)
     config = ConfigRecord(instructions.to_config())  # what the server sends every site
-    content = RecordDict(
-        {"arrays": ArrayRecord({PACKED_KEY: layout.pack(initial)}), "config": config}
-    )
+    arrays = {PACKED_KEY: layout.pack(initial)}
+    if cfg.drift_correction != "none":  # round 1 of SCAFFOLD: the server's c is all zeros
+        arrays[CONTROL_KEY] = torch.zeros(layout.size)
+    content = RecordDict({"arrays": ArrayRecord(arrays), "config": config})
     return Message(content, dst_node_id=1, message_type=MessageType.TRAIN), layout
 
 

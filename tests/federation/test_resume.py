@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from mrprism_core.checkpoint import load_checkpoint
 
 from .conftest import simulate
@@ -40,3 +42,24 @@ def test_restart_resumes_after_the_last_completed_round(tmp_path, make_site):
     )
     site = load_checkpoint(f"{state_dirs[0]}/site_model.pt")
     assert site["round"] == 3
+
+
+def test_a_resumed_scaffold_run_sends_the_control_variate_it_saved(tmp_path, make_site):
+    from mrprism_core.protocol import CONTROL_KEY
+    from server.config import RunConfig
+    from server.federation import RunFiles
+
+    out_dir = tmp_path / "server"
+    config = {
+        "num-server-rounds": 1,
+        "min-available-nodes": 2,
+        "out-dir": str(out_dir),
+        "model-options": json.dumps({"recurrences": 1}),
+        "drift-correction": "scaffold",
+    }
+    simulate(config, [make_site("synthetic_a"), make_site("synthetic_b")])
+    saved = load_checkpoint(out_dir / "global_model.pt")["control_variate"]
+    assert saved.abs().max() > 0  # the sites' mean gradients of round 1
+    _, done, arrays, _ = RunFiles(out_dir).start(RunConfig.from_mapping(config))
+    assert done == 1
+    assert torch.equal(arrays.to_torch_state_dict()[CONTROL_KEY], saved)

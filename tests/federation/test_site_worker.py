@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from client import supervisor, worker_protocol
 from client.app import create_client_app
@@ -26,6 +27,7 @@ from client.flower_env import FLOWER_OFFLINE_ENV
 from client.supervisor import SiteWorker
 from client.worker_protocol import KEY_FILE, WorkerUnavailable, ask_worker
 from mrprism_core.federated import PACKED_KEY
+from mrprism_core.protocol import CONTROL_KEY
 from server.config import RunConfig
 
 from .conftest import node_context, train_message
@@ -114,6 +116,33 @@ def test_the_worker_runs_the_same_round_and_the_clientapp_imports_no_torch(
     assert answer["metrics"] == pytest.approx(expected_metrics)
     assert Path(worker_dir, "site_model.pt").exists()  # the worker saved the site's heads
     assert "train message 1" in out.getvalue()
+
+
+def test_scaffolds_control_variates_go_through_the_worker_as_they_do_in_process(
+    make_site, task_identity, tmp_path
+):
+    """The server's control variate reaches the site and the site's new one comes back, the
+    same bit for bit with or without the worker; the site keeps a copy of what it sent."""
+    from client.state import SiteStore
+
+    cfg = RunConfig(drift_correction="scaffold")
+    message, layout = train_message(cfg)
+    in_process_dir = make_site("synthetic_a", name="site_in_process")
+    expected = create_client_app()(message, node_context(in_process_dir))
+    assert not expected.has_error(), expected.error
+    worker_dir = make_site("synthetic_a", name="site_worker")
+    with SiteWorker(Path(worker_dir), _socket(tmp_path), out=io.StringIO()):
+        got = create_client_app()(message, node_context(worker_dir, _socket(tmp_path)))
+    assert not got.has_error(), got.error
+    for key in (PACKED_KEY, CONTROL_KEY):
+        assert np.array_equal(
+            got.content["arrays"][key].numpy(), expected.content["arrays"][key].numpy()
+        ), key
+    control = got.content["arrays"][CONTROL_KEY].numpy()
+    assert np.abs(control).max() > 0  # the site's mean gradient of the round
+    kept = SiteStore(worker_dir).load_control()
+    shared = layout.unpack(torch.from_numpy(control.copy()))
+    assert all(torch.equal(kept[k], shared[k]) for k in kept)
 
 
 def test_a_worker_killed_mid_round_gives_an_error_reply_and_is_started_again(

@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from simulation.run import run_experiment
@@ -143,6 +144,39 @@ def test_every_method_steps_at_the_rate_the_schedule_gives_its_round(tmp_path):
             assert saved == pytest.approx(0.005), (method, site)
 
 
+def test_scaffold_corrects_the_rounds_after_the_first_with_the_sites_mean_gradients(tmp_path):
+    """Round 1 has no server control variate yet, so it is the plain run's bit for bit; round 2
+    is corrected and differs. The server keeps the example-weighted mean of the control
+    variates the sites sent, and each site keeps its own (the heads have none)."""
+    from client.state import SiteStore
+    from mrprism_core.checkpoint import load_checkpoint
+    from mrprism_core.federated import StateLayout
+
+    runs = {}
+    for drift in ("none", "scaffold"):
+        config = _tiny_config(tmp_path / drift)
+        config["federation"].update(rounds=2, lr=0.01, drift_correction=drift)
+        runs[drift] = run_experiment(config)["methods"]["federated"]
+    for site, plain in runs["none"]["history"].items():
+        corrected = runs["scaffold"]["history"][site]
+        assert corrected[0] == plain[0] and corrected[1] != plain[1], site
+    server_dir = tmp_path / "scaffold" / "work" / "federated" / "server"
+    server = load_checkpoint(server_dir / "global_model.pt")
+    shared = server["shared_state"]
+    layout = StateLayout.of(shared)
+    last = json.loads(server_dir.joinpath("metrics.jsonl").read_text().splitlines()[-1])
+    weighted, examples = torch.zeros(layout.size), 0
+    for site, state_dir in runs["scaffold"]["state_dirs"].items():
+        own = SiteStore(state_dir).load_control()
+        assert own and set(own) <= set(shared)  # shared parameters only: no rater head
+        count = int(last["train_sites"][site]["num-examples"])
+        padded = {k: own.get(k, torch.zeros_like(v)) for k, v in shared.items()}  # + buffers
+        weighted += count * layout.pack(padded)
+        examples += count
+    assert server["control_variate"].abs().max() > 0
+    assert torch.allclose(server["control_variate"], weighted / examples, atol=1e-6)
+
+
 def test_privacy_methods_report_their_cost_and_budget(tmp_path):
     cfg = _tiny_config(tmp_path / "private")
     cfg["partition"]["num_sites"] = 3  # SecAgg+ needs three sites
@@ -199,6 +233,11 @@ def test_unknown_models_and_methods_are_named():
         # out of range: before, -1 rounds ran every method and ended in a traceback
         ("federation.rounds=-1", "federation.rounds=-1 is refused: must be >= 1"),
         ("federation.lr=0", "federation.lr=0.0 is refused: must be > 0"),
+        (
+            "federation.drift_correction=bogus",
+            "federation.drift_correction=bogus: unknown drift correction; choose from none, "
+            "scaffold",
+        ),
         ("partition.alpha=-0.5", "partition.alpha=-0.5 is refused: must be > 0"),
         ("federation.select=best", "federation.select='best' is refused: choose from"),
         # the default preset's sites have no validation cases to choose a round by
