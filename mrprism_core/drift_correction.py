@@ -18,10 +18,8 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the ClientApp imports this module's names through the protocol, not torch
-    import torch
+import torch
 
 __all__ = [
     "DRIFT_CORRECTIONS",
@@ -120,8 +118,6 @@ class GradientCorrection:
         self._hook: torch.utils.hooks.RemovableHandle | None = None
 
     def __enter__(self) -> GradientCorrection:
-        import torch
-
         self._sums = {n: torch.zeros_like(p) for n, p in self._params.items()}
         self._steps = 0
         self._hook = self._optimizer.register_step_pre_hook(self._before_step)
@@ -146,11 +142,6 @@ class GradientCorrection:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-
-    @property
-    def corrects(self) -> bool:
-        """Whether the steps were corrected (False: plain steps, only recorded)."""
-        return bool(self._shifts)
 
     def mean_gradients(self) -> dict[str, torch.Tensor]:
         """Each parameter's mean uncorrected gradient over the steps taken (zeros when none
