@@ -4,7 +4,8 @@
 [--variants worker ...] [--secagg-cases 16 64 128] [--skip-overhead] [--skip-secagg]``
 
 * bytes: per client and round the site downloads and uploads the packed shared weights;
-  compared with sending the full model (shared + rater heads), for M = 7 raters.
+  compared with sending the full model (shared + rater heads), for M = 7 raters; and with
+  ``drift-correction=scaffold``, whose control variate travels beside the weights each way.
 * fixed cost per message: real rounds (flower-superlink + one SuperNode started with
   ``python -m client``, ``flwr run``; 1 local epoch + evaluation) against the same epoch and
   evaluation run directly in one warm process on the same synthetic site; (round - direct) / 2
@@ -43,6 +44,7 @@ import torch
 from mrprism_core.cli_types import positive_int
 from mrprism_core.federated import PACKED_KEY, StateLayout
 from mrprism_core.models import build_model, split_state
+from mrprism_core.protocol import CONTROL_KEY
 
 from .common import RESULTS_DIR, write_json
 
@@ -63,9 +65,12 @@ def payload_bytes(preset: str, raters: int = 7) -> dict[str, float]:
     )
     shared, local = split_state(model)
     layout = StateLayout.of(shared)
-    record = ArrayRecord({PACKED_KEY: layout.pack(shared)})
+    packed = layout.pack(shared)
+    record = ArrayRecord({PACKED_KEY: packed})
     full = sum(v.numel() * v.element_size() for v in model.state_dict().values())
     shared_bytes = record.count_bytes()
+    # what a SCAFFOLD round sends each way: the same record with the control variate beside
+    scaffold_bytes = ArrayRecord({PACKED_KEY: packed, CONTROL_KEY: packed.clone()}).count_bytes()
     return {
         "preset": preset,
         "raters": raters,
@@ -74,6 +79,8 @@ def payload_bytes(preset: str, raters: int = 7) -> dict[str, float]:
         "local_bytes_kept_at_site": sum(v.numel() * v.element_size() for v in local.values()),
         "bytes_per_round_per_client": 2 * shared_bytes,  # download + upload
         "shared_over_full": shared_bytes / full,
+        "scaffold_bytes_per_round_per_client": 2 * scaffold_bytes,
+        "scaffold_over_plain": scaffold_bytes / shared_bytes,
     }
 
 
@@ -331,7 +338,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{row['preset']:6} full model {row['full_model_bytes'] / 2**20:.1f} MiB, shared "
             f"payload {row['shared_payload_bytes'] / 2**20:.1f} MiB "
             f"({row['shared_over_full']:.3f} of full), per round per client "
-            f"{row['bytes_per_round_per_client'] / 2**20:.1f} MiB"
+            f"{row['bytes_per_round_per_client'] / 2**20:.1f} MiB; with SCAFFOLD "
+            f"{row['scaffold_bytes_per_round_per_client'] / 2**20:.1f} MiB "
+            f"({row['scaffold_over_plain']:.2f}x)"
         )
     rows: list[dict[str, object]] = []
     secure: list[dict[str, object]] = []

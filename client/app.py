@@ -1,6 +1,6 @@
 """Flower ClientApp: unpack the server's message, run the site's round, reply with the shared
-weights (with SCAFFOLD also the site's control variate) and metrics only. Rater heads and data
-stay in the site's state directory.
+weights (with SCAFFOLD also the change of the site's control variate) and metrics only. Rater
+heads and data stay in the site's state directory.
 
 This module imports no torch: in deployment ``python -m client`` keeps a site worker warm
 (``client/worker.py``) and the ClientApp, a fresh process per message, only hands it the
@@ -117,7 +117,7 @@ def create_client_app(state_dirs: Sequence[str] | None = None) -> ClientApp:
             return _error_reply(msg, context, state_dir, outcome.error)
         assert outcome.reply is not None and outcome.shared is not None
         sent = {PACKED_KEY: Array(outcome.shared)}
-        if outcome.control is not None:  # SCAFFOLD: the site's new control variate
+        if outcome.control is not None:  # SCAFFOLD: the change of the site's control variate
             sent[CONTROL_KEY] = Array(outcome.control)
         content = RecordDict(
             {

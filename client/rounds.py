@@ -83,6 +83,7 @@ def _train(
         personalization=instructions.personalization,
         ditto_lambda=instructions.ditto_lambda,
         server_control=server_control,
+        control_ledger=instructions.control_ledger,
     )
     site.save(model, server_round=server_round, run_id=run_id)
     metrics = {
@@ -101,12 +102,12 @@ def _train(
     )
     shared_state = split_state(model)[0]
     shared = layout.pack(shared_state).numpy()  # rater heads stay here
-    new_control = None
+    control = None
     if server_control is not None:  # the shared buffers (no gradient) get zeros
-        mean = result["control"]
-        full = {k: mean.get(k, torch.zeros_like(v)) for k, v in shared_state.items()}
-        new_control = layout.pack(full).numpy()
-    return RoundOutcome(shared=shared, reply=reply, control=new_control)
+        change = result["control_change"]
+        full = {k: change.get(k, torch.zeros_like(v)) for k, v in shared_state.items()}
+        control = layout.pack(full).numpy()
+    return RoundOutcome(shared=shared, reply=reply, control=control)
 
 
 def _evaluate(

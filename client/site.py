@@ -34,7 +34,7 @@ from mrprism_core.data.factory import (
 )
 from mrprism_core.data.files import FileDataset, RaterAgreement
 from mrprism_core.data.views import CaseSubset
-from mrprism_core.drift_correction import GradientCorrection, local_correction
+from mrprism_core.drift_correction import GradientCorrection, control_change, local_correction
 from mrprism_core.local_training import FedProx, HeadsOnly, local_strategy, run_epochs
 from mrprism_core.lr_schedule import set_lr
 from mrprism_core.models import (
@@ -486,6 +486,7 @@ class SiteRuntime:
         personalization: str = "fedper",
         ditto_lambda: float = 0.1,
         server_control: Mapping[str, torch.Tensor] | None = None,
+        control_ledger: str = "",
     ) -> dict[str, Any]:
         """``local_epochs`` passes of :func:`~mrprism_core.local_training.run_epochs` with the
         strategy for this round (:func:`~mrprism_core.local_training.local_strategy`: FedProx
@@ -495,8 +496,9 @@ class SiteRuntime:
         state directory. With ``ditto`` the site's personal model trains afterwards.
 
         With ``server_control`` (SCAFFOLD, :mod:`mrprism_core.drift_correction`; the server's
-        control variate, per shared tensor) each step is corrected by it minus the site's own,
-        and the site's new control variate is saved and returned under ``"control"``."""
+        control variate, per shared tensor, named ``control_ledger``) each step is corrected by
+        it minus the site's own; the site's new control variate is saved and its change, what
+        the server folds into its mean, is returned under ``"control_change"``."""
         torch.manual_seed(seed)
         check_personalization(personalization)
         # the weights as received: FedProx's and Ditto's anchor, Ditto's first personal model
@@ -525,8 +527,10 @@ class SiteRuntime:
                 "gradient, which DP-SGD does not protect; run without one of the two"
             )
         drift = None
+        site_control = None
         if server_control is not None:
-            correction = local_correction(server_control, self._site_control())
+            site_control = self._site_control(control_ledger)
+            correction = local_correction(server_control, site_control)
             drift = GradientCorrection(model, optimizer, shared_keys, correction)
         if private is not None:
             optimizer, dp_loader = private.wrap(
@@ -551,8 +555,9 @@ class SiteRuntime:
         if keep_optimizer:
             self.store.save_optimizer(optimizer.state_dict(), server_round=server_round)
         if drift is not None:
-            totals["control"] = drift.mean_gradients()
-            self.store.save_control(totals["control"], server_round=server_round)
+            new_control = drift.mean_gradients()
+            totals["control_change"] = control_change(new_control, site_control)
+            self.store.save_control(new_control, server_round=server_round, ledger=control_ledger)
         if personalization == "ditto":
             totals["personal_loss"] = self._train_personal(
                 model, received, reference or {}, local_epochs, lr, seed, ditto_lambda, server_round
@@ -605,10 +610,11 @@ class SiteRuntime:
             return None
         return saved["model_state"]
 
-    def _site_control(self) -> dict[str, torch.Tensor] | None:
-        """The site's control variate of its last round (None: none yet, or unreadable)."""
+    def _site_control(self, ledger: str) -> dict[str, torch.Tensor] | None:
+        """The site's control variate of its last round in ``ledger`` (None: none yet, another
+        run's, or unreadable)."""
         try:
-            return self.store.load_control()
+            return self.store.load_control(ledger)
         except CorruptCheckpointError as err:
             log.warning("site %s: %s; taking plain steps this round", self.name, err)
             return None

@@ -109,14 +109,21 @@ class SiteStore:
     def control_path(self) -> Path:
         return self.root / CONTROL_FILE
 
-    def load_control(self) -> dict[str, torch.Tensor] | None:
-        """The site's SCAFFOLD control variate from its last round, or None."""
+    def load_control(self, ledger: str) -> dict[str, torch.Tensor] | None:
+        """The site's SCAFFOLD control variate from its last round in the server's ``ledger``
+        (the run, resumes included), or None: another run's is not in this server's mean."""
         saved = self._load(self.control_path)
-        return None if saved is None else saved["control"]
+        if saved is None or saved.get("ledger") != ledger:
+            return None
+        return saved["control"]
 
-    def save_control(self, control: dict[str, torch.Tensor], *, server_round: int) -> Path:
-        """Atomically replace the site's control variate (a copy of it goes to the server)."""
-        return self._save(self.control_path, {"control": control, "round": server_round})
+    def save_control(
+        self, control: dict[str, torch.Tensor], *, server_round: int, ledger: str
+    ) -> Path:
+        """Atomically replace the site's control variate (its change goes to the server)."""
+        return self._save(
+            self.control_path, {"control": control, "round": server_round, "ledger": ledger}
+        )
 
     @property
     def personal_path(self) -> Path:

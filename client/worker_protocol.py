@@ -62,9 +62,9 @@ class WorkerUnavailable(RuntimeError):
 @dataclass
 class RoundOutcome:
     """What one message produced at a site: the packed shared weights to send (training
-    only; with ``drift-correction=scaffold`` also the site's new control variate, packed the
-    same way) and the reply; or, when the site cannot take part, only ``error`` (the
-    reason)."""
+    only; with ``drift-correction=scaffold`` also the change of the site's control variate,
+    packed the same way) and the reply; or, when the site cannot take part, only ``error``
+    (the reason)."""
 
     shared: np.ndarray | None = None
     reply: SiteReply | None = None

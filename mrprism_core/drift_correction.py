@@ -6,9 +6,13 @@ gradient of the shared weights over the site's last round) and, at the server, t
 ``c``; each local step then uses ``g + c - c_i``, the site's gradient corrected towards the
 federation's mean direction. The correction is added to the raw gradient, before Adam.
 
-What travels: the server sends ``c`` with the shared weights; each site sends its new ``c_i``
-with its update, averaged like the weights. ``c_i`` is kept at the site too (its state
-directory), as its Adam moments are. Rater heads are never corrected (they are not averaged).
+What travels: the server sends ``c`` with the shared weights; each site sends the change of its
+``c_i`` with its update, averaged like the weights, and the server folds that mean change into
+``c`` (:func:`updated_server_control`), so that ``c`` stays the weighted mean of every site's
+latest ``c_i`` when only some sites train in a round (sampling, dropouts), as in SCAFFOLD's
+server step. ``c_i`` is kept at the site (its state directory), as its Adam moments are, with
+the ledger it was counted in: a ``c_i`` from another run's ledger counts as none. Rater heads
+are never corrected (they are not averaged).
 
 This module is Flower-free; ``client/rounds.py`` and ``client/site.py`` use it, and the server
 checks the run config with :func:`check_drift_correction`.
@@ -26,7 +30,9 @@ __all__ = [
     "SCAFFOLD_STRATEGIES",
     "GradientCorrection",
     "check_drift_correction",
+    "control_change",
     "local_correction",
+    "updated_server_control",
 ]
 
 #: ``drift-correction`` values: none (plain local steps) or scaffold (control variates)
@@ -85,6 +91,46 @@ def local_correction(
     if not any(bool(server_control[k].any()) for k in site_control):
         return None
     return {k: server_control[k] - v.to(server_control[k]) for k, v in site_control.items()}
+
+
+def control_change(
+    new: Mapping[str, torch.Tensor], previous: Mapping[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
+    """What a site sends: its new ``c_i`` minus the one the server's ``c`` holds for it
+    (``previous``; None, or one of another model, counts as zeros: the site's first round in
+    this ledger)."""
+    fits = previous is not None and all(
+        k in previous and previous[k].shape == v.shape for k, v in new.items()
+    )
+    if not fits:
+        return {k: v.clone() for k, v in new.items()}
+    return {k: v - previous[k].to(v) for k, v in new.items()}  # type: ignore[index]
+
+
+def updated_server_control(
+    control: torch.Tensor,
+    site_weights: Mapping[str, float],
+    replied: Mapping[str, float],
+    mean_change: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """SCAFFOLD's server step with weights: ``c`` is ``sum_i w_i c_i / sum_i w_i`` over every
+    site that ever sent a ``c_i``, each with its latest one; ``site_weights`` holds those sites'
+    weights before this round, ``replied`` the weights of the sites that trained now and
+    ``mean_change`` the ``replied``-weighted mean of their :func:`control_change` (what a
+    weighted-mean strategy makes of them). Returns the new ``c`` and the weights after the round.
+
+    A site that did not train keeps its last ``c_i`` in ``c``, as it keeps it for its own
+    correction; averaging the repliers' ``c_i`` alone would leave the corrections of the
+    federation no longer summing to zero. If a site's weight changes, the part of ``c`` that
+    came from its earlier ``c_i`` keeps the old weight (the server never holds ``c_i`` itself,
+    only the sum); its change from then on counts at the new one."""
+    before = sum(site_weights.values())
+    weights = {**site_weights, **replied}
+    total = sum(weights.values())
+    if total <= 0:
+        return control, weights
+    sent = sum(replied.values())
+    return (before * control + sent * mean_change.to(control)) / total, weights
 
 
 class GradientCorrection:

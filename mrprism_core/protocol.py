@@ -54,6 +54,8 @@ class RoundInstructions:
     proximal_mu: float = 0.0  # FedProx's proximal weight (set by Flower's FedProx)
     lr_schedule: str = "constant"  # the rate over the rounds (mrprism_core.lr_schedule)
     drift_correction: str = "none"  # none or scaffold (mrprism_core.drift_correction)
+    # scaffold: names the server's control variate; a site's c_i saved under another counts as none
+    control_ledger: str = ""
 
     def round_lr(self) -> float:
         """This round's learning rate: ``lr`` under ``lr_schedule`` over the planned rounds."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -37,7 +38,7 @@ from mrprism_core.checkpoint import (
     shared_weights_from_checkpoint,
 )
 from mrprism_core.data.factory import DatasetInfo
-from mrprism_core.drift_correction import check_drift_correction
+from mrprism_core.drift_correction import check_drift_correction, updated_server_control
 from mrprism_core.federated import (
     PACKED_KEY,
     QUALITY_KEY,
@@ -53,7 +54,7 @@ from mrprism_core.protocol import CONTROL_KEY, RoundInstructions, SiteReply
 
 from .config import RunConfig
 from .grid import collect_replies
-from .strategies import restore_server_optimizer_state, server_optimizer_state
+from .strategies import restore_server_optimizer_state, server_optimizer_state, weight_key
 
 __all__ = [
     "GLOBAL_CHECKPOINT",
@@ -315,15 +316,21 @@ class RunFiles:
         self.root = Path(out_dir)
         self.checkpoint = self.root / GLOBAL_CHECKPOINT
         self.metrics = self.root / METRICS_LOG
+        # SCAFFOLD: the name of the server's control variate (kept across resumes) and the
+        # weight of each site's control variate in it; set by start()
+        self.control_ledger = ""
+        self.control_weights: dict[str, float] = {}
 
     def start(
         self, cfg: RunConfig, strategy: Strategy | None = None
     ) -> tuple[StateLayout, int, ArrayRecord, list[dict]]:
         """The shared-weight layout, the rounds already done, the global weights to start
         from (the checkpoint's when resuming, else freshly initialised) and the log so far.
-        When resuming, ``strategy`` gets its server-optimizer moments back."""
+        When resuming, ``strategy`` gets its server-optimizer moments back, and SCAFFOLD's
+        ledger (:attr:`control_ledger`, :attr:`control_weights`) is the checkpoint's."""
         initial = initial_arrays(cfg)
         layout = StateLayout.of(initial)
+        self.control_ledger, self.control_weights = secrets.token_hex(8), {}
         if not (cfg.resume and self.checkpoint.exists()):
             packed = layout.pack(initial)
             return layout, 0, _global_arrays(cfg, packed, torch.zeros_like(packed)), []
@@ -342,6 +349,9 @@ class RunFiles:
         control = payload.get("control_variate")
         if control is None or control.shape != packed.shape:  # resumed with SCAFFOLD newly on
             control = torch.zeros_like(packed)
+        elif "control_ledger" in payload:  # (a checkpoint of an earlier version has none)
+            self.control_ledger = payload["control_ledger"]
+            self.control_weights = dict(payload["control_weights"])
         return layout, done, _global_arrays(cfg, packed, control), history
 
     def write_summary(self, cfg: RunConfig, **fields: Any) -> dict:
@@ -385,6 +395,8 @@ class RunFiles:
         }
         if CONTROL_KEY in tensors:  # SCAFFOLD's server control variate, for a resume
             payload["control_variate"] = tensors[CONTROL_KEY]
+            payload["control_ledger"] = self.control_ledger
+            payload["control_weights"] = dict(self.control_weights)
         save_checkpoint(self.checkpoint, payload)
 
 
@@ -395,6 +407,26 @@ def _global_arrays(cfg: RunConfig, packed: torch.Tensor, control: torch.Tensor) 
     if cfg.drift_correction == "none":
         return ArrayRecord({PACKED_KEY: packed})
     return ArrayRecord({PACKED_KEY: packed, CONTROL_KEY: control})
+
+
+def _fold_control_changes(
+    before: ArrayRecord,
+    aggregated: ArrayRecord,
+    updates: list[Message],
+    cfg: RunConfig,
+    files: RunFiles,
+) -> ArrayRecord:
+    """SCAFFOLD's server step: the strategy averaged the sites' control-variate changes like
+    their weights; fold that mean into the control variate sent before
+    (:func:`~mrprism_core.drift_correction.updated_server_control`), so that the sites that did
+    not train this round keep their share of it."""
+    key = weight_key(cfg)
+    replied = {_site_name(msg): float(_metric_record(msg)[key]) for msg in updates}
+    new = aggregated.to_torch_state_dict()
+    control, files.control_weights = updated_server_control(
+        before.to_torch_state_dict()[CONTROL_KEY], files.control_weights, replied, new[CONTROL_KEY]
+    )
+    return ArrayRecord({PACKED_KEY: new[PACKED_KEY], CONTROL_KEY: control})
 
 
 def _weights_only(arrays: ArrayRecord) -> ArrayRecord:
@@ -417,7 +449,8 @@ def run_federation(
     """
     files = RunFiles(cfg.out_dir)
     layout, done, arrays, history = files.start(cfg, strategy)
-    standing = round_instructions(cfg, layout)  # the same every round but for its number
+    # the same every round but for its number
+    standing = replace(round_instructions(cfg, layout), control_ledger=files.control_ledger)
     sites = _SiteDirectory()
     pipelined = _pipelines(cfg, grid)
     next_train: _Phase | None = None  # round r+1's training, pushed with round r's evaluation
@@ -440,6 +473,8 @@ def run_federation(
         if aggregated:
             new_arrays, train_metrics = strategy.aggregate_train(server_round, updates)
             aggregated = new_arrays is not None
+            if new_arrays is not None and CONTROL_KEY in new_arrays:
+                new_arrays = _fold_control_changes(arrays, new_arrays, updates, cfg, files)
             arrays = new_arrays if new_arrays is not None else arrays
         if not aggregated:
             log.warning(

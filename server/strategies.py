@@ -97,15 +97,19 @@ def check_aggregation_weight(cfg: RunConfig) -> None:
         )
 
 
+def weight_key(cfg: RunConfig) -> str:
+    """The reply metric the strategy weights each site's update by."""
+    return "num-examples" if cfg.aggregation_weight == "examples" else WEIGHT_KEY
+
+
 def _base_strategy(cfg: RunConfig) -> Strategy:
-    weighted_by = "num-examples" if cfg.aggregation_weight == "examples" else WEIGHT_KEY
     common: dict[str, Any] = {
         "fraction_train": cfg.fraction_train,
         "fraction_evaluate": cfg.fraction_evaluate,
         "min_train_nodes": cfg.min_train_nodes,
         "min_evaluate_nodes": cfg.min_evaluate_nodes,
         "min_available_nodes": cfg.min_available_nodes,
-        "weighted_by_key": weighted_by,
+        "weighted_by_key": weight_key(cfg),
     }
     name = cfg.strategy.lower()
     if name == "fedavg":

@@ -29,6 +29,7 @@ def test_instructions_round_trip_every_field():
         proximal_mu=0.05,
         lr_schedule="cosine",
         drift_correction="scaffold",
+        control_ledger="0123abcd",
     )
     config = sent.to_config()
     assert all(isinstance(v, (str, int, float, bool)) for v in config.values())  # record-safe

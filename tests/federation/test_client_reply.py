@@ -102,6 +102,44 @@ def test_local_norms_stay_at_the_site_and_carry_over_to_the_next_round(make_site
     assert (after - 1).abs().max() > 1.5 * (trained - 1).abs().max()
 
 
+def test_scaffold_sends_the_change_of_the_sites_control_variate_within_one_ledger(
+    make_site, task_identity
+):
+    """The server's control variate holds the c_i a site sent last in the same ledger (run), so
+    the site sends its new c_i minus that one; the first time in a ledger (a new run, or a state
+    directory from another run), all of it."""
+    from flwr.app import Array
+
+    from client.state import SiteStore
+    from mrprism_core.protocol import CONTROL_KEY
+
+    app = create_client_app()
+    state_dir = make_site("synthetic_a")
+    store = SiteStore(state_dir)
+
+    def train(server_round: int, ledger: str, server_control: np.ndarray | None = None):
+        message, layout = train_message(RunConfig(drift_correction="scaffold"), server_round)
+        message.content["config"]["control-ledger"] = ledger
+        if server_control is not None:
+            message.content["arrays"][CONTROL_KEY] = Array(server_control)
+        reply = app(message, node_context(state_dir))
+        assert not reply.has_error(), reply.error
+        sent = reply.content["arrays"][CONTROL_KEY].numpy()
+        own = store.load_control(ledger)  # the site's new c_i; packed with zeros for buffers
+        shapes = layout.unpack(torch.from_numpy(sent.copy()))
+        kept = layout.pack({k: own.get(k, torch.zeros_like(v)) for k, v in shapes.items()})
+        return sent, kept.numpy()
+
+    sent1, kept1 = train(1, "run-a")
+    assert np.abs(kept1).max() > 0 and np.array_equal(sent1, kept1)
+    sent2, kept2 = train(2, "run-a", server_control=sent1)
+    assert np.allclose(sent2, kept2 - kept1, atol=1e-7)
+    assert not np.allclose(sent2, kept2)
+    assert store.load_control("run-a") is not None and store.load_control("run-b") is None
+    sent3, kept3 = train(3, "run-b", server_control=sent1)  # another run: nothing of it held
+    assert np.array_equal(sent3, kept3)
+
+
 def test_a_corrupt_site_state_is_reported_not_replaced(make_site, task_identity):
     app = create_client_app()
     state_dir = make_site("synthetic_a")

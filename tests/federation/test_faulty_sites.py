@@ -92,3 +92,71 @@ def test_too_few_usable_updates_keep_the_global_model(tmp_path, make_site):
     initial = initial_arrays(RunConfig.from_mapping(config))
     for key, value in initial.items():
         assert torch.equal(global_state[key], value), key
+
+
+def _out_in_round_two(state_dirs: list[str], partition: int) -> ClientApp:
+    """Our ClientApp, except that ``partition`` answers round 2's training with an error."""
+    from flwr.app import Error, Message
+    from flwr.common.constant import ErrorCode
+
+    honest = create_client_app(state_dirs)
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        if (
+            int(context.node_config["partition-id"]) == partition
+            and msg.content["config"]["server-round"] == 2
+        ):
+            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="power cut")
+            return Message(error, reply_to=msg)
+        return honest(msg, context)
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        return honest(msg, context)
+
+    return app
+
+
+def test_a_site_out_for_a_round_keeps_its_share_of_scaffolds_server_control(tmp_path, make_site):
+    """SCAFFOLD's server control variate is the weighted mean of every site's latest c_i, also
+    of a site that missed the last round (its c_i of round 1 still corrects its own steps);
+    the mean of the round's repliers alone would leave it out."""
+    from client.state import SiteStore
+    from mrprism_core.federated import StateLayout
+
+    state_dirs = [make_site(name) for name in ("synthetic_a", "synthetic_b", "synthetic_c")]
+    out_dir = tmp_path / "server"
+    config = {
+        "num-server-rounds": 2,
+        "min-available-nodes": 3,
+        "out-dir": str(out_dir),
+        "model-options": json.dumps({"recurrences": 1}),
+        "drift-correction": "scaffold",
+    }
+    history = simulate(config, state_dirs, client_app=_out_in_round_two(state_dirs, 1))
+    assert [set(r["train_sites"]) for r in history] == [
+        {"synthetic_a", "synthetic_b", "synthetic_c"},
+        {"synthetic_a", "synthetic_c"},
+    ]
+    server = load_checkpoint(out_dir / "global_model.pt")
+    layout = StateLayout.of(server["shared_state"])
+
+    def own(state_dir: str) -> torch.Tensor:
+        control = SiteStore(state_dir).load_control(server["control_ledger"])
+        shapes = server["shared_state"]
+        return layout.pack({k: control.get(k, torch.zeros_like(v)) for k, v in shapes.items()})
+
+    weight = {name: float(row["num-examples"]) for name, row in history[0]["train_sites"].items()}
+    controls = {
+        name: own(d) for name, d in zip(("synthetic_a", "synthetic_b", "synthetic_c"), state_dirs)
+    }
+
+    def mean(names) -> torch.Tensor:
+        return sum(weight[n] * controls[n] for n in names) / sum(weight[n] for n in names)
+
+    assert server["control_weights"] == weight
+    assert controls["synthetic_b"].abs().max() > 0  # its round-1 c_i, kept at the site
+    assert torch.allclose(server["control_variate"], mean(weight), atol=1e-6)
+    assert not torch.allclose(server["control_variate"], mean(history[1]["train_sites"]), atol=1e-4)

@@ -58,8 +58,13 @@ def test_a_resumed_scaffold_run_sends_the_control_variate_it_saved(tmp_path, mak
         "drift-correction": "scaffold",
     }
     simulate(config, [make_site("synthetic_a"), make_site("synthetic_b")])
-    saved = load_checkpoint(out_dir / "global_model.pt")["control_variate"]
+    checkpoint = load_checkpoint(out_dir / "global_model.pt")
+    saved = checkpoint["control_variate"]
     assert saved.abs().max() > 0  # the sites' mean gradients of round 1
-    _, done, arrays, _ = RunFiles(out_dir).start(RunConfig.from_mapping(config))
+    files = RunFiles(out_dir)
+    _, done, arrays, _ = files.start(RunConfig.from_mapping(config))
     assert done == 1
     assert torch.equal(arrays.to_torch_state_dict()[CONTROL_KEY], saved)
+    # the same ledger, so that the sites' control variates still count as held in it
+    assert files.control_ledger == checkpoint["control_ledger"] != ""
+    assert files.control_weights == {"synthetic_a": 4.0, "synthetic_b": 4.0}

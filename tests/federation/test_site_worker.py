@@ -140,7 +140,7 @@ def test_scaffolds_control_variates_go_through_the_worker_as_they_do_in_process(
         ), key
     control = got.content["arrays"][CONTROL_KEY].numpy()
     assert np.abs(control).max() > 0  # the site's mean gradient of the round
-    kept = SiteStore(worker_dir).load_control()
+    kept = SiteStore(worker_dir).load_control("")  # the ledger of a message built outside a run
     shared = layout.unpack(torch.from_numpy(control.copy()))
     assert all(torch.equal(kept[k], shared[k]) for k in kept)
 

@@ -146,8 +146,8 @@ def test_every_method_steps_at_the_rate_the_schedule_gives_its_round(tmp_path):
 
 def test_scaffold_corrects_the_rounds_after_the_first_with_the_sites_mean_gradients(tmp_path):
     """Round 1 has no server control variate yet, so it is the plain run's bit for bit; round 2
-    is corrected and differs. The server keeps the example-weighted mean of the control
-    variates the sites sent, and each site keeps its own (the heads have none)."""
+    is corrected and differs. The server's control variate is the example-weighted mean of the
+    sites' own, which each keeps (the heads have none) and whose changes it sent."""
     from client.state import SiteStore
     from mrprism_core.checkpoint import load_checkpoint
     from mrprism_core.federated import StateLayout
@@ -167,7 +167,7 @@ def test_scaffold_corrects_the_rounds_after_the_first_with_the_sites_mean_gradie
     last = json.loads(server_dir.joinpath("metrics.jsonl").read_text().splitlines()[-1])
     weighted, examples = torch.zeros(layout.size), 0
     for site, state_dir in runs["scaffold"]["state_dirs"].items():
-        own = SiteStore(state_dir).load_control()
+        own = SiteStore(state_dir).load_control(server["control_ledger"])
         assert own and set(own) <= set(shared)  # shared parameters only: no rater head
         count = int(last["train_sites"][site]["num-examples"])
         padded = {k: own.get(k, torch.zeros_like(v)) for k, v in shared.items()}  # + buffers
