@@ -11,10 +11,11 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -224,15 +225,50 @@ def route_logs(progress: bool) -> None:
         update_console_handler(level=logging.WARNING)
 
 
+#: seconds the simulation may take to shut down after Ctrl-C before the process is ended
+INTERRUPT_GRACE_S = 30.0
+
+
 @contextlib.contextmanager
-def ends_on_error() -> Iterator[None]:
+def ends_on_error(interrupt_grace_s: float = INTERRUPT_GRACE_S) -> Iterator[None]:
     """An error or Ctrl-C inside ends the process even when a thread that is not a daemon is
-    stuck (:func:`exit_past_stuck_threads`); for the entry points that run simulations."""
+    stuck (:func:`exit_past_stuck_threads`); for the entry points that run simulations. After
+    Ctrl-C the process also ends ``interrupt_grace_s`` later if it is still shutting down (a
+    simulation runtime's clean-up, Ray's, can hang on a loaded machine: once in CI the process
+    was still there 120 s after the interrupt)."""
+    on_main_thread = threading.current_thread() is threading.main_thread()  # handlers live there
+    if on_main_thread:
+        previous = signal.signal(signal.SIGINT, _interrupt_with_deadline(interrupt_grace_s))
     try:
         yield
     except (Exception, KeyboardInterrupt) as err:
         exit_past_stuck_threads(err)
         raise
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGINT, previous or signal.default_int_handler)
+
+
+def _interrupt_with_deadline(grace_s: float) -> Callable[[int, Any], None]:
+    """A SIGINT handler: KeyboardInterrupt as usual, and a deadline that ends the process
+    ``grace_s`` later if it is still there."""
+
+    def interrupted(signum: int, frame: Any) -> None:
+        deadline = threading.Timer(grace_s, _end_after_interrupt, args=(grace_s,))
+        deadline.daemon = True
+        deadline.start()
+        signal.default_int_handler(signum, frame)
+
+    return interrupted
+
+
+def _end_after_interrupt(grace_s: float) -> None:
+    # straight to the file descriptor, no logging or stream locks: the stuck thread may hold one
+    message = (
+        f"\nerror: the simulation stopped: interrupted (its shut-down took over {grace_s:g} s)\n"
+    )
+    os.write(sys.stderr.fileno(), message.encode())
+    os._exit(130)
 
 
 def exit_past_stuck_threads(err: BaseException) -> None:

@@ -317,13 +317,45 @@ def test_ctrl_c_mid_federation_ends_the_run_at_once(tmp_path):
             assert run.poll() is None and time.monotonic() < deadline, _read(out / "run.log")
             time.sleep(0.5)
         os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-        run.wait(timeout=120)
+        try:
+            run.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail(
+                f"still running 120 s after Ctrl-C; console: {console.read_text()[-2000:]}\n"
+                f"run.log: {_read(out / 'run.log')[-3000:]}"
+            )
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(run.pid, signal.SIGKILL)
     err = console.read_text()
     assert run.returncode == 130, err[-2000:]
-    assert err.strip().splitlines()[-1] == "error: the simulation stopped: interrupted"
+    # at once, or (a clean-up that hung) after ends_on_error's grace time
+    assert err.strip().splitlines()[-1].startswith("error: the simulation stopped: interrupted")
+
+
+def test_a_shut_down_that_hangs_after_ctrl_c_is_ended_after_the_grace_time():
+    code = (
+        "import time\n"
+        "from simulation.run import ends_on_error\n"
+        "with ends_on_error(interrupt_grace_s=1):\n"
+        "    try:\n"
+        "        print('ready', flush=True)\n"
+        "        time.sleep(600)\n"
+        "    finally:\n"
+        "        time.sleep(600)  # a clean-up that never ends\n"
+    )
+    run = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert run.stdout.readline().strip() == "ready"
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == 130, err
+    assert "the simulation stopped: interrupted (its shut-down took over 1 s)" in err
 
 
 def _read(path) -> str:
