@@ -100,13 +100,10 @@ def _train(
         num_examples=int(result["num_examples"]),
         metrics=metrics,
     )
-    shared_state = split_state(model)[0]
-    shared = layout.pack(shared_state).numpy()  # rater heads stay here
+    shared = layout.pack(split_state(model)[0]).numpy()  # rater heads stay here
     control = None
     if server_control is not None:  # the shared buffers (no gradient) get zeros
-        change = result["control_change"]
-        full = {k: change.get(k, torch.zeros_like(v)) for k, v in shared_state.items()}
-        control = layout.pack(full).numpy()
+        control = layout.pack_padded(result["control_change"]).numpy()
     return RoundOutcome(shared=shared, reply=reply, control=control)
 
 

@@ -72,6 +72,11 @@ def check_drift_correction(
     return name
 
 
+def _fits(tensors: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> bool:
+    """Every tensor of ``tensors`` has a counterpart of its shape in ``reference``."""
+    return all(k in reference and reference[k].shape == v.shape for k, v in tensors.items())
+
+
 def local_correction(
     server_control: Mapping[str, torch.Tensor] | None,
     site_control: Mapping[str, torch.Tensor] | None,
@@ -83,10 +88,7 @@ def local_correction(
     plain steps: adding ``c`` alone would count the federation's mean gradient twice."""
     if server_control is None or not site_control:
         return None
-    if any(
-        k not in server_control or server_control[k].shape != v.shape
-        for k, v in site_control.items()
-    ):
+    if not _fits(site_control, server_control):
         return None
     if not any(bool(server_control[k].any()) for k in site_control):
         return None
@@ -99,10 +101,7 @@ def control_change(
     """What a site sends: its new ``c_i`` minus the one the server's ``c`` holds for it
     (``previous``; None, or one of another model, counts as zeros: the site's first round in
     this ledger)."""
-    fits = previous is not None and all(
-        k in previous and previous[k].shape == v.shape for k, v in new.items()
-    )
-    if not fits:
+    if previous is None or not _fits(new, previous):
         return {k: v.clone() for k, v in new.items()}
     return {k: v - previous[k].to(v) for k, v in new.items()}  # type: ignore[index]
 

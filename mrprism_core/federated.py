@@ -109,6 +109,21 @@ class StateLayout:
             raise ValueError("state does not match the layout (keys, order or shapes differ)")
         return torch.cat([state[k].detach().reshape(-1).float().cpu() for k, _ in self.entries])
 
+    def pack_padded(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`pack` with zeros for the entries ``state`` lacks (a control variate, a mean
+        gradient, has none for the buffers); those it has must be this layout's."""
+        shapes = dict(self.entries)
+        if any(k not in shapes or tuple(v.shape) != shapes[k] for k, v in state.items()):
+            raise ValueError("state does not fit the layout (a key it lacks, or another shape)")
+        return torch.cat(
+            [
+                state[k].detach().reshape(-1).float().cpu()
+                if k in state
+                else torch.zeros(math.prod(shape))
+                for k, shape in self.entries
+            ]
+        )
+
     def unpack(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split a packed vector back into named tensors."""
         if vector.dim() != 1 or vector.numel() != self.size:

@@ -402,8 +402,8 @@ class RunFiles:
 
 def _global_arrays(cfg: RunConfig, packed: torch.Tensor, control: torch.Tensor) -> ArrayRecord:
     """What the server sends to train: the packed shared weights and, with SCAFFOLD, its
-    control variate beside them (averaged with the weights, as the sites' own ones come back
-    in the same record)."""
+    control variate beside them (the sites reply with the change of theirs in the same record,
+    which the strategy averages like the weights)."""
     if cfg.drift_correction == "none":
         return ArrayRecord({PACKED_KEY: packed})
     return ArrayRecord({PACKED_KEY: packed, CONTROL_KEY: control})
@@ -423,8 +423,9 @@ def _fold_control_changes(
     key = weight_key(cfg)
     replied = {_site_name(msg): float(_metric_record(msg)[key]) for msg in updates}
     new = aggregated.to_torch_state_dict()
+    sent = ArrayRecord({CONTROL_KEY: before[CONTROL_KEY]}).to_torch_state_dict()[CONTROL_KEY]
     control, files.control_weights = updated_server_control(
-        before.to_torch_state_dict()[CONTROL_KEY], files.control_weights, replied, new[CONTROL_KEY]
+        sent, files.control_weights, replied, new[CONTROL_KEY]
     )
     return ArrayRecord({PACKED_KEY: new[PACKED_KEY], CONTROL_KEY: control})
 

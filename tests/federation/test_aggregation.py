@@ -78,6 +78,20 @@ def test_layout_round_trip_and_update_checks():
     assert "keys differ" in update_problem({"other": vector.numpy()}, reference)
 
 
+def test_a_partial_state_packs_with_zeros_where_it_has_no_entry():
+    state = initial_arrays(RunConfig())
+    layout = StateLayout.of(state)
+    first, *rest = (name for name, _ in layout.entries)
+    partial = {k: torch.ones_like(state[k]) for k in rest}  # no entry for the first tensor
+    unpacked = layout.unpack(layout.pack_padded(partial))
+    assert not unpacked[first].any()
+    assert all(torch.equal(unpacked[k], partial[k]) for k in rest)
+    with pytest.raises(ValueError, match="does not fit the layout"):
+        layout.pack_padded({first: torch.zeros(3, 3, 3, 3, 3)})
+    with pytest.raises(ValueError, match="does not fit the layout"):
+        layout.pack_padded({"not.in.the.layout": torch.zeros(1)})
+
+
 def test_fedavgm_carries_the_previous_rounds_update_forward(task_identity):
     """FedAvgM (our ``fedavgm``): the second round moves by the new mean update plus
     ``server-momentum`` times the first one, so a steady direction is followed faster."""

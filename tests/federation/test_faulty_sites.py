@@ -144,9 +144,7 @@ def test_a_site_out_for_a_round_keeps_its_share_of_scaffolds_server_control(tmp_
     layout = StateLayout.of(server["shared_state"])
 
     def own(state_dir: str) -> torch.Tensor:
-        control = SiteStore(state_dir).load_control(server["control_ledger"])
-        shapes = server["shared_state"]
-        return layout.pack({k: control.get(k, torch.zeros_like(v)) for k, v in shapes.items()})
+        return layout.pack_padded(SiteStore(state_dir).load_control(server["control_ledger"]))
 
     weight = {name: float(row["num-examples"]) for name, row in history[0]["train_sites"].items()}
     controls = {
