@@ -22,7 +22,13 @@ from typing import Any
 from mrprism_core.cli_types import positive_float, positive_int
 
 from .site import SITE_CONFIGS_ENV, SiteDataError, SiteRuntime, compose_site_config, site_sources
-from .supernode_launch import DEFAULT_IDLE_POLL_S, FLOWER_IDLE_WAIT_S
+from .supernode_launch import (
+    DEFAULT_HEARTBEAT_S,
+    DEFAULT_IDLE_POLL_S,
+    FLOWER_HEARTBEAT_S,
+    FLOWER_IDLE_WAIT_S,
+    HEARTBEAT_RANGE_S,
+)
 from .worker_protocol import SOCKET_NODE_CONFIG
 
 EXAMPLES = """
@@ -174,12 +180,22 @@ def supernode_command(
             f"site {cfg['site']}: supernode.idle_poll_s={idle_poll_s!r} is refused: seconds > 0 "
             f"(or null for Flower's {FLOWER_IDLE_WAIT_S} s)"
         )
-    if wait >= FLOWER_IDLE_WAIT_S and not pin:
+    heartbeat = node.get("heartbeat_s", DEFAULT_HEARTBEAT_S)
+    low, high = HEARTBEAT_RANGE_S
+    if heartbeat is not None and not low <= float(heartbeat) <= high:
+        raise SiteDataError(
+            f"site {cfg['site']}: supernode.heartbeat_s={heartbeat!r} is refused: {low:g}-"
+            f"{high:g} seconds, what Flower's SuperLink accepts (or null for Flower's "
+            f"{FLOWER_HEARTBEAT_S} s)"
+        )
+    if wait >= FLOWER_IDLE_WAIT_S and not pin and heartbeat is None:
         command = [shutil.which("flower-supernode") or "flower-supernode"]
     else:
-        # Flower's own entry point, its 3 s wait after an empty poll shortened, running only
-        # apps that are this checkout's code (client/app_check.py)
+        # Flower's own entry point, its 3 s wait after an empty poll shortened, its heartbeat
+        # set, running only apps that are this checkout's code (client/app_check.py)
         command = [sys.executable, "-m", "client.supernode_launch", f"--idle-poll-s={wait:g}"]
+        if heartbeat is not None:
+            command.append(f"--heartbeat-s={float(heartbeat):g}")
         if pin:
             command.append(f"--pin-app={SITE_CODE_ROOT}")
     command += ["--superlink", str(cfg["superlink"])]
@@ -271,12 +287,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     # is killed if it has not stopped after supernode.stop_wait_s
     wait_s, retries = float(node.get("activation_wait_s", 180.0)), node.get("max_retries")
     stop_wait_s = float(node.get("stop_wait_s", DEFAULT_STOP_WAIT_S))
+    heartbeat = node.get("heartbeat_s", DEFAULT_HEARTBEAT_S)
+    supervise = {
+        "stop_wait_s": stop_wait_s,
+        "heartbeat_s": FLOWER_HEARTBEAT_S if heartbeat is None else float(heartbeat),
+    }
     if worker_socket is None:
-        return run_supernode(command, wait_s, retries, stop_wait_s=stop_wait_s)
+        return run_supernode(command, wait_s, retries, **supervise)
     print(f"worker:      {worker_socket} (starting; torch, config and data stay loaded)")
     try:
         with SiteWorker(state_dir, worker_socket):
-            return run_supernode(command, wait_s, retries, stop_wait_s=stop_wait_s)
+            return run_supernode(command, wait_s, retries, **supervise)
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mrprism_core.config_schema import above, at_least, checked
+from mrprism_core.config_schema import above, at_least, checked, within
 
 from .privacy import PrivacyConfig
-from .supernode_launch import DEFAULT_IDLE_POLL_S
+from .supernode_launch import DEFAULT_HEARTBEAT_S, DEFAULT_IDLE_POLL_S, HEARTBEAT_RANGE_S
 
 __all__ = ["SiteSchema", "check_site_config"]
 
@@ -42,6 +42,8 @@ class SupernodeSchema:
     pin_app: bool = True  # run only apps whose Python code is this site's own checkout
     # after an empty poll (None: Flower's 3 s)
     idle_poll_s: float | None = above(DEFAULT_IDLE_POLL_S, 0)
+    # between heartbeats; gone after two missed (None: Flower's 30 s)
+    heartbeat_s: float | None = within(DEFAULT_HEARTBEAT_S, *HEARTBEAT_RANGE_S)
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""``python -m client.supernode_launch --idle-poll-s S [flower-supernode options]``: Flower's
-SuperNode with a shorter wait between empty polls.
+"""``python -m client.supernode_launch --idle-poll-s S [--heartbeat-s H] [flower-supernode
+options]``: Flower's SuperNode with a shorter wait between empty polls and, optionally, a shorter
+heartbeat.
 
 Flower 1.41's SuperNode asks the SuperLink for a message and, when none is waiting, sleeps a
 fixed 3 s before asking again (``time.sleep(3)`` in ``flwr/supernode/start_client_internal.py``;
@@ -10,6 +11,12 @@ after pointing that one wait (and only that one) at ``--idle-poll-s``; every oth
 to Flower unchanged. When the installed Flower no longer has that wait (its source changed),
 the SuperNode runs unchanged and a notice says so. An idle SuperNode then asks ``1 / S`` times a
 second instead of a third: one small gRPC call each, negligible for a few hospitals.
+
+Its heartbeat is Flower's fixed 30 s too (``HEARTBEAT_DEFAULT_INTERVAL``, no option), and the
+SuperLink takes a SuperNode for gone after two intervals without one: a site that lost power
+held its round for a minute, and under node authentication a site restarted at once was refused
+for as long (its old session still counted as online). ``--heartbeat-s`` sets the interval the
+SuperNode announces and keeps; the SuperLink accepts 10-1800 s.
 """
 
 from __future__ import annotations
@@ -26,11 +33,15 @@ from pathlib import Path
 from mrprism_core.cli_types import positive_float
 
 __all__ = [
+    "DEFAULT_HEARTBEAT_S",
     "DEFAULT_IDLE_POLL_S",
+    "FLOWER_HEARTBEAT_S",
     "FLOWER_IDLE_WAIT_S",
+    "HEARTBEAT_RANGE_S",
     "ShortIdleWait",
     "main",
     "pin_app",
+    "set_heartbeat",
     "shorten_idle_wait",
 ]
 
@@ -38,6 +49,12 @@ __all__ = [
 FLOWER_IDLE_WAIT_S = 3
 #: Ours (``supernode.idle_poll_s``): a message waits at most this long to be picked up.
 DEFAULT_IDLE_POLL_S = 0.5
+#: Flower 1.41's SuperNode heartbeat interval (seconds); gone after two without a heartbeat.
+FLOWER_HEARTBEAT_S = 30
+#: Ours (``supernode.heartbeat_s``): a site that crashed is seen gone after about 20 s, not 60 s.
+DEFAULT_HEARTBEAT_S = 10.0
+#: The heartbeat intervals Flower's SuperLink accepts (``HEARTBEAT_MIN/MAX_INTERVAL``), seconds.
+HEARTBEAT_RANGE_S = (10.0, 1800.0)
 
 
 class ShortIdleWait:
@@ -67,6 +84,32 @@ def shorten_idle_wait(idle_poll_s: float) -> bool:
     if waits != 1 or not isinstance(getattr(loop, "time", None), types.ModuleType):
         return False
     loop.time = ShortIdleWait(idle_poll_s)  # type: ignore[assignment]
+    return True
+
+
+def set_heartbeat(seconds: float) -> bool:
+    """Make the SuperNode announce and keep a heartbeat every ``seconds``; False (nothing
+    changed) when the installed Flower does not read Flower 1.41's fixed interval where this
+    expects it.
+
+    Raises:
+        ValueError: ``seconds`` outside the interval Flower's SuperLink accepts.
+    """
+    from flwr.supercore import heartbeat
+    from flwr.supernode import fleet_http_connection as connection
+
+    low, high = HEARTBEAT_RANGE_S
+    if not low <= seconds <= high:
+        raise ValueError(
+            f"heartbeat_s must be {low:g}-{high:g} seconds (Flower's SuperLink refuses any "
+            f"other), got {seconds!r}"
+        )
+    # the interval sent when activating and with every heartbeat, and the sender's own loop
+    modules = (connection, heartbeat)
+    if any(getattr(m, "HEARTBEAT_DEFAULT_INTERVAL", None) != FLOWER_HEARTBEAT_S for m in modules):
+        return False
+    for module in modules:
+        module.HEARTBEAT_DEFAULT_INTERVAL = seconds  # type: ignore[attr-defined]
     return True
 
 
@@ -135,14 +178,22 @@ def pin_app(root: Path) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m client.supernode_launch",
-        description="Flower's flower-supernode with a shorter wait between empty polls; every "
-        "option but --idle-poll-s is flower-supernode's.",
+        description="Flower's flower-supernode with a shorter wait between empty polls (and "
+        "heartbeat); every option but --idle-poll-s, --heartbeat-s and --pin-app is "
+        "flower-supernode's.",
     )
     parser.add_argument(
         "--idle-poll-s",
         type=positive_float,
         required=True,
         help=f"seconds between polls that find no message (Flower's: {FLOWER_IDLE_WAIT_S})",
+    )
+    parser.add_argument(
+        "--heartbeat-s",
+        type=positive_float,
+        default=None,
+        help=f"seconds between the SuperNode's heartbeats (Flower's: {FLOWER_HEARTBEAT_S}); "
+        "the SuperLink takes it for gone after two without one",
     )
     parser.add_argument(
         "--pin-app",
@@ -163,6 +214,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"notice: this Flower's SuperNode has no fixed {FLOWER_IDLE_WAIT_S} s idle wait to "
             "shorten; running it unchanged",
+            file=sys.stderr,
+            flush=True,
+        )
+    try:
+        heartbeat_set = args.heartbeat_s is None or set_heartbeat(args.heartbeat_s)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    if not heartbeat_set:
+        print(
+            f"notice: this Flower's SuperNode has no fixed {FLOWER_HEARTBEAT_S} s heartbeat to "
+            f"change; it keeps its own (not {args.heartbeat_s:g} s)",
             file=sys.stderr,
             flush=True,
         )

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from .supernode_launch import FLOWER_HEARTBEAT_S
 from .worker_protocol import WORKER_START_WAIT_S
 
 __all__ = ["ACTIVATION_REFUSED", "DEFAULT_STOP_WAIT_S", "SiteWorker", "run_supernode"]
@@ -134,14 +135,18 @@ def run_supernode(
     out: TextIO | None = None,
     first_delay: float = _FIRST_DELAY,
     stop_wait_s: float = DEFAULT_STOP_WAIT_S,
+    heartbeat_s: float = FLOWER_HEARTBEAT_S,
 ) -> int:
     """Run ``command`` (``flower-supernode ...``); while the SuperLink refuses to activate it,
     wait and start it again, for at most ``activation_wait_s`` seconds (and ``max_retries``
-    retries when given), the waits doubling from ``first_delay`` up to 30 s. A SuperNode that
+    retries when given), the waits doubling from ``first_delay`` up to 30 s (or one
+    heartbeat, ``heartbeat_s``, when shorter). A SuperNode that
     has not stopped ``stop_wait_s`` seconds after SIGTERM/SIGINT is killed. Returns the
-    SuperNode's last exit code."""
+    SuperNode's last exit code. ``heartbeat_s`` is the SuperNode's heartbeat interval, which
+    the refusal message quotes (an old session expires after two of them)."""
     out = out or sys.stdout
-    deadline = time.monotonic() + activation_wait_s
+    started = time.monotonic()
+    deadline = started + activation_wait_s
     delay, attempt = first_delay, 0
     while True:
         code, refused = _run_once(command, out, stop_wait_s)
@@ -151,8 +156,8 @@ def run_supernode(
         left = deadline - time.monotonic()
         if left <= 0 or (max_retries is not None and attempt > max_retries):
             print(
-                f"error: the SuperLink refused to activate this SuperNode {attempt} time(s) "
-                f"over {activation_wait_s:g} s: is this site's public key registered "
+                f"error: the SuperLink refused to activate this SuperNode {attempt} time(s) in "
+                f"{time.monotonic() - started:.0f} s: is this site's public key registered "
                 "(flwr supernode register KEY.pub ...), and is it the key in "
                 "supernode.auth_private_key?",
                 file=sys.stderr,
@@ -163,14 +168,16 @@ def run_supernode(
         print(
             "the SuperLink refused to activate this SuperNode. If the site was restarted right "
             "after a crash, its old session has not expired yet (the SuperLink drops it after "
-            f"two missed heartbeats, about 60 s): retrying in {wait:.0f} s (attempt {attempt}; "
+            f"two missed heartbeats, about {2 * heartbeat_s:.0f} s): retrying in {wait:.0f} s "
+            f"(attempt {attempt}; "
             f"giving up {left:.0f} s from now, supernode.activation_wait_s). An unregistered "
             "key is refused the same way.",
             file=sys.stderr,
             flush=True,
         )
         time.sleep(wait)
-        delay = min(2 * delay, _MAX_DELAY)
+        # an old session ends within two heartbeats: no need to wait longer than one
+        delay = min(2 * delay, _MAX_DELAY, heartbeat_s)
 
 
 class SiteWorker:

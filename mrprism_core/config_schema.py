@@ -14,7 +14,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
-__all__ = ["SimulationSchema", "TrainRunSchema", "above", "at_least", "check_bounds", "checked"]
+__all__ = [
+    "SimulationSchema",
+    "TrainRunSchema",
+    "above",
+    "at_least",
+    "check_bounds",
+    "checked",
+    "within",
+]
 
 
 def at_least(default: Any, bound: float) -> Any:
@@ -25,6 +33,11 @@ def at_least(default: Any, bound: float) -> Any:
 def above(default: Any, bound: float) -> Any:
     """A schema field whose value (unless None) must be ``> bound``."""
     return field(default=default, metadata={"above": bound})
+
+
+def within(default: Any, low: float, high: float) -> Any:
+    """A schema field whose value (unless None) must lie in ``[low, high]``."""
+    return field(default=default, metadata={"at_least": low, "at_most": high})
 
 
 def checked(schema: type, cfg: Any, what: str) -> Any:
@@ -55,8 +68,8 @@ def checked(schema: type, cfg: Any, what: str) -> Any:
 
 def check_bounds(schema: type, node: Any, prefix: str = "", kebab: bool = False) -> None:
     """Refuse a value of ``node`` (a mapping shaped like ``schema``) outside the range its
-    field declares (:func:`at_least`, :func:`above`), naming ``prefix`` + the key (spelt with
-    dashes when ``kebab``, as Flower's run config is)."""
+    field declares (:func:`at_least`, :func:`above`, :func:`within`), naming ``prefix`` + the
+    key (spelt with dashes when ``kebab``, as Flower's run config is)."""
     for spec in fields(schema):
         value = node[spec.name]
         key = prefix + (spec.name.replace("_", "-") if kebab else spec.name)
@@ -69,6 +82,8 @@ def check_bounds(schema: type, node: Any, prefix: str = "", kebab: bool = False)
             raise ValueError(f"{key}={value!r} is refused: must be >= {spec.metadata['at_least']}")
         if "above" in spec.metadata and not value > spec.metadata["above"]:
             raise ValueError(f"{key}={value!r} is refused: must be > {spec.metadata['above']}")
+        if "at_most" in spec.metadata and not value <= spec.metadata["at_most"]:
+            raise ValueError(f"{key}={value!r} is refused: must be <= {spec.metadata['at_most']}")
 
 
 def _writable(node: Any) -> None:

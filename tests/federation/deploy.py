@@ -162,13 +162,17 @@ class Deployment:
             timeout=timeout,
         )
 
-    def online_nodes(self) -> int:
+    def node_status(self) -> dict[str, str]:
+        """Each SuperNode's status at the SuperLink (online, offline, ...) by node id."""
         result = self.flwr("supernode", "list", "test", "--format", "json", timeout=60)
         try:
             nodes = json.loads(result.stdout).get("nodes", [])
         except json.JSONDecodeError:
-            return 0
-        return sum(1 for node in nodes if str(node.get("status")) == "online")
+            return {}
+        return {str(node.get("node-id")): str(node.get("status")) for node in nodes}
+
+    def online_nodes(self) -> int:
+        return sum(1 for status in self.node_status().values() if status == "online")
 
     def wait_online(self, count: int, timeout: float = 120) -> None:
         deadline = time.time() + timeout

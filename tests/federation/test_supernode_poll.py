@@ -11,7 +11,15 @@ import pytest
 
 from client.__main__ import SITE_CODE_ROOT, supernode_command
 from client.site import SiteDataError
-from client.supernode_launch import FLOWER_IDLE_WAIT_S, ShortIdleWait, shorten_idle_wait
+from client.supernode_launch import (
+    DEFAULT_HEARTBEAT_S,
+    FLOWER_HEARTBEAT_S,
+    FLOWER_IDLE_WAIT_S,
+    HEARTBEAT_RANGE_S,
+    ShortIdleWait,
+    set_heartbeat,
+    shorten_idle_wait,
+)
 
 from .deploy import Deployment
 
@@ -45,29 +53,63 @@ def test_the_installed_flower_has_the_wait_this_shortens(monkeypatch):
 
 def test_the_site_config_chooses_the_supernode_command(tmp_path):
     fast = supernode_command(_config(idle_poll_s=0.5), tmp_path)
-    assert fast[:4] == [sys.executable, "-m", "client.supernode_launch", "--idle-poll-s=0.5"]
+    assert fast[:5] == [
+        sys.executable, "-m", "client.supernode_launch", "--idle-poll-s=0.5",
+        f"--heartbeat-s={DEFAULT_HEARTBEAT_S:g}",  # supernode.heartbeat_s defaults to ours
+    ]  # fmt: skip
     assert f"--pin-app={SITE_CODE_ROOT}" in fast  # supernode.pin_app defaults to true
     for stock in (None, FLOWER_IDLE_WAIT_S):
-        # Flower's own wait: its own SuperNode, unless the site runs only its own code
-        pinned = supernode_command(_config(idle_poll_s=stock), tmp_path)
+        # Flower's own wait and heartbeat: its own SuperNode, unless the site runs only its
+        # own code
+        pinned = supernode_command(_config(idle_poll_s=stock, heartbeat_s=None), tmp_path)
         assert pinned[3:5] == [f"--idle-poll-s={FLOWER_IDLE_WAIT_S}", f"--pin-app={SITE_CODE_ROOT}"]
-        unpinned = supernode_command(_config(idle_poll_s=stock, pin_app=False), tmp_path)
+        unpinned = supernode_command(
+            _config(idle_poll_s=stock, heartbeat_s=None, pin_app=False), tmp_path
+        )
         assert unpinned[0].endswith("flower-supernode")
+        beating = supernode_command(
+            _config(idle_poll_s=stock, heartbeat_s=15, pin_app=False), tmp_path
+        )
+        assert beating[3:5] == [f"--idle-poll-s={FLOWER_IDLE_WAIT_S}", "--heartbeat-s=15"]
     with pytest.raises(SiteDataError, match=r"supernode.idle_poll_s=0 is refused"):
         supernode_command(_config(idle_poll_s=0), tmp_path)
+    for refused in (5, 3600):  # outside what Flower's SuperLink accepts
+        with pytest.raises(SiteDataError, match=rf"supernode.heartbeat_s={refused} is refused"):
+            supernode_command(_config(heartbeat_s=refused), tmp_path)
 
 
-def test_an_idle_supernode_polls_at_the_configured_interval(tmp_path, monkeypatch):
-    """Two idle SuperNodes, one at 0.2 s and one at Flower's fixed 3 s: over the same time the
-    SuperLink sees the first ask for messages several times as often."""
+def test_the_heartbeat_is_set_where_the_installed_flower_reads_it(monkeypatch):
+    from flwr.common import constant
+    from flwr.supercore import heartbeat
+    from flwr.supernode import fleet_http_connection as connection
+
+    # the bounds we check are the SuperLink's, and Flower's interval is the one we replace
+    assert HEARTBEAT_RANGE_S == (constant.HEARTBEAT_MIN_INTERVAL, constant.HEARTBEAT_MAX_INTERVAL)
+    assert constant.HEARTBEAT_DEFAULT_INTERVAL == FLOWER_HEARTBEAT_S
+    for module in (connection, heartbeat):  # restored after the test
+        monkeypatch.setattr(module, "HEARTBEAT_DEFAULT_INTERVAL", module.HEARTBEAT_DEFAULT_INTERVAL)
+    assert set_heartbeat(12.0)
+    assert connection.HEARTBEAT_DEFAULT_INTERVAL == heartbeat.HEARTBEAT_DEFAULT_INTERVAL == 12.0
+    assert constant.HEARTBEAT_DEFAULT_INTERVAL == FLOWER_HEARTBEAT_S  # the SuperLink's own: kept
+    # a second call no longer finds Flower's interval: nothing is changed twice
+    assert not set_heartbeat(20.0) and connection.HEARTBEAT_DEFAULT_INTERVAL == 12.0
+    with pytest.raises(ValueError, match="heartbeat_s must be 10-1800 seconds"):
+        set_heartbeat(5.0)
+
+
+def test_an_idle_supernode_polls_and_beats_at_the_configured_intervals(tmp_path, monkeypatch):
+    """Two idle SuperNodes, one at a 0.2 s poll and a 10 s heartbeat, one at Flower's fixed 3 s
+    and 30 s: over the same time the SuperLink sees the first ask for messages several times as
+    often, and once both lose power it takes the first for gone while the second still counts
+    as online (gone after two missed heartbeats: 20 s against 60 s)."""
     monkeypatch.setenv("FLWR_LOG_LEVEL", "DEBUG")  # the SuperLink logs every pull with its node
     deployment = Deployment(tmp_path)
     try:
         deployment.start_superlink(limit=300)
-        for name, poll in (("fast", "0.2"), ("stock", "null")):
+        for name, poll, beat in (("fast", "0.2", "10"), ("stock", "null", "null")):
             deployment.start_site(
                 "synthetic_a", "supernode.worker=false", f"supernode.idle_poll_s={poll}",
-                name=name, limit=300,
+                f"supernode.heartbeat_s={beat}", name=name, limit=300,
             )  # fmt: skip
         deployment.wait_online(2)
         time.sleep(8)
@@ -79,7 +121,22 @@ def test_an_idle_supernode_polls_at_the_configured_interval(tmp_path, monkeypatc
         pulls = Counter(
             re.findall(r"\[Fleet\.PullMessages\] node_id=(\d+)", deployment.log("superlink"))
         )
+        beats = re.findall(
+            r"SendNodeHeartbeat\] Request: \{'node': \{'nodeId': '(\d+)'\}, "
+            r"'heartbeatInterval': ([\d.]+)\}",
+            deployment.log("superlink"),
+        )
+        for name in ("fast", "stock"):
+            deployment.kill(name)
+        deadline = time.monotonic() + 120
+        while (status := deployment.node_status())[node_of["fast"]] == "online":
+            assert time.monotonic() < deadline, status
+            time.sleep(1)
     finally:
         deployment.stop()
     fast, stock = pulls[node_of["fast"]], pulls[node_of["stock"]]
     assert fast >= 10 and fast > 3 * stock, (fast, stock)
+    # the interval each announced to the SuperLink, and what the SuperLink made of it
+    announced = {name: {float(i) for n, i in beats if n == node_of[name]} for name in node_of}
+    assert announced == {"fast": {10.0}, "stock": {float(FLOWER_HEARTBEAT_S)}}, beats
+    assert status[node_of["fast"]] == "offline" and status[node_of["stock"]] == "online", status

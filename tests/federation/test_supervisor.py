@@ -40,11 +40,15 @@ def _command(tmp_path, refusals: int) -> list[str]:
 
 def test_a_refused_activation_is_retried_until_the_old_session_is_gone(tmp_path, capsys):
     out = io.StringIO()
-    code = run_supernode(_command(tmp_path, 2), activation_wait_s=30, out=out, first_delay=0.05)
+    code = run_supernode(
+        _command(tmp_path, 2), activation_wait_s=30, out=out, first_delay=0.05, heartbeat_s=12
+    )
     assert code == 0
     assert (tmp_path / "tries").read_text() == "3"  # refused twice, then served
     assert out.getvalue().count(ACTIVATION_REFUSED) == 2 and "serving" in out.getvalue()
-    assert capsys.readouterr().err.count("its old session has not expired yet") == 2
+    err = capsys.readouterr().err
+    assert err.count("its old session has not expired yet") == 2
+    assert err.count("two missed heartbeats, about 24 s") == 2  # this SuperNode's heartbeat
 
 
 def test_an_unregistered_key_ends_after_the_retries_with_the_likely_cause(tmp_path, capsys):
