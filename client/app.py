@@ -150,19 +150,30 @@ def create_client_app(state_dirs: Sequence[str] | None = None) -> ClientApp:
 
 def _legacy_train(msg: Message, context: Context, state_dir: Path) -> Message:
     """A SecAgg+ round's training: the same round, in Flower's legacy ``fitins``/``fitres``
-    records that ``secaggplus_mod`` masks before anything leaves the site."""
+    records that ``secaggplus_mod`` masks before anything leaves the site (with SCAFFOLD the
+    change of the site's control variate too, as a second array)."""
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
     instruction = recorddict_to_fitins(msg.content, keep_input=True)
-    packed = parameters_to_ndarrays(instruction.parameters)[0]
-    outcome = _run("train", dict(instruction.config), packed, context, state_dir)
+    # [packed weights] or, with SCAFFOLD, [packed weights, server control variate]
+    packed, *control = parameters_to_ndarrays(instruction.parameters)
+    outcome = _run(
+        "train",
+        dict(instruction.config),
+        packed,
+        context,
+        state_dir,
+        control[0] if control else None,
+    )
     if outcome.error is not None:
         return _error_reply(msg, context, state_dir, outcome.error)
     assert outcome.reply is not None and outcome.shared is not None
+    # the change of the site's control variate is masked and summed with the weights
+    sent = [outcome.shared] if outcome.control is None else [outcome.shared, outcome.control]
     result = FitRes(
         status=Status(Code.OK, ""),
-        parameters=ndarrays_to_parameters([outcome.shared]),
+        parameters=ndarrays_to_parameters(sent),
         num_examples=outcome.reply.num_examples,
         metrics=outcome.reply.to_config(),
     )

@@ -43,7 +43,7 @@ SCAFFOLD_STRATEGIES = ("fedavg", "fedprox")
 
 
 def check_drift_correction(
-    name: str, key: str, *, strategy: str = "fedavg", dp_mode: str = "none", secure: bool = False
+    name: str, key: str, *, strategy: str = "fedavg", dp_mode: str = "none"
 ) -> str:
     """``name`` if it is a known drift correction the run can use; else a ``ValueError`` that
     names ``key`` and the reason."""
@@ -63,11 +63,6 @@ def check_drift_correction(
             f"{key}={name} sends each site's mean gradient, which user-level DP "
             f"(dp-mode={dp_mode}) would neither clip nor noise as it does the update; "
             "choose one of the two"
-        )
-    if secure:
-        raise ValueError(
-            f"{key}={name} is not available under SecAgg+ yet: the masked sum carries the "
-            "shared weights only"
         )
     return name
 

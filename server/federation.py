@@ -227,7 +227,6 @@ def round_instructions(cfg: RunConfig, layout: StateLayout) -> RoundInstructions
             "run-config drift-correction",
             strategy=cfg.strategy,
             dp_mode=cfg.dp_mode,
-            secure=cfg.secure_aggregation,
         ),
         seed=cfg.seed,
         num_server_rounds=cfg.num_server_rounds,

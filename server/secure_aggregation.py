@@ -22,8 +22,9 @@ import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid
 
+from mrprism_core.drift_correction import updated_server_control
 from mrprism_core.federated import PACKED_KEY
-from mrprism_core.protocol import SiteReply
+from mrprism_core.protocol import CONTROL_KEY, SiteReply
 
 from .config import RunConfig
 from .federation import (
@@ -45,7 +46,7 @@ def run_secure_federation(
     on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict:
     """Run (or resume) ``cfg.num_server_rounds`` rounds with SecAgg+; returns the summary."""
-    from flwr.common import ndarrays_to_parameters
+    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.server import LegacyContext, ServerConfig
     from flwr.server.strategy import FedAvg as LegacyFedAvg
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
@@ -58,9 +59,12 @@ def run_secure_federation(
     files = RunFiles(cfg.out_dir)
     layout, done, arrays, history = files.start(cfg)
     packed = arrays[PACKED_KEY].numpy()
+    # with SCAFFOLD the server's control variate travels beside the weights, and the sites'
+    # changes of theirs are masked and summed with their weights
+    initial = [packed] + ([arrays[CONTROL_KEY].numpy()] if CONTROL_KEY in arrays else [])
     if done >= cfg.num_server_rounds:
         return _summary(cfg, files, history)
-    instructions = round_instructions(cfg, layout)
+    instructions = replace(round_instructions(cfg, layout), control_ledger=files.control_ledger)
     round_sites: dict[int, dict[str, dict[str, Any]]] = {}
     started = [time.time()]
 
@@ -82,8 +86,8 @@ def run_secure_federation(
             return None
         server_round = done + local_round
         # dequantization yields float64: back to the model's dtype
-        vector = np.asarray(weights[0], dtype=packed.dtype).copy()
-        new = ArrayRecord({PACKED_KEY: torch.from_numpy(vector)})
+        vectors = [torch.from_numpy(np.asarray(w, dtype=packed.dtype).copy()) for w in weights]
+        new = ArrayRecord(dict(zip((PACKED_KEY, CONTROL_KEY), vectors, strict=False)))
         sites = round_sites.get(local_round, {})
         record = {
             "round": server_round,
@@ -107,12 +111,34 @@ def run_secure_federation(
             on_round(record)
         return None
 
-    strategy = LegacyFedAvg(
+    class SecureFedAvg(LegacyFedAvg):
+        """FedAvg of the unmasked sum; with SCAFFOLD, the mean change of the sites' control
+        variates (the second array) is folded into the server's, as the plain loop does."""
+
+        control = arrays[CONTROL_KEY].numpy() if CONTROL_KEY in arrays else None
+
+        def aggregate_fit(self, server_round, results, failures):  # noqa: ANN001, ANN202
+            parameters, metrics = super().aggregate_fit(server_round, results, failures)
+            if parameters is None or self.control is None:
+                return parameters, metrics
+            mean_packed, mean_change = parameters_to_ndarrays(parameters)
+            # SecAgg+ weighs each site by its example count before masking
+            replied = {str(fit.metrics["site"]): float(fit.num_examples) for _, fit in results}
+            control, files.control_weights = updated_server_control(
+                torch.from_numpy(self.control),
+                files.control_weights,
+                replied,
+                torch.from_numpy(np.asarray(mean_change, dtype=self.control.dtype)),
+            )
+            self.control = control.numpy()
+            return ndarrays_to_parameters([mean_packed, self.control]), metrics
+
+    strategy = SecureFedAvg(
         fraction_fit=cfg.fraction_train,
         fraction_evaluate=0.0,
         min_fit_clients=cfg.min_train_nodes,
         min_available_clients=cfg.min_available_nodes,
-        initial_parameters=ndarrays_to_parameters([packed]),
+        initial_parameters=ndarrays_to_parameters(initial),
         on_fit_config_fn=fit_config,
         evaluate_fn=after_round,
         fit_metrics_aggregation_fn=site_metrics,

@@ -107,8 +107,7 @@ def check_simulated_drift_correction(federation: Mapping[str, Any], methods: Seq
     name = str(federation.get("drift_correction", "none"))
     kinds = [parse_method(method)[1] for method in methods]
     strategy = str(federation.get("strategy", "fedavg"))
-    secure = "federated_secagg" in kinds
-    check_drift_correction(name, "federation.drift_correction", strategy=strategy, secure=secure)
+    check_drift_correction(name, "federation.drift_correction", strategy=strategy)
     if name != "none" and any(DP_METHOD.fullmatch(kind) for kind in kinds):
         raise ValueError(
             f"federation.drift_correction={name} cannot run beside a federated_dp_eps method: "

@@ -167,7 +167,6 @@ def test_a_site_sends_the_change_of_its_control_variate_or_all_of_it_the_first_t
         ({}, "x=bogus: unknown drift correction; choose from none, scaffold"),
         ({"strategy": "fedadam"}, "x=scaffold needs a strategy whose aggregate is a weighted mean"),
         ({"dp_mode": "server-fixed"}, "x=scaffold sends each site's mean gradient"),
-        ({"secure": True}, "x=scaffold is not available under SecAgg+"),
     ],
 )
 def test_a_drift_correction_the_run_cannot_use_is_refused_naming_its_key(options, message):

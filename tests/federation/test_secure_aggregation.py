@@ -42,3 +42,45 @@ def test_secagg_plus_aggregate_equals_fedavg_of_the_site_updates(tmp_path, make_
     assert worst < 1e-4, worst
     # and it is an aggregate, not one site's weights passed through
     assert any(not torch.allclose(global_state[k], trained[0][k], atol=1e-3) for k in global_state)
+
+
+def test_scaffold_under_secagg_plus_folds_the_masked_mean_change_into_the_server_control(
+    tmp_path, make_site
+):
+    """With SCAFFOLD the sites' control-variate changes are masked and summed with their
+    weights; the server folds the unmasked mean into its control variate, which after two rounds
+    is the example-weighted mean of every site's own c_i (kept at the site). Taking the mean
+    change for the control variate itself, or sites sending their whole c_i, would miss it."""
+    from client.state import SiteStore
+    from mrprism_core.federated import StateLayout
+
+    state_dirs = [make_site(site, f"data.splits.train={n}") for site, n in SITES.items()]
+    out_dir = tmp_path / "server"
+    config = {
+        "num-server-rounds": 2,
+        "min-available-nodes": 3,
+        "min-train-nodes": 3,
+        "secure-aggregation": True,
+        "secagg-max-weight": 10.0,
+        "drift-correction": "scaffold",
+        "out-dir": str(out_dir),
+        "model-options": json.dumps({"recurrences": 1}),
+    }
+    history = simulate(config, state_dirs)
+    assert [set(r["train_sites"]) for r in history] == [set(SITES)] * 2
+    server = load_checkpoint(out_dir / "global_model.pt")
+    layout = StateLayout.of(server["shared_state"])
+    controls = [
+        layout.pack_padded(SiteStore(d).load_control(server["control_ledger"])) for d in state_dirs
+    ]
+    weights = [float(n) for n in SITES.values()]
+    by_hand = sum(w * c for w, c in zip(weights, controls)) / sum(weights)
+    assert server["control_weights"] == dict(zip(SITES, weights))
+    assert by_hand.abs().max() > 1e-3  # the sites' mean gradients are not nothing
+    error = float((server["control_variate"] - by_hand).abs().max())
+    assert error < 1e-4, error  # SecAgg+'s quantization, as for the weights
+    # the weights are still FedAvg of what the sites trained in round 2
+    trained = [load_checkpoint(f"{d}/site_model.pt")["shared_state"] for d in state_dirs]
+    for key, value in server["shared_state"].items():
+        mean = sum(w * t[key] for w, t in zip(weights, trained)) / sum(weights)
+        assert float((value - mean).abs().max()) < 1e-4, key
