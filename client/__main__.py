@@ -291,6 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     supervise = {
         "stop_wait_s": stop_wait_s,
         "heartbeat_s": FLOWER_HEARTBEAT_S if heartbeat is None else float(heartbeat),
+        # our launcher ends with this process, so it can run apart from the site's process
+        # group and get a stop signal once (Flower's own flower-supernode stays in the group)
+        "own_session": command[1:3] == ["-m", "client.supernode_launch"],
     }
     if worker_socket is None:
         return run_supernode(command, wait_s, retries, **supervise)

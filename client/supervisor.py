@@ -55,7 +55,10 @@ _SAME_STOP_S = 1.0
 
 
 def _run_once(
-    command: Sequence[str], out: TextIO, stop_wait_s: float = DEFAULT_STOP_WAIT_S
+    command: Sequence[str],
+    out: TextIO,
+    stop_wait_s: float = DEFAULT_STOP_WAIT_S,
+    own_session: bool = False,
 ) -> tuple[int, bool]:
     """Run the SuperNode to its end, passing its output through; (exit code, was it refused
     activation). SIGTERM and SIGINT received meanwhile are passed on to it; one that has not
@@ -65,9 +68,21 @@ def _run_once(
 
     The SuperNode is reaped as soon as it exits, not when its output ends: its SuperExec child
     holds the same pipe and leaves only once it sees its parent gone, which an unreaped
-    (zombie) parent never is."""
+    (zombie) parent never is.
+
+    With ``own_session`` the SuperNode runs in a session of its own, so that a stop sent to
+    the site's process group (Ctrl-C in a terminal, ``timeout``, ``kill -TERM -PGID``) reaches
+    it once, passed on by us, and not also directly: Flower's SuperNode often hangs in its exit
+    handler when a second signal interrupts it. Only for a SuperNode that ends by itself when
+    this process dies (``client.supernode_launch`` watches its parent); a group SIGKILL no
+    longer reaches it."""
     child = subprocess.Popen(
-        list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        list(command),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        start_new_session=own_session,
     )
     seen: dict[str, Any] = {"refused": False, "stop_signal": None, "stop_at": 0.0}
 
@@ -136,6 +151,7 @@ def run_supernode(
     first_delay: float = _FIRST_DELAY,
     stop_wait_s: float = DEFAULT_STOP_WAIT_S,
     heartbeat_s: float = FLOWER_HEARTBEAT_S,
+    own_session: bool = False,
 ) -> int:
     """Run ``command`` (``flower-supernode ...``); while the SuperLink refuses to activate it,
     wait and start it again, for at most ``activation_wait_s`` seconds (and ``max_retries``
@@ -143,13 +159,14 @@ def run_supernode(
     heartbeat, ``heartbeat_s``, when shorter). A SuperNode that
     has not stopped ``stop_wait_s`` seconds after SIGTERM/SIGINT is killed. Returns the
     SuperNode's last exit code. ``heartbeat_s`` is the SuperNode's heartbeat interval, which
-    the refusal message quotes (an old session expires after two of them)."""
+    the refusal message quotes (an old session expires after two of them); ``own_session``:
+    see :func:`_run_once`."""
     out = out or sys.stdout
     started = time.monotonic()
     deadline = started + activation_wait_s
     delay, attempt = first_delay, 0
     while True:
-        code, refused = _run_once(command, out, stop_wait_s)
+        code, refused = _run_once(command, out, stop_wait_s, own_session)
         if code == 0 or not refused or _STOP_SIGNALLED.is_set():  # stopping: no retry
             return code
         attempt += 1

@@ -407,12 +407,13 @@ def test_a_site_killed_outright_leaves_no_worker_or_supernode_behind(tmp_path):
         deployment.stop()
 
 
-def test_ctrl_c_to_the_whole_site_stops_it_even_when_its_supernode_hangs(tmp_path):
+def test_ctrl_c_to_the_whole_site_stops_it_cleanly(tmp_path):
     """Ctrl-C on `timeout ... python -m client`: the whole group gets SIGINT, and `timeout`
-    passes it on to the group again, so Flower's SuperNode and SuperExec see it more than
-    once, and here it often hung in Flower's exit handler until killed (every run of this
-    test before the kill; in CI it once stopped by itself). The site must end by itself,
-    within ``supernode.stop_wait_s`` (15 s) and a margin, leaving no process behind."""
+    passes it on to the group again. While Flower's SuperNode was in that group it saw the
+    signal more than once and often hung in its exit handler until ``python -m client`` killed
+    it after ``supernode.stop_wait_s`` (1 of 2 runs here, every run before the kill existed).
+    In a session of its own it gets the one signal ``python -m client`` passes on and stops by
+    itself (8 of 8 runs), leaving no process behind."""
     deployment = Deployment(tmp_path)
     try:
         site, commands = _start_site_without_superlink(deployment)
@@ -423,7 +424,8 @@ def test_ctrl_c_to_the_whole_site_stops_it_even_when_its_supernode_hangs(tmp_pat
         os.killpg(site.pid, signal.SIGINT)
         code = site.wait(timeout=90)
         # 0: Flower's SuperNode stopped by itself; 130: it hung and was killed
-        assert code in (0, 128 + signal.SIGINT), deployment.log("synthetic_a")[-3000:]
+        assert code == 0, deployment.log("synthetic_a")[-3000:]
+        assert "killed its SuperNode" not in deployment.log("synthetic_a")
         _wait_gone(list(commands), commands, 30)
         assert "starting it again" not in deployment.log("synthetic_a")
     finally:

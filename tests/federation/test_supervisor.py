@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -138,3 +139,62 @@ def test_one_stop_arriving_twice_at_once_is_not_a_second_ctrl_c(tmp_path, capsys
     assert 3.0 <= seconds < 30
     err = capsys.readouterr().err
     assert "had not stopped 3 s after the signal" in err and "second stop" not in err
+
+
+# a SuperNode that notes its session and every stop signal it gets, and leaves a second after
+# the last one
+COUNTING = """
+import os, pathlib, signal, sys, time
+log = pathlib.Path(sys.argv[1])
+pathlib.Path(sys.argv[2]).write_text(str(os.getsid(0)))
+def note(signum, frame):
+    with log.open("a") as notes:
+        notes.write(f"{signum}\\n")
+for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, note)
+print("SuperNode serving", flush=True)
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    if log.exists() and time.time() - log.stat().st_mtime > 1.0:
+        break
+    time.sleep(0.05)
+"""
+
+SITE = """
+import sys
+from client.supervisor import run_supernode
+command = [sys.executable, *sys.argv[1:4]]
+sys.exit(run_supernode(command, 30, own_session=sys.argv[4] == "own"))
+"""
+
+
+@pytest.mark.parametrize("session", ["own", "shared"])
+def test_a_supernode_in_its_own_session_is_stopped_by_the_signal_passed_on(tmp_path, session):
+    """``kill -TERM -PGID`` (or Ctrl-C in a terminal) to a site: a SuperNode in the site's
+    process group gets the signal from the group and again from ``python -m client``, which
+    passes it on (two signals close together may merge into one, so the count is not a
+    test). In a session of its own the group's signal misses it, and the one passed on still
+    stops it."""
+    (tmp_path / "supernode.py").write_text(COUNTING)
+    (tmp_path / "site.py").write_text(SITE)
+    notes, sid = tmp_path / "signals", tmp_path / "sid"
+    site = subprocess.Popen(
+        [sys.executable, str(tmp_path / "site.py"), str(tmp_path / "supernode.py"), str(notes),
+         str(sid), session],
+        cwd=Path(__file__).resolve().parents[2],  # the project: `client` importable
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a session (and group) of its own, as a site in a terminal
+    )  # fmt: skip
+    try:
+        assert site.stdout is not None
+        for line in site.stdout:  # its SuperNode is up and has its handlers
+            if "serving" in line:
+                break
+        os.killpg(site.pid, signal.SIGTERM)
+        assert site.wait(timeout=60) == 0  # the SuperNode left by itself after its signal
+    finally:
+        if site.poll() is None:
+            os.killpg(site.pid, signal.SIGKILL)
+    assert (int(sid.read_text()) == site.pid) == (session == "shared")
+    assert str(int(signal.SIGTERM)) in notes.read_text().split()
