@@ -85,8 +85,7 @@ def run_secure_federation(
         if local_round == 0:
             return None
         server_round = done + local_round
-        # dequantization yields float64: back to the model's dtype
-        vectors = [torch.from_numpy(np.asarray(w, dtype=packed.dtype).copy()) for w in weights]
+        vectors = [torch.from_numpy(np.array(w, dtype=packed.dtype)) for w in weights]
         new = ArrayRecord(dict(zip((PACKED_KEY, CONTROL_KEY), vectors, strict=False)))
         sites = round_sites.get(local_round, {})
         record = {
@@ -112,23 +111,30 @@ def run_secure_federation(
         return None
 
     class SecureFedAvg(LegacyFedAvg):
-        """FedAvg of the unmasked sum; with SCAFFOLD, the mean change of the sites' control
-        variates (the second array) is folded into the server's, as the plain loop does."""
+        """FedAvg of the unmasked sum, in the model's dtype; with SCAFFOLD, the mean change of
+        the sites' control variates (the second array) is folded into the server's, as the
+        plain loop does."""
 
         control = arrays[CONTROL_KEY].numpy() if CONTROL_KEY in arrays else None
 
         def aggregate_fit(self, server_round, results, failures):  # noqa: ANN001, ANN202
             parameters, metrics = super().aggregate_fit(server_round, results, failures)
-            if parameters is None or self.control is None:
+            if parameters is None:
                 return parameters, metrics
-            mean_packed, mean_change = parameters_to_ndarrays(parameters)
+            # dequantization yields float64: back to the model's dtype before it is sent out
+            # again (float64 doubled what every later round sent each site)
+            mean_packed, *mean_change = (
+                np.asarray(a, dtype=packed.dtype) for a in parameters_to_ndarrays(parameters)
+            )
+            if self.control is None:
+                return ndarrays_to_parameters([mean_packed]), metrics
             # SecAgg+ weighs each site by its example count before masking
             replied = {str(fit.metrics["site"]): float(fit.num_examples) for _, fit in results}
             control, files.control_weights = updated_server_control(
                 torch.from_numpy(self.control),
                 files.control_weights,
                 replied,
-                torch.from_numpy(np.asarray(mean_change, dtype=self.control.dtype)),
+                torch.from_numpy(mean_change[0]),
             )
             self.control = control.numpy()
             return ndarrays_to_parameters([mean_packed, self.control]), metrics

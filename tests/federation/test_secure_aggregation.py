@@ -4,6 +4,7 @@ global model equals plain FedAvg of what the sites trained, within quantization 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -66,8 +67,12 @@ def test_scaffold_under_secagg_plus_folds_the_masked_mean_change_into_the_server
         "out-dir": str(out_dir),
         "model-options": json.dumps({"recurrences": 1}),
     }
-    history = simulate(config, state_dirs)
+    noted = tmp_path / "dtypes"  # the ClientApps run in the simulation's worker processes
+    history = simulate(config, state_dirs, client_app=_noting_dtypes(state_dirs, noted))
     assert [set(r["train_sites"]) for r in history] == [set(SITES)] * 2
+    # every round, the first included, sends the model's float32, not SecAgg+'s float64
+    received = noted.read_text().split()
+    assert len(received) >= 2 * len(SITES) and set(received) == {"float32"}, received
     server = load_checkpoint(out_dir / "global_model.pt")
     layout = StateLayout.of(server["shared_state"])
     controls = [
@@ -84,3 +89,26 @@ def test_scaffold_under_secagg_plus_folds_the_masked_mean_change_into_the_server
     for key, value in server["shared_state"].items():
         mean = sum(w * t[key] for w, t in zip(weights, trained)) / sum(weights)
         assert float((value - mean).abs().max()) < 1e-4, key
+
+
+def _noting_dtypes(state_dirs: list[str], noted: Path):  # noqa: ANN202
+    """Our ClientApp, noting in ``noted`` the dtype of every array the server sends it."""
+    from flwr.clientapp import ClientApp
+    from flwr.common import parameters_to_ndarrays
+    from flwr.compat.common.recorddict_compat import recorddict_to_fitins
+
+    from client.app import create_client_app
+
+    honest = create_client_app(state_dirs)
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):  # noqa: ANN001, ANN202
+        if "fitins.parameters" in msg.content:  # SecAgg+ speaks Flower's legacy records
+            instruction = recorddict_to_fitins(msg.content, keep_input=True)
+            with noted.open("a") as out:
+                arrays = parameters_to_ndarrays(instruction.parameters)
+                out.writelines(f"{array.dtype}\n" for array in arrays)
+        return honest(msg, context)
+
+    return app
