@@ -69,12 +69,21 @@ class CountingGrid:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
-    def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None):
+    # the round loops push and pull (server/grid.py); send_and_receive goes through both too
+    def push_messages(self, messages: Iterable[Any]) -> Iterable[str]:
         messages = list(messages)
         self.bytes += _message_bytes(messages)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Any]:
+        replies = list(self._grid.pull_messages(message_ids))
         self.bytes += _message_bytes(replies)
         return replies
+
+    def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None):
+        from server.grid import collect_replies
+
+        return collect_replies(self, self.push_messages(messages), timeout)
 
 
 def _simulation_config(out_dir: Path, args: argparse.Namespace, methods: list[str]) -> dict:
