@@ -15,19 +15,24 @@ from .conftest import simulate
 SITES = {"synthetic_a": 3, "synthetic_b": 5, "synthetic_c": 7}  # site -> training cases
 
 
-def test_secagg_plus_aggregate_equals_fedavg_of_the_site_updates(tmp_path, make_site):
-    state_dirs = [make_site(site, f"data.splits.train={n}") for site, n in SITES.items()]
-    out_dir = tmp_path / "server"
-    config = {
-        "num-server-rounds": 1,
+def _run_config(out_dir: Path, rounds: int, **extra: object) -> dict:
+    """SecAgg+ over the three sites, every one training each round."""
+    return {
+        "num-server-rounds": rounds,
         "min-available-nodes": 3,
         "min-train-nodes": 3,
         "secure-aggregation": True,
         "secagg-max-weight": 10.0,  # >= every site's example count; sets the quantization step
         "out-dir": str(out_dir),
         "model-options": json.dumps({"recurrences": 1}),
+        **extra,
     }
-    record = simulate(config, state_dirs)[0]
+
+
+def test_secagg_plus_aggregate_equals_fedavg_of_the_site_updates(tmp_path, make_site):
+    state_dirs = [make_site(site, f"data.splits.train={n}") for site, n in SITES.items()]
+    out_dir = tmp_path / "server"
+    record = simulate(_run_config(out_dir, rounds=1), state_dirs)[0]
     assert record["secure_aggregation"] is True and set(record["train_sites"]) == set(SITES)
     global_state = load_checkpoint(out_dir / "global_model.pt")["shared_state"]
 
@@ -57,16 +62,7 @@ def test_scaffold_under_secagg_plus_folds_the_masked_mean_change_into_the_server
 
     state_dirs = [make_site(site, f"data.splits.train={n}") for site, n in SITES.items()]
     out_dir = tmp_path / "server"
-    config = {
-        "num-server-rounds": 2,
-        "min-available-nodes": 3,
-        "min-train-nodes": 3,
-        "secure-aggregation": True,
-        "secagg-max-weight": 10.0,
-        "drift-correction": "scaffold",
-        "out-dir": str(out_dir),
-        "model-options": json.dumps({"recurrences": 1}),
-    }
+    config = _run_config(out_dir, rounds=2, **{"drift-correction": "scaffold"})
     noted = tmp_path / "dtypes"  # the ClientApps run in the simulation's worker processes
     history = simulate(config, state_dirs, client_app=_noting_dtypes(state_dirs, noted))
     assert [set(r["train_sites"]) for r in history] == [set(SITES)] * 2
