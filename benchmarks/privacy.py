@@ -59,31 +59,28 @@ def _message_bytes(messages: Iterable[Any]) -> int:
     return total
 
 
-class CountingGrid:
-    """A Flower grid that adds up the bytes of every message it sends and receives."""
+def counting_grid(grid: Any) -> Any:
+    """``grid`` wrapped as the round loops wrap it (:class:`server.grid.PromptGrid`), adding up
+    in ``.bytes`` every message it pushes and pulls: the loops push and pull, and its
+    ``send_and_receive`` goes through both."""
+    from server.grid import PromptGrid
 
-    def __init__(self, grid: Any) -> None:
-        self._grid = grid
-        self.bytes = 0
+    class CountingGrid(PromptGrid):
+        def __init__(self, grid: Any) -> None:
+            super().__init__(grid)
+            self.bytes = 0
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
+        def push_messages(self, messages: Iterable[Any]) -> Iterable[str]:
+            messages = list(messages)
+            self.bytes += _message_bytes(messages)
+            return super().push_messages(messages)
 
-    # the round loops push and pull (server/grid.py); send_and_receive goes through both too
-    def push_messages(self, messages: Iterable[Any]) -> Iterable[str]:
-        messages = list(messages)
-        self.bytes += _message_bytes(messages)
-        return self._grid.push_messages(messages)
+        def pull_messages(self, message_ids: Iterable[str]) -> list[Any]:
+            replies = list(super().pull_messages(message_ids))
+            self.bytes += _message_bytes(replies)
+            return replies
 
-    def pull_messages(self, message_ids: Iterable[str]) -> list[Any]:
-        replies = list(self._grid.pull_messages(message_ids))
-        self.bytes += _message_bytes(replies)
-        return replies
-
-    def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None):
-        from server.grid import collect_replies
-
-        return collect_replies(self, self.push_messages(messages), timeout)
+    return CountingGrid(grid)
 
 
 def _simulation_config(out_dir: Path, args: argparse.Namespace, methods: list[str]) -> dict:
@@ -186,7 +183,7 @@ def _one_run(work: Path, state_dirs: list[str], secure: bool, rounds: int) -> di
 
     @app.main()
     def main(grid, context) -> None:
-        counting = CountingGrid(grid)
+        counting = counting_grid(grid)
         started = time.perf_counter()
         run_rounds(counting, context, cfg)
         counted["seconds_per_round"] = (time.perf_counter() - started) / rounds

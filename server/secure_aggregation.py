@@ -61,7 +61,8 @@ def run_secure_federation(
     packed = arrays[PACKED_KEY].numpy()
     # with SCAFFOLD the server's control variate travels beside the weights, and the sites'
     # changes of theirs are masked and summed with their weights
-    initial = [packed] + ([arrays[CONTROL_KEY].numpy()] if CONTROL_KEY in arrays else [])
+    server_control = arrays[CONTROL_KEY].numpy() if CONTROL_KEY in arrays else None
+    initial = [packed] if server_control is None else [packed, server_control]
     if done >= cfg.num_server_rounds:
         return _summary(cfg, files, history)
     instructions = replace(round_instructions(cfg, layout), control_ledger=files.control_ledger)
@@ -115,7 +116,7 @@ def run_secure_federation(
         the sites' control variates (the second array) is folded into the server's, as the
         plain loop does."""
 
-        control = arrays[CONTROL_KEY].numpy() if CONTROL_KEY in arrays else None
+        control = server_control
 
         def aggregate_fit(self, server_round, results, failures):  # noqa: ANN001, ANN202
             parameters, metrics = super().aggregate_fit(server_round, results, failures)
