@@ -166,6 +166,20 @@ def worker_socket_path(state_dir: Path) -> Path:
 SITE_CODE_ROOT = Path(__file__).resolve().parents[1]
 
 
+def heartbeat_s(cfg: Mapping[str, Any]) -> float | None:
+    """The site's ``supernode.heartbeat_s`` (None: Flower's own interval), refused with a
+    ``SiteDataError`` outside what Flower's SuperLink accepts."""
+    heartbeat = dict(cfg.get("supernode") or {}).get("heartbeat_s", DEFAULT_HEARTBEAT_S)
+    low, high = HEARTBEAT_RANGE_S
+    if heartbeat is not None and not low <= float(heartbeat) <= high:
+        raise SiteDataError(
+            f"site {cfg['site']}: supernode.heartbeat_s={heartbeat!r} is refused: {low:g}-"
+            f"{high:g} seconds, what Flower's SuperLink accepts (or null for Flower's "
+            f"{FLOWER_HEARTBEAT_S} s)"
+        )
+    return None if heartbeat is None else float(heartbeat)
+
+
 def supernode_command(
     cfg: Mapping[str, Any], state_dir: Path, worker_socket: Path | None = None
 ) -> list[str]:
@@ -180,14 +194,7 @@ def supernode_command(
             f"site {cfg['site']}: supernode.idle_poll_s={idle_poll_s!r} is refused: seconds > 0 "
             f"(or null for Flower's {FLOWER_IDLE_WAIT_S} s)"
         )
-    heartbeat = node.get("heartbeat_s", DEFAULT_HEARTBEAT_S)
-    low, high = HEARTBEAT_RANGE_S
-    if heartbeat is not None and not low <= float(heartbeat) <= high:
-        raise SiteDataError(
-            f"site {cfg['site']}: supernode.heartbeat_s={heartbeat!r} is refused: {low:g}-"
-            f"{high:g} seconds, what Flower's SuperLink accepts (or null for Flower's "
-            f"{FLOWER_HEARTBEAT_S} s)"
-        )
+    heartbeat = heartbeat_s(cfg)
     if wait >= FLOWER_IDLE_WAIT_S and not pin and heartbeat is None:
         command = [shutil.which("flower-supernode") or "flower-supernode"]
     else:
@@ -195,7 +202,7 @@ def supernode_command(
         # set, running only apps that are this checkout's code (client/app_check.py)
         command = [sys.executable, "-m", "client.supernode_launch", f"--idle-poll-s={wait:g}"]
         if heartbeat is not None:
-            command.append(f"--heartbeat-s={float(heartbeat):g}")
+            command.append(f"--heartbeat-s={heartbeat:g}")
         if pin:
             command.append(f"--pin-app={SITE_CODE_ROOT}")
     command += ["--superlink", str(cfg["superlink"])]
@@ -287,10 +294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # is killed if it has not stopped after supernode.stop_wait_s
     wait_s, retries = float(node.get("activation_wait_s", 180.0)), node.get("max_retries")
     stop_wait_s = float(node.get("stop_wait_s", DEFAULT_STOP_WAIT_S))
-    heartbeat = node.get("heartbeat_s", DEFAULT_HEARTBEAT_S)
+    heartbeat = heartbeat_s(cfg)  # checked by supernode_command above
     supervise = {
         "stop_wait_s": stop_wait_s,
-        "heartbeat_s": FLOWER_HEARTBEAT_S if heartbeat is None else float(heartbeat),
+        "heartbeat_s": FLOWER_HEARTBEAT_S if heartbeat is None else heartbeat,
         # our launcher ends with this process, so it can run apart from the site's process
         # group and get a stop signal once (Flower's own flower-supernode stays in the group)
         "own_session": command[1:3] == ["-m", "client.supernode_launch"],

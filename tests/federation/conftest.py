@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,30 +23,41 @@ from server.federation import initial_arrays, round_instructions
 SMALL = ["data.splits.train=4", "data.splits.val=4", "data.image_size=32"]
 
 
+@contextlib.contextmanager
+def _task_identity() -> Iterator[None]:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    try:
+        yield
+    finally:
+        TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None
+
+
 @pytest.fixture
 def task_identity():
     """Flower stamps every Message with the running task's identity, which its runtimes set;
     calling a ClientApp in-process needs one too."""
-    from flwr.supercore.task_identity import TaskIdentity
+    with _task_identity():
+        yield
 
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None
+
+def _site_maker(root: Path) -> Callable[..., str]:
+    def make(site: str, *overrides: str, name: str | None = None) -> str:
+        """``name``: another site on the same config, in its own state dir."""
+        name = name or site
+        cfg = compose_site_config(site, [*SMALL, f"site={name}", *overrides])
+        state_dir = root / "sites" / name
+        SiteStore(state_dir).write_config(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+        return str(state_dir)
+
+    return make
 
 
 @pytest.fixture
 def make_site(tmp_path):
     """Write a site's resolved config into its own state dir, as `python -m client` does."""
-
-    def make(site: str, *overrides: str, name: str | None = None) -> str:
-        """``name``: another site on the same config, in its own state dir."""
-        name = name or site
-        cfg = compose_site_config(site, [*SMALL, f"site={name}", *overrides])
-        state_dir = tmp_path / "sites" / name
-        SiteStore(state_dir).write_config(OmegaConf.to_yaml(OmegaConf.create(cfg)))
-        return str(state_dir)
-
-    return make
+    return _site_maker(tmp_path)
 
 
 def train_message(cfg: RunConfig | None = None, server_round: int = 1):
@@ -104,14 +118,23 @@ ROUND = RunConfig(
 )
 
 
-@pytest.fixture
-def trained_site(make_site, task_identity):
-    """synthetic_a after one (long) federated round: its snapshot is its personalised model."""
-    state_dir = make_site(
+@pytest.fixture(scope="session")
+def _trained_site_once(tmp_path_factory) -> Path:
+    """synthetic_a after one (long) federated round, trained once for the session."""
+    make = _site_maker(tmp_path_factory.mktemp("trained"))
+    state_dir = make(
         "synthetic_a", "data.splits.train=32", "train.batch_size=4", "data.image_size=32"
     )
     from client.app import create_client_app
 
-    reply = create_client_app()(train_message(ROUND)[0], node_context(state_dir))
+    with _task_identity():
+        reply = create_client_app()(train_message(ROUND)[0], node_context(state_dir))
     assert not reply.has_error(), reply.error
-    return state_dir
+    return Path(state_dir)
+
+
+@pytest.fixture
+def trained_site(_trained_site_once, tmp_path) -> str:
+    """synthetic_a after one (long) federated round: its snapshot is its personalised model.
+    Each test gets its own copy of the state dir, so none sees another's changes."""
+    return str(shutil.copytree(_trained_site_once, tmp_path / "trained_site"))
