@@ -113,7 +113,7 @@ def _timed(work: Callable[[], object]) -> float:
 def _open_site(preset: str, cases: int, root: Path):
     from omegaconf import OmegaConf
 
-    from client.site import compose_site_config
+    from client.site_config import compose_site_config
     from client.state import SiteStore
 
     cfg = compose_site_config("synthetic_a", _site_overrides(preset, cases))

@@ -201,7 +201,7 @@ def _one_run(work: Path, state_dirs: list[str], secure: bool, rounds: int) -> di
 def secure_vs_plain(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
-    from client.site import compose_site_config
+    from client.site_config import compose_site_config
     from client.state import SiteStore
 
     runs = {}

@@ -57,7 +57,7 @@ MODEL_METRICS = (
 def data_config(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     """The data block: a site config's (``--site``) or the embedded default, seeded."""
     if args.site:
-        from client.site import compose_site_config
+        from client.site_config import compose_site_config
 
         data = dict(compose_site_config(args.site)["data"])
         data["seed"] = int(data.get("seed", 0)) + 1000 * seed

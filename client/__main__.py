@@ -21,7 +21,7 @@ from typing import Any
 
 from mrprism_core.cli_types import positive_float, positive_int
 
-from .site import SITE_CONFIGS_ENV, SiteDataError, SiteRuntime, compose_site_config, site_sources
+from .site_config import SITE_CONFIGS_ENV, SiteDataError, compose_site_config, site_sources
 from .supernode_launch import (
     DEFAULT_HEARTBEAT_S,
     DEFAULT_IDLE_POLL_S,
@@ -235,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{name:24s} {root}")
             return 0
         cfg = compose_site_config(args.site, args.overrides, args.config_dir)
+        from .site import SiteRuntime  # torch: after the config is known to be good
+
         site = SiteRuntime(cfg)
         if args.info:
             print("\n".join(site.describe()))

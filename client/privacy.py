@@ -15,14 +15,14 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-from torch.optim import Optimizer
-from torch.utils.data import DataLoader
-
-from mrprism_core.checkpoint import atomic_write_json
 from mrprism_core.config_schema import above, at_least, check_bounds
+
+if TYPE_CHECKING:  # torch only for the types: site configs are checked without it
+    from torch import nn
+    from torch.optim import Optimizer
+    from torch.utils.data import DataLoader
 
 __all__ = ["PrivacyBudgetSpent", "PrivacyConfig", "PrivacyLedger", "PrivateRound"]
 
@@ -70,6 +70,9 @@ class PrivacyLedger:
         return [(float(n), float(q), int(s)) for n, q, s in raw["history"]]
 
     def save(self, history: list[tuple[float, float, int]], epsilon: float, delta: float) -> None:
+        # imported here: the checkpoint module needs torch, checking a site config does not
+        from mrprism_core.checkpoint import atomic_write_json
+
         atomic_write_json(self.path, {"history": history, "epsilon": epsilon, "delta": delta})
 
 

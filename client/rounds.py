@@ -20,7 +20,8 @@ from mrprism_core.federated import QUALITY_KEY, SELECT_KEY, StateLayout, split_e
 from mrprism_core.models import SegmentationModel, split_state
 from mrprism_core.protocol import CONTROL_KEY, RoundInstructions, SiteReply
 
-from .site import SiteDataError, SiteRuntime
+from .site import SiteRuntime
+from .site_config import SiteDataError
 from .worker_protocol import RoundOutcome
 
 __all__ = ["SITE_FAULTS", "RoundOutcome", "run_message"]

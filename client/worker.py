@@ -35,7 +35,8 @@ import numpy as np
 
 from .parent_watch import exit_with_parent
 from .rounds import run_message
-from .site import SiteDataError, SiteRuntime
+from .site import SiteRuntime
+from .site_config import SiteDataError
 from .worker_protocol import RoundOutcome, read_key, receive_request, send_outcome
 
 __all__ = ["serve"]

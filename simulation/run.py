@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from client.site import compose_site_config
+from client.site_config import compose_site_config
 from client.state import SiteStore
 from mrprism_core.config_schema import SimulationSchema, checked
 from mrprism_core.data.factory import build_dataset, dataset_info

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client.site import SiteDataError, SiteRuntime
+from client.site import SiteRuntime
+from client.site_config import SiteDataError
 from tests.core.data_trees import write_nifti, write_refuge
 from tests.core.test_readers import lidc_xml, write_lidc_series
 

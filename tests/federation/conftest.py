@@ -13,7 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from client.site import compose_site_config
+from client.site_config import compose_site_config
 from client.state import SiteStore
 from mrprism_core.federated import PACKED_KEY, StateLayout
 from mrprism_core.protocol import CONTROL_KEY

@@ -60,6 +60,43 @@ def test_bad_sites_and_settings_give_clear_errors_not_tracebacks(tmp_path):
         assert bad.returncode == 2 and f"argument {flag}: {message}" in bad.stderr, bad.stderr
 
 
+def test_a_bad_site_name_or_value_is_refused_before_torch_is_imported():
+    """A typo costs no torch import (1-2 s on a laptop): the config is resolved and checked
+    first, and `--list` needs no torch at all."""
+    probe = (
+        "import sys\n"
+        "from client.__main__ import main\n"
+        "code = main(sys.argv[1:])\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+        "sys.exit(code)\n"
+    )
+    cases = [
+        (["--site", "hospital_x"], 2),
+        (["--site", "synthetic_a", "train.batch_size=abc"], 2),
+        (["--site", "synthetic_a", "supernode.heartbeat_s=5"], 2),
+        (["--list"], 0),
+    ]
+    for args, code in cases:
+        result = subprocess.run(
+            [sys.executable, "-c", probe, *args],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == code, (args, result.stderr)
+        assert "torch imported: False" in result.stdout, (args, result.stdout, result.stderr)
+    # a good config goes on to the data, which needs torch (the probe sees it imported)
+    checked = subprocess.run(
+        [sys.executable, "-c", probe, "--site", "synthetic_a", "--check", "data.splits.train=4"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert checked.returncode == 0 and "torch imported: True" in checked.stdout, checked.stderr
+
+
 def test_dry_run_writes_the_resolved_config_and_shows_the_supernode_command(tmp_path):
     state = tmp_path / "state"
     result = _client(

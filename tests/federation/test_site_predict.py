@@ -39,7 +39,7 @@ def _client(*args: str) -> subprocess.CompletedProcess:
 def _write_cases(folder: Path, count: int = 3) -> list[np.ndarray]:
     """Synthetic cases from synthetic_a's image style at 64 px, cropped to 64 x 48 so the
     output size differs from the model's (32) and is not square; returns their true masks."""
-    from client.site import compose_site_config
+    from client.site_config import compose_site_config
 
     style = compose_site_config("synthetic_a")["data"]["style"]
     from mrprism_core.data.synthetic import ImageStyle

@@ -275,7 +275,8 @@ def test_in_a_deployment_a_worker_killed_mid_round_drops_the_site_for_that_round
 
 THREADS = """
 import sys, tempfile, torch
-from client.site import SiteRuntime, compose_site_config
+from client.site import SiteRuntime
+from client.site_config import compose_site_config
 default = torch.get_num_threads()
 SiteRuntime(compose_site_config("synthetic_a", sys.argv[1:]), tempfile.mkdtemp())
 print(default, torch.get_num_threads())

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from client.__main__ import SITE_CODE_ROOT, supernode_command
-from client.site import SiteDataError
+from client.site_config import SiteDataError
 from client.supernode_launch import (
     DEFAULT_HEARTBEAT_S,
     FLOWER_HEARTBEAT_S,
