@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -216,12 +217,19 @@ class Deployment:
             if process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGTERM)
-        for _, process in self.processes:
+        for name, process in self.processes:
             try:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=10)
+                # not a failure of the test, but where CI's 20 s teardowns come from: named in
+                # pytest's warnings summary with the end of the process's log
+                warnings.warn(
+                    f"{name} had not stopped 20 s after SIGTERM and was killed; its log ends: "
+                    f"{self.log(name)[-1500:]}",
+                    stacklevel=2,
+                )
 
 
 def proc_stat(pid: int | str) -> list[str]:
