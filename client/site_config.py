@@ -20,7 +20,6 @@ log = logging.getLogger(__name__)
 __all__ = [
     "SITE_CONFIGS_ENV",
     "SiteDataError",
-    "available_sites",
     "compose_site_config",
     "config_roots",
     "packaged_configs",
@@ -71,11 +70,6 @@ def site_sources(config_dir: str | Path | None = None) -> dict[str, Path]:
         for name in _sites_in(root):
             sources.setdefault(name, root)
     return dict(sorted(sources.items()))
-
-
-def available_sites(config_dir: str | Path | None = None) -> list[str]:
-    """Names of the known site configs (the hospital's own folder and the packaged ones)."""
-    return list(site_sources(config_dir))
 
 
 def compose_site_config(

@@ -70,31 +70,28 @@ def test_a_bad_site_name_or_value_is_refused_before_torch_is_imported():
         "print('torch imported:', 'torch' in sys.modules)\n"
         "sys.exit(code)\n"
     )
-    cases = [
-        (["--site", "hospital_x"], 2),
-        (["--site", "synthetic_a", "train.batch_size=abc"], 2),
-        (["--site", "synthetic_a", "supernode.heartbeat_s=5"], 2),
-        (["--list"], 0),
+    cases = [  # arguments, exit code, torch imported
+        (["--site", "hospital_x"], 2, False),
+        (["--site", "synthetic_a", "train.batch_size=abc"], 2, False),
+        (["--site", "synthetic_a", "supernode.heartbeat_s=5"], 2, False),
+        (["--list"], 0, False),
+        # a good config goes on to the data, which needs torch (the probe sees it imported)
+        (["--site", "synthetic_a", "--check", "data.splits.train=4"], 0, True),
     ]
-    for args, code in cases:
+    for args, code, torch_imported in cases:
         result = subprocess.run(
             [sys.executable, "-c", probe, *args],
             cwd=PROJECT_ROOT,
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=300,
         )
         assert result.returncode == code, (args, result.stderr)
-        assert "torch imported: False" in result.stdout, (args, result.stdout, result.stderr)
-    # a good config goes on to the data, which needs torch (the probe sees it imported)
-    checked = subprocess.run(
-        [sys.executable, "-c", probe, "--site", "synthetic_a", "--check", "data.splits.train=4"],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert checked.returncode == 0 and "torch imported: True" in checked.stdout, checked.stderr
+        assert f"torch imported: {torch_imported}" in result.stdout, (
+            args,
+            result.stdout,
+            result.stderr,
+        )
 
 
 def test_dry_run_writes_the_resolved_config_and_shows_the_supernode_command(tmp_path):
