@@ -3,7 +3,8 @@
 ``python -m benchmarks.federation [--presets tiny paper] [--cases 16] [--rounds 3]
 [--variants worker ...] [--secagg-cases 16 64 128] [--skip-overhead] [--skip-secagg]``
 
-* bytes: per client and round the site downloads and uploads the packed shared weights;
+* bytes: per client and round the site downloads the packed shared weights and uploads
+  their float16 change (float32 weights with ``update-precision=float32``);
   compared with sending the full model (shared + rater heads), for M = 7 raters; and with
   ``drift-correction=scaffold``, whose control variate travels beside the weights each way.
 * fixed cost per message: real rounds (flower-superlink + one SuperNode started with
@@ -11,8 +12,9 @@
   evaluation run directly in one warm process on the same synthetic site; (round - direct) / 2
   messages, rounds after the first, with the site worker (the default), with it but Flower's
   fixed 3 s wait after an empty poll (``supernode.idle_poll_s=null``; the default asks again
-  after 0.5 s), and without it (``supernode.worker=false``: each ClientApp process imports
-  torch and opens the site).
+  after 0.5 s), with float32 training replies (``update-precision=float32``: the weights
+  instead of their float16 change, twice the bytes back), and without the worker
+  (``supernode.worker=false``: each ClientApp process imports torch and opens the site).
   The round time is the server's own measurement (``metrics.jsonl``).
 * breakdown: the pieces a per-message ClientApp process pays without the worker, each timed
   alone (interpreter + Flower import, our ClientApp module, torch and the round code, site
@@ -45,6 +47,7 @@ from mrprism_core.cli_types import positive_int
 from mrprism_core.federated import PACKED_KEY, StateLayout
 from mrprism_core.models import build_model, split_state
 from mrprism_core.protocol import CONTROL_KEY
+from mrprism_core.update_codec import encode_update
 
 from .common import RESULTS_DIR, write_json
 
@@ -53,7 +56,7 @@ BATCH = {"tiny": 8, "paper": 2}
 
 
 def payload_bytes(preset: str, raters: int = 7) -> dict[str, float]:
-    from flwr.app import ArrayRecord
+    from flwr.app import Array, ArrayRecord
 
     model = build_model(
         "mrprism",
@@ -69,18 +72,28 @@ def payload_bytes(preset: str, raters: int = 7) -> dict[str, float]:
     record = ArrayRecord({PACKED_KEY: packed})
     full = sum(v.numel() * v.element_size() for v in model.state_dict().values())
     shared_bytes = record.count_bytes()
-    # what a SCAFFOLD round sends each way: the same record with the control variate beside
-    scaffold_bytes = ArrayRecord({PACKED_KEY: packed, CONTROL_KEY: packed.clone()}).count_bytes()
+    # a training reply at update-precision float16 (the default): the weights' change
+    trained = packed.numpy() + 1e-3
+    encoded = encode_update(trained, packed.numpy())
+    assert encoded is not None
+    reply_bytes = ArrayRecord({k: Array(v) for k, v in encoded.items()}).count_bytes()
+    # a SCAFFOLD round: the control variate beside the weights down, and beside their change
+    # back (the control variate's change stays float32)
+    control = ArrayRecord({CONTROL_KEY: packed.clone()}).count_bytes()
+    scaffold_bytes = shared_bytes + control + reply_bytes + control
     return {
         "preset": preset,
         "raters": raters,
         "full_model_bytes": full,
         "shared_payload_bytes": shared_bytes,
         "local_bytes_kept_at_site": sum(v.numel() * v.element_size() for v in local.values()),
-        "bytes_per_round_per_client": 2 * shared_bytes,  # download + upload
+        "reply_bytes_float16": reply_bytes,
+        # download (float32 weights) + upload (their float16 change)
+        "bytes_per_round_per_client": shared_bytes + reply_bytes,
+        "bytes_per_round_per_client_float32_replies": 2 * shared_bytes,
         "shared_over_full": shared_bytes / full,
-        "scaffold_bytes_per_round_per_client": 2 * scaffold_bytes,
-        "scaffold_over_plain": scaffold_bytes / shared_bytes,
+        "scaffold_bytes_per_round_per_client": scaffold_bytes,
+        "scaffold_over_plain": scaffold_bytes / (shared_bytes + reply_bytes),
     }
 
 
@@ -189,6 +202,7 @@ def federated_round_seconds(
     root: Path,
     *,
     site_overrides: Sequence[str] = (),
+    run_overrides: dict[str, object] | None = None,
     sites: int = 1,
     rounds: int = 3,
     secure: bool = False,
@@ -215,6 +229,7 @@ def federated_round_seconds(
             "preset": preset,
             "lr": 1e-4,
             "out-dir": str(out_dir),
+            **(run_overrides or {}),
         }
         if secure:
             run_config.update({"secure-aggregation": True, "secagg-max-weight": float(cases)})
@@ -232,12 +247,14 @@ def _after_first(round_times: list[float]) -> float:
     return statistics.mean(round_times[1:] or round_times)
 
 
-#: The site settings compared: the default (site worker, SuperNode polling every 0.5 s when
-#: idle), Flower's own 3 s idle wait, and no site worker.
-OVERHEAD_VARIANTS: dict[str, tuple[str, ...]] = {
-    "worker": (),
-    "worker_flower_idle_wait": ("supernode.idle_poll_s=null",),
-    "no_worker": ("supernode.worker=false",),
+#: The settings compared, as (site overrides, run-config overrides): the default (site worker,
+#: SuperNode polling every 0.5 s when idle, float16 training replies), Flower's own 3 s idle
+#: wait, float32 replies (the weights themselves), and no site worker.
+OVERHEAD_VARIANTS: dict[str, tuple[tuple[str, ...], dict[str, object]]] = {
+    "worker": ((), {}),
+    "worker_flower_idle_wait": (("supernode.idle_poll_s=null",), {}),
+    "worker_float32_replies": ((), {"update-precision": "float32"}),
+    "no_worker": (("supernode.worker=false",), {}),
 }
 
 
@@ -256,7 +273,8 @@ def overhead(
                 preset,
                 cases,
                 Path(tmp) / name,
-                site_overrides=OVERHEAD_VARIANTS[name],
+                site_overrides=OVERHEAD_VARIANTS[name][0],
+                run_overrides=OVERHEAD_VARIANTS[name][1],
                 rounds=rounds,
             )
             for name in chosen
@@ -269,6 +287,7 @@ def overhead(
         "round_seconds": round_times,
         "overhead_per_message_s": per_message["worker"],
         "overhead_per_message_s_flower_idle_wait": per_message.get("worker_flower_idle_wait"),
+        "overhead_per_message_s_float32_replies": per_message.get("worker_float32_replies"),
         "overhead_per_message_s_without_worker": per_message.get("no_worker"),
         "breakdown_without_worker_s": breakdown,
     }
@@ -338,7 +357,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{row['preset']:6} full model {row['full_model_bytes'] / 2**20:.1f} MiB, shared "
             f"payload {row['shared_payload_bytes'] / 2**20:.1f} MiB "
             f"({row['shared_over_full']:.3f} of full), per round per client "
-            f"{row['bytes_per_round_per_client'] / 2**20:.1f} MiB; with SCAFFOLD "
+            f"{row['bytes_per_round_per_client'] / 2**20:.1f} MiB (float32 replies "
+            f"{row['bytes_per_round_per_client_float32_replies'] / 2**20:.1f} MiB); with SCAFFOLD "
             f"{row['scaffold_bytes_per_round_per_client'] / 2**20:.1f} MiB "
             f"({row['scaffold_over_plain']:.2f}x)"
         )
@@ -356,7 +376,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"{preset:6} {args.cases} cases: direct {row['direct_seconds']:.1f} s; fixed cost "
                 f"per message {row['overhead_per_message_s']:.1f} s with the site worker, "
                 f"{_seconds(row['overhead_per_message_s_flower_idle_wait'])} with it at "
-                f"Flower's 3 s idle wait, {_seconds(row['overhead_per_message_s_without_worker'])}"
+                f"Flower's 3 s idle wait, {_seconds(row['overhead_per_message_s_float32_replies'])}"
+                f" with float32 replies, {_seconds(row['overhead_per_message_s_without_worker'])}"
                 " without it\n"
                 f"       without the worker, per message: {pieces} (s)"
             )

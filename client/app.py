@@ -29,6 +29,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from mrprism_core.protocol import CONTROL_KEY, PACKED_KEY
+from mrprism_core.update_codec import encode_update
 
 from .worker_protocol import SOCKET_NODE_CONFIG, RoundOutcome, WorkerUnavailable, ask_worker
 
@@ -62,6 +63,19 @@ def _run(
     return run_message(
         kind, config, packed, run_id=context.run_id, state_dir=state_dir, control=control
     )
+
+
+def _trained_weights(
+    trained: np.ndarray, received: np.ndarray, config: dict[str, Any]
+) -> dict[str, Array]:
+    """The training reply's weights: their float16 change when the server asks for it
+    (``update-precision``; half the bytes on every hop back to the server), else the float32
+    weights, as always under client-side DP clipping, which reads the weights themselves."""
+    if config.get("update-precision") == "float16" and "clipping_norm" not in config:
+        encoded = encode_update(trained, received)
+        if encoded is not None:
+            return {name: Array(array) for name, array in encoded.items()}
+    return {PACKED_KEY: Array(trained)}
 
 
 def _error_reply(msg: Message, context: Context, state_dir: Path, error: str) -> Message:
@@ -116,7 +130,7 @@ def create_client_app(state_dirs: Sequence[str] | None = None) -> ClientApp:
         if outcome.error is not None:
             return _error_reply(msg, context, state_dir, outcome.error)
         assert outcome.reply is not None and outcome.shared is not None
-        sent = {PACKED_KEY: Array(outcome.shared)}
+        sent = _trained_weights(outcome.shared, packed, config)
         if outcome.control is not None:  # SCAFFOLD: the change of the site's control variate
             sent[CONTROL_KEY] = Array(outcome.control)
         content = RecordDict(

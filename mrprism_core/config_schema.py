@@ -158,6 +158,7 @@ class FederationOptions:
     lr_schedule: str = "constant"  # the rate over the rounds: constant or cosine
     drift_correction: str = "none"  # client drift: none or scaffold (control variates)
     persist_optimizer: bool = True  # sites keep their Adam state between rounds
+    update_precision: str = "float16"  # training replies: float16 change or float32 weights
     preset: str = "tiny"  # architecture preset
     model_options: dict[str, Any] | None = None  # model overrides (null = none)
     batch_size: int = at_least(8, 1)  # cases per optimizer step

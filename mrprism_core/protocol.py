@@ -56,6 +56,9 @@ class RoundInstructions:
     drift_correction: str = "none"  # none or scaffold (mrprism_core.drift_correction)
     # scaffold: names the server's control variate; a site's c_i saved under another counts as none
     control_ledger: str = ""
+    # training replies: float16 (the change of the weights, mrprism_core.update_codec) or
+    # float32 (the weights); float32 is what a server that does not say means
+    update_precision: str = "float32"
 
     def round_lr(self) -> float:
         """This round's learning rate: ``lr`` under ``lr_schedule`` over the planned rounds."""

@@ -63,9 +63,12 @@ class RunConfig:
     lr: float = at_least(0.0, 0)
     # the sites' learning rate over the rounds: constant, or cosine (decays towards 0)
     lr_schedule: str = "constant"
-    # client drift: none, or scaffold (control variates; fedavg/fedprox, twice the payload)
+    # client drift: none, or scaffold (control variates; fedavg/fedprox, 2.3x the bytes)
     drift_correction: str = "none"
     persist_optimizer: bool = True  # sites keep their Adam state between rounds (at the site)
+    # training replies: float16 (the change of the weights, half the bytes) or float32 (the
+    # weights); float32 always under dp-mode client-fixed, whose clipping reads the weights
+    update_precision: str = "float16"
     personalization: str = (
         "fedper"  # fedper, fedrep, fedbabu or ditto (mrprism_core.personalization)
     )

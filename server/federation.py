@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -51,6 +51,13 @@ from mrprism_core.lr_schedule import check_lr_schedule
 from mrprism_core.models import build_model_for_data, split_state
 from mrprism_core.personalization import check_personalization
 from mrprism_core.protocol import CONTROL_KEY, RoundInstructions, SiteReply
+from mrprism_core.update_codec import (
+    UPDATE_KEY,
+    UPDATE_SCALE_KEY,
+    check_update_precision,
+    decode_update,
+    is_encoded,
+)
 
 from .config import RunConfig
 from .grid import collect_replies
@@ -180,6 +187,44 @@ def _usable_updates(
     return kept
 
 
+def _with_full_weights(
+    replies: Iterable[Message], sent: ArrayRecord, dropped: list[dict[str, str]]
+) -> list[Message]:
+    """Training replies that carry the float16 change of the weights (``update-precision``)
+    get their float32 weights back, the change added to the weights ``sent``; the strategy
+    and every check after it then see weights, whatever the site sent. A change that does not
+    decode leaves that site out, with the reason."""
+    reference = None
+    kept = []
+    for msg in replies:
+        records = msg.content.array_records
+        if len(records) != 1 or not is_encoded(next(iter(records.values()))):
+            kept.append(msg)  # the weights themselves (or nothing: _usable_updates says so)
+            continue
+        name, record = next(iter(records.items()))
+        if reference is None:
+            reference = sent[PACKED_KEY].numpy()
+        encoded = {k: record[k].numpy() for k in (UPDATE_KEY, UPDATE_SCALE_KEY) if k in record}
+        try:
+            weights = decode_update(encoded, reference)
+        except ValueError as err:
+            _drop(dropped, _site_name(msg), f"update rejected: {err}")
+            continue
+        others = {k: v for k, v in record.items() if k not in (UPDATE_KEY, UPDATE_SCALE_KEY)}
+        msg.content[name] = ArrayRecord({PACKED_KEY: Array(weights), **others})
+        kept.append(msg)
+    return kept
+
+
+def _sent_arrays(replies: Iterable[Message]) -> dict[str, dict[str, list[int]]]:
+    """What each site's reply carried, by site: array names and shapes (for the audit)."""
+    sent = {}
+    for msg in replies:
+        for record in msg.content.array_records.values():
+            sent[_site_name(msg)] = {k: list(v.shape) for k, v in record.items()}
+    return sent
+
+
 def _metric_record(msg: Message) -> MetricRecord:
     """A reply's (only) MetricRecord: the one Flower's strategies read weights from."""
     return next(iter(msg.content.metric_records.values()))
@@ -236,7 +281,15 @@ def round_instructions(cfg: RunConfig, layout: StateLayout) -> RoundInstructions
         local_epochs=cfg.local_epochs,
         eval_split=cfg.eval_split,
         select_split=cfg.select_split,
+        update_precision=reply_precision(cfg),
     )
+
+
+def reply_precision(cfg: RunConfig) -> str:
+    """What the sites send back from training: ``update-precision``, except under client-side
+    DP clipping, whose mod clips the difference of the sent and received weights."""
+    precision = check_update_precision(cfg.update_precision, "run-config update-precision")
+    return "float32" if cfg.dp_mode.lower() == "client-fixed" else precision
 
 
 def log_site_privacy(rows: dict[str, dict[str, Any]]) -> None:
@@ -290,8 +343,12 @@ def _site_name(msg: Message) -> str:
     return f"node-{msg.metadata.src_node_id}"
 
 
-def _site_rows(replies: Iterable[Message]) -> dict[str, dict[str, Any]]:
-    """Each site's reply (:class:`SiteReply`) as one flat row, by site name."""
+def _site_rows(
+    replies: Iterable[Message], sent_arrays: dict[str, dict[str, list[int]]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Each site's reply (:class:`SiteReply`) as one flat row, by site name; with
+    ``sent_arrays`` (training) also the names and shapes of the arrays it sent, for audit."""
+    sent_arrays = sent_arrays or {}
     rows = {}
     for msg in replies:
         site = msg.content.config_records.get("site")
@@ -301,9 +358,8 @@ def _site_rows(replies: Iterable[Message]) -> dict[str, dict[str, Any]]:
             continue
         reply = SiteReply.from_records(metrics, site)
         row: dict[str, Any] = {**reply.to_metrics(), **reply.to_site()}
-        for record in msg.content.array_records.values():
-            # what the site sent, for audit: names and shapes only
-            row["reply-arrays"] = {k: list(v.shape) for k, v in record.items()}
+        if _site_name(msg) in sent_arrays:
+            row["reply-arrays"] = sent_arrays[_site_name(msg)]
         rows[reply.site] = row
     return rows
 
@@ -463,6 +519,8 @@ def run_federation(
             next_train = _push(grid, strategy.configure_train(server_round, arrays, config, grid))
         replies, dropped = _collect(grid, next_train, cfg.round_timeout, sites)
         next_train = None
+        sent_arrays = _sent_arrays(replies)
+        replies = _with_full_weights(replies, arrays, dropped)
         updates = _usable_updates(replies, arrays, dropped)
         aggregated = len(updates) >= cfg.min_train_replies
         train_metrics = None
@@ -484,7 +542,7 @@ def run_federation(
                 len(updates),
                 cfg.min_train_replies,
             )
-        train_rows = _site_rows(updates)
+        train_rows = _site_rows(updates, sent_arrays)
         for name, row in train_rows.items():
             if row.get("skipped-steps"):
                 log.warning(

@@ -159,6 +159,7 @@ class Experiment:
     lr: float = 1e-3
     lr_schedule: str = "constant"  # the rate over the rounds (mrprism_core.lr_schedule)
     drift_correction: str = "none"  # federated methods: none or scaffold
+    update_precision: str = "float16"  # federated training replies (mrprism_core.update_codec)
     persist_optimizer: bool = True
     preset: str = "tiny"
     model_options: dict[str, Any] = field(default_factory=dict)
@@ -436,6 +437,7 @@ def _run_federated(
         "lr": exp.lr,
         "lr-schedule": exp.lr_schedule,
         "drift-correction": exp.drift_correction,
+        "update-precision": exp.update_precision,
         "persist-optimizer": exp.persist_optimizer,
         "personalization": personalization,
         "seed": exp.seed,

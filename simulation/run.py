@@ -31,6 +31,7 @@ from mrprism_core.models import model_from_build_args
 from mrprism_core.models.config import get_preset
 from mrprism_core.tracking import check_tracking
 from mrprism_core.train import seed_everything
+from mrprism_core.update_codec import check_update_precision
 
 from .methods import (
     Experiment,
@@ -125,6 +126,9 @@ def run_experiment(cfg: dict[str, Any], label: str = "") -> dict[str, Any]:
         ),
         drift_correction=check_simulated_drift_correction(fed, methods),
         persist_optimizer=bool(fed.get("persist_optimizer", True)),
+        update_precision=check_update_precision(
+            str(fed.get("update_precision", "float16")), "federation.update_precision"
+        ),
         preset=str(fed["preset"]),
         model_options=dict(fed.get("model_options") or {}),
         seed=seed,
@@ -314,6 +318,7 @@ def main() -> None:
             check_tracking(str(container.get("tracking", "none")))
             check_lr_schedule(str(federation["lr_schedule"]), "federation.lr_schedule")
             check_simulated_drift_correction(federation, list(container["methods"]))
+            check_update_precision(federation["update_precision"], "federation.update_precision")
             check_ray_address(federation["ray_address"])
             selection_split(federation["select"], resolve_sites(container))
         except (ValueError, FileNotFoundError) as err:  # SiteDataError is a ValueError

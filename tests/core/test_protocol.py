@@ -30,6 +30,7 @@ def test_instructions_round_trip_every_field():
         lr_schedule="cosine",
         drift_correction="scaffold",
         control_ledger="0123abcd",
+        update_precision="float16",
     )
     config = sent.to_config()
     assert all(isinstance(v, (str, int, float, bool)) for v in config.values())  # record-safe

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -17,6 +18,7 @@ from client.site_config import compose_site_config
 from client.state import SiteStore
 from mrprism_core.federated import PACKED_KEY, StateLayout
 from mrprism_core.protocol import CONTROL_KEY
+from mrprism_core.update_codec import UPDATE_KEY, UPDATE_SCALE_KEY, decode_update, is_encoded
 from server.config import RunConfig
 from server.federation import initial_arrays, round_instructions
 
@@ -74,6 +76,21 @@ def train_message(cfg: RunConfig | None = None, server_round: int = 1):
         arrays[CONTROL_KEY] = torch.zeros(layout.size)
     content = RecordDict({"arrays": ArrayRecord(arrays), "config": config})
     return Message(content, dst_node_id=1, message_type=MessageType.TRAIN), layout
+
+
+#: what a training reply's array record holds by default (update-precision float16)
+ENCODED_REPLY_KEYS = [UPDATE_KEY, UPDATE_SCALE_KEY]
+
+
+def reply_weights(reply, message) -> np.ndarray:
+    """The float32 shared weights of a training reply as the server reads them: its float16
+    change added to the weights ``message`` sent (update-precision float16, the default), or
+    the weights themselves (float32)."""
+    assert not reply.has_error(), reply.error
+    arrays = {name: array.numpy() for name, array in reply.content["arrays"].items()}
+    if is_encoded(arrays):
+        return decode_update(arrays, message.content["arrays"][PACKED_KEY].numpy())
+    return arrays[PACKED_KEY]
 
 
 def node_context(state_dir: str, worker_socket: Path | None = None):

@@ -12,9 +12,10 @@ import torch
 from client.app import create_client_app
 from mrprism_core.checkpoint import CorruptCheckpointError, load_checkpoint
 from mrprism_core.federated import PACKED_KEY
+from mrprism_core.update_codec import encode_update
 from server.config import RunConfig
 
-from .conftest import node_context, train_message
+from .conftest import ENCODED_REPLY_KEYS, node_context, reply_weights, train_message
 
 
 def _contains_run(haystack: np.ndarray, needle: np.ndarray) -> bool:
@@ -33,8 +34,8 @@ def test_reply_holds_only_shared_weights_whatever_the_rater_count(model, make_si
         reply = app(message, node_context(state_dir))
         assert not reply.has_error(), reply.error
         records = reply.content.array_records
-        assert list(records) == ["arrays"] and list(records["arrays"]) == [PACKED_KEY]
-        sent = records["arrays"][PACKED_KEY].numpy()
+        assert list(records) == ["arrays"] and list(records["arrays"]) == ENCODED_REPLY_KEYS
+        sent = reply_weights(reply, message)
         sizes[site] = sent.shape
         assert sent.shape == (layout.size,)
 
@@ -43,9 +44,12 @@ def test_reply_holds_only_shared_weights_whatever_the_rater_count(model, make_si
         assert local, "every model here has per-rater parts that stay at the site"
         if model == "mrprism":
             assert local["confidence.rater_identity.weight"].shape[0] == raters
-        # the trained shared weights are what was sent ...
-        shared = snapshot["shared_state"]
-        assert np.array_equal(sent, layout.pack(shared).numpy())
+        # the trained shared weights are what was sent (their float16 change) ...
+        trained = layout.pack(snapshot["shared_state"]).numpy()
+        received = message.content["arrays"][PACKED_KEY].numpy()
+        encoded = encode_update(trained, received)
+        for name, array in records["arrays"].items():
+            assert np.array_equal(array.numpy(), encoded[name]), name
         # ... and no rater-head tensor appears anywhere inside the reply
         for name, tensor in local.items():
             assert not _contains_run(sent, tensor.flatten().numpy()[:16]), name
@@ -95,7 +99,7 @@ def test_local_norms_stay_at_the_site_and_carry_over_to_the_next_round(make_site
     assert not torch.equal(trained, torch.ones_like(trained))  # the site trained it
     second, _ = train_message(cfg, server_round=2)
     reply = app(second, node_context(state_dir))
-    assert reply.content.array_records["arrays"][PACKED_KEY].numpy().shape == (layout.size,)
+    assert reply_weights(reply, second).shape == (layout.size,)
     after = load_checkpoint(f"{state_dir}/site_model.pt")["local_state"][norm]
     # round 2 went on from the site's own scale: further from the initial ones than one
     # round of Adam steps (each at most about lr) could move it from there

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from mrprism_core.checkpoint import load_checkpoint
-from mrprism_core.federated import PACKED_KEY
 from mrprism_core.models import build_model, split_state
+from mrprism_core.update_codec import UPDATE_KEY, UPDATE_SCALE_KEY
 
 from .deploy import Deployment
 
@@ -63,7 +63,8 @@ def test_two_rounds_over_superlink_and_three_supernodes(deployment, tmp_path):
         assert set(record["train_sites"]) == set(SITES)
         assert 0.0 <= record["evaluate"]["soft-dice"] <= 1.0
         for site, row in record["train_sites"].items():
-            assert row["reply-arrays"] == {PACKED_KEY: [size]}, site
+            # (its float16 change, update-precision's default: half the bytes of the weights)
+            assert row["reply-arrays"] == {UPDATE_KEY: [size], UPDATE_SCALE_KEY: [1]}, site
         for site, row in record["evaluate_sites"].items():
             assert len(row["per-rater-dice-list"]) == SITES[site]
             # round 2's training went out with round 1's evaluation (pipeline-rounds), yet

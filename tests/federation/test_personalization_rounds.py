@@ -9,11 +9,10 @@ import torch
 from client.app import create_client_app
 from client.site import SiteRuntime
 from client.state import SiteStore
-from mrprism_core.federated import PACKED_KEY
 from mrprism_core.models import split_state
 from server.config import RunConfig
 
-from .conftest import node_context, train_message
+from .conftest import ENCODED_REPLY_KEYS, node_context, reply_weights, train_message
 
 
 def _train(state_dir: str, personalization: str):
@@ -44,8 +43,8 @@ def test_ditto_personal_model_differs_from_the_global_one_and_is_never_sent(
     reply = create_client_app()(message, node_context(state_dir))
     assert not reply.has_error(), reply.error
     records = reply.content.array_records
-    assert list(records) == ["arrays"] and list(records["arrays"]) == [PACKED_KEY]
-    sent = records["arrays"][PACKED_KEY].numpy()
+    assert list(records) == ["arrays"] and list(records["arrays"]) == ENCODED_REPLY_KEYS
+    sent = reply_weights(reply, message)
 
     personal = SiteStore(state_dir).load_personal()["model_state"]
     shared_keys = set(layout.unpack(torch.from_numpy(sent)))

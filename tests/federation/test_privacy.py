@@ -13,18 +13,12 @@ import torch
 
 from client.app import create_client_app
 from mrprism_core.checkpoint import load_checkpoint
-from mrprism_core.federated import PACKED_KEY
 from server.config import RunConfig
 from server.federation import initial_arrays
 
-from .conftest import node_context, simulate, train_message
+from .conftest import node_context, reply_weights, simulate, train_message
 
 FAST = RunConfig(model_options=json.dumps({"recurrences": 1}), num_server_rounds=2)
-
-
-def _sent(reply) -> np.ndarray:
-    assert not reply.has_error(), reply.error
-    return reply.content["arrays"][PACKED_KEY].numpy()
 
 
 def test_dp_sgd_epsilon_grows_with_rounds_and_the_noise_changes_the_update(
@@ -48,7 +42,8 @@ def test_dp_sgd_epsilon_grows_with_rounds_and_the_noise_changes_the_update(
     for name, noise in (("quiet", 0.0), ("quiet_again", 0.0), ("loud", 1.0)):
         options = ("privacy.enabled=true", f"privacy.noise_multiplier={noise}")
         state_dir = make_site("synthetic_b", *options, name=name)
-        updates[name] = _sent(app(train_message(FAST)[0], node_context(state_dir)))
+        message = train_message(FAST)[0]
+        updates[name] = reply_weights(app(message, node_context(state_dir)), message)
     jitter = np.abs(updates["quiet"] - updates["quiet_again"]).max()  # float round-off only
     noise = np.abs(updates["quiet"] - updates["loud"]).max()
     assert jitter < 1e-6 and noise > 1e-4, (jitter, noise)

@@ -18,7 +18,7 @@ from server.config import RunConfig
 from server.federation import weigh_by_examples, weigh_updates
 from server.strategies import build_strategy
 
-from .conftest import node_context, train_message
+from .conftest import ENCODED_REPLY_KEYS, node_context, train_message
 from .deploy import PROJECT_ROOT
 
 
@@ -112,7 +112,7 @@ def test_a_site_sends_one_quality_number_and_only_when_it_opted_in(make_site, ta
     for row in report.rows:
         for value in (row.agreement_dice, row.area_bias, row.sensitivity, row.specificity):
             assert all(not isinstance(v, float) or v != pytest.approx(value) for v in sent)
-    assert list(reply.content.array_records["arrays"]) == [PACKED_KEY]
+    assert list(reply.content.array_records["arrays"]) == ENCODED_REPLY_KEYS
 
 
 def test_the_rater_report_cli_finds_the_generous_rater_of_synthetic_a(trained_site, tmp_path):

@@ -30,7 +30,7 @@ from mrprism_core.federated import PACKED_KEY
 from mrprism_core.protocol import CONTROL_KEY
 from server.config import RunConfig
 
-from .conftest import node_context, train_message
+from .conftest import ENCODED_REPLY_KEYS, node_context, train_message
 from .deploy import Deployment, command_lines, descendants, history, proc_stat, wait_for_round
 
 # A fresh interpreter, like Flower's per-message ClientApp process: it rebuilds the server's
@@ -59,7 +59,7 @@ torch_loaded = "torch" in sys.modules
 if reply.has_error():
     print(json.dumps({"error": reply.error.reason, "torch": torch_loaded}))
 else:
-    np.save(sys.argv[3], reply.content["arrays"]["shared-weights"].numpy())
+    np.savez(sys.argv[3], **{k: v.numpy() for k, v in reply.content["arrays"].items()})
     metrics = dict(reply.content["metrics"])
     print(json.dumps({"error": None, "torch": torch_loaded, "metrics": metrics}))
 """
@@ -99,7 +99,7 @@ def test_the_worker_runs_the_same_round_and_the_clientapp_imports_no_torch(
         assert stat.S_IMODE((Path(worker_dir) / KEY_FILE).stat().st_mode) == 0o600
         files = _message_files(tmp_path, cfg, worker_dir, socket)
         done = subprocess.run(
-            [sys.executable, "-c", CLIENTAPP_PROCESS, *files, str(tmp_path / "reply.npy")],
+            [sys.executable, "-c", CLIENTAPP_PROCESS, *files, str(tmp_path / "reply.npz")],
             capture_output=True,
             text=True,
             timeout=300,
@@ -109,9 +109,11 @@ def test_the_worker_runs_the_same_round_and_the_clientapp_imports_no_torch(
         assert answer["error"] is None, answer["error"]
         assert answer["torch"] is False  # the ClientApp process never imported torch
         assert worker.restarts == 0
-    sent = np.load(tmp_path / "reply.npy")
+    sent = dict(np.load(tmp_path / "reply.npz"))
     # bit-identical to the round run in-process: the worker's warm state changes nothing
-    assert np.array_equal(sent, expected.content["arrays"][PACKED_KEY].numpy())
+    assert set(sent) == set(expected.content["arrays"])
+    for key, array in expected.content["arrays"].items():
+        assert np.array_equal(sent[key], array.numpy()), key
     expected_metrics = dict(expected.content["metrics"])
     assert answer["metrics"] == pytest.approx(expected_metrics)
     assert Path(worker_dir, "site_model.pt").exists()  # the worker saved the site's heads
@@ -134,7 +136,8 @@ def test_scaffolds_control_variates_go_through_the_worker_as_they_do_in_process(
     with SiteWorker(Path(worker_dir), _socket(tmp_path), out=io.StringIO()):
         got = create_client_app()(message, node_context(worker_dir, _socket(tmp_path)))
     assert not got.has_error(), got.error
-    for key in (PACKED_KEY, CONTROL_KEY):
+    assert set(got.content["arrays"]) == {*ENCODED_REPLY_KEYS, CONTROL_KEY}
+    for key in got.content["arrays"]:
         assert np.array_equal(
             got.content["arrays"][key].numpy(), expected.content["arrays"][key].numpy()
         ), key

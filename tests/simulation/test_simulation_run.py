@@ -237,6 +237,11 @@ def test_unknown_models_and_methods_are_named():
             "federation.drift_correction=bogus: unknown drift correction; choose from none, "
             "scaffold",
         ),
+        (
+            "federation.update_precision=int8",
+            "federation.update_precision=int8: unknown update precision; choose from float16, "
+            "float32",
+        ),
         ("partition.alpha=-0.5", "partition.alpha=-0.5 is refused: must be > 0"),
         ("federation.select=best", "federation.select='best' is refused: choose from"),
         # the default preset's sites have no validation cases to choose a round by
