@@ -10,7 +10,9 @@
 * fixed cost per message: real rounds (flower-superlink + one SuperNode started with
   ``python -m client``, ``flwr run``; 1 local epoch + evaluation) against the same epoch and
   evaluation run directly in one warm process on the same synthetic site; (round - direct) / 2
-  messages, rounds after the first, with the site worker (the default), with it but Flower's
+  messages, rounds after the first, with the site worker and the ClientApp fork server (the
+  default), without the fork server (``supernode.fork_clientapp=false``: Flower starts a
+  fresh interpreter per message), with the worker but Flower's
   fixed 3 s wait after an empty poll (``supernode.idle_poll_s=null``; the default asks again
   after 0.5 s), with float32 training replies (``update-precision=float32``: the weights
   instead of their float16 change, twice the bytes back), and without the worker
@@ -142,9 +144,13 @@ def message_breakdown(preset: str, cases: int, root: Path) -> dict[str, float]:
 
     _open_site(preset, cases, root)
     spec = RunConfig(preset=preset).model_spec()
-    python_flower = _median_seconds("import flwr.app, flwr.clientapp")
-    clientapp = _median_seconds("import client.app")
-    round_code = _median_seconds("import client.app, client.rounds")
+    # what Flower's flwr-clientapp command imports before it asks for its message (its CLI
+    # pulls in the SuperNode's modules, far more than flwr.app); the ClientApp fork server
+    # pays it once, not per message
+    entry = "import flwr.supernode.cli.flwr_clientapp"
+    python_flower = _median_seconds(entry)
+    clientapp = _median_seconds(f"{entry}, client.app")
+    round_code = _median_seconds(f"{entry}, client.app, client.rounds")
     pieces = {"python_start_and_flower_import_s": python_flower}
     pieces["clientapp_module_import_s"] = clientapp - python_flower
     pieces["torch_and_round_code_import_s"] = round_code - clientapp
@@ -248,10 +254,13 @@ def _after_first(round_times: list[float]) -> float:
 
 
 #: The settings compared, as (site overrides, run-config overrides): the default (site worker,
-#: SuperNode polling every 0.5 s when idle, float16 training replies), Flower's own 3 s idle
-#: wait, float32 replies (the weights themselves), and no site worker.
+#: ClientApp processes forked from the fork server, SuperNode polling every 0.5 s when idle,
+#: float16 training replies), ClientApp processes started by Flower (a fresh interpreter
+#: each), Flower's own 3 s idle wait, float32 replies (the weights themselves), and no site
+#: worker.
 OVERHEAD_VARIANTS: dict[str, tuple[tuple[str, ...], dict[str, object]]] = {
     "worker": ((), {}),
+    "worker_no_fork": (("supernode.fork_clientapp=false",), {}),
     "worker_flower_idle_wait": (("supernode.idle_poll_s=null",), {}),
     "worker_float32_replies": ((), {"update-precision": "float32"}),
     "no_worker": (("supernode.worker=false",), {}),
@@ -286,6 +295,7 @@ def overhead(
         "direct_seconds": direct,
         "round_seconds": round_times,
         "overhead_per_message_s": per_message["worker"],
+        "overhead_per_message_s_no_fork": per_message.get("worker_no_fork"),
         "overhead_per_message_s_flower_idle_wait": per_message.get("worker_flower_idle_wait"),
         "overhead_per_message_s_float32_replies": per_message.get("worker_float32_replies"),
         "overhead_per_message_s_without_worker": per_message.get("no_worker"),
@@ -375,6 +385,7 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"{preset:6} {args.cases} cases: direct {row['direct_seconds']:.1f} s; fixed cost "
                 f"per message {row['overhead_per_message_s']:.1f} s with the site worker, "
+                f"{_seconds(row['overhead_per_message_s_no_fork'])} without the fork server, "
                 f"{_seconds(row['overhead_per_message_s_flower_idle_wait'])} with it at "
                 f"Flower's 3 s idle wait, {_seconds(row['overhead_per_message_s_float32_replies'])}"
                 f" with float32 replies, {_seconds(row['overhead_per_message_s_without_worker'])}"

@@ -10,6 +10,7 @@ Nothing but the shared model weights and metrics leaves the site.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import shutil
@@ -152,13 +153,14 @@ def _toml_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def worker_socket_path(state_dir: Path) -> Path:
-    """Where the site worker listens: in the state directory, or in a fresh owner-only
-    temporary folder when that path is too long for a Unix socket (about 107 bytes)."""
-    path = state_dir / "worker.sock"
+def worker_socket_path(state_dir: Path, name: str = "worker.sock") -> Path:
+    """Where the site worker (or the ClientApp fork server) listens: in the state directory,
+    or in a fresh owner-only temporary folder when that path is too long for a Unix socket
+    (about 107 bytes)."""
+    path = state_dir / name
     if len(os.fsencode(path)) < 100:
         return path
-    return Path(tempfile.mkdtemp(prefix="mrprism-worker-")) / "worker.sock"
+    return Path(tempfile.mkdtemp(prefix="mrprism-worker-")) / name
 
 
 #: The checkout this site runs (the folder above the ``client`` package): an app the SuperLink
@@ -304,15 +306,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         # group and get a stop signal once (Flower's own flower-supernode stays in the group)
         "own_session": command[1:3] == ["-m", "client.supernode_launch"],
     }
-    if worker_socket is None:
-        return run_supernode(command, wait_s, retries, **supervise)
-    print(f"worker:      {worker_socket} (starting; torch, config and data stay loaded)")
-    try:
-        with SiteWorker(state_dir, worker_socket):
+    with contextlib.ExitStack() as stack:
+        if node.get("fork_clientapp", True):
+            from .clientapp_fork import ForkServer
+
+            fork_socket = worker_socket_path(state_dir, "clientapp_fork.sock")
+            print(f"fork server: {fork_socket} (each ClientApp process starts with Flower loaded)")
+            stack.enter_context(ForkServer(state_dir, fork_socket))
+        try:
+            if worker_socket is not None:
+                print(f"worker:      {worker_socket} (starting; torch, config, data stay loaded)")
+                stack.enter_context(SiteWorker(state_dir, worker_socket))
             return run_supernode(command, wait_s, retries, **supervise)
-    except RuntimeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        except RuntimeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ class SupernodeSchema:
     # after SIGTERM/Ctrl-C, kill a SuperNode still running this long
     stop_wait_s: float = at_least(15.0, 0)
     worker: bool = True  # keep torch, config and data loaded in a site worker between messages
+    # start each message's ClientApp process as a copy of one that has Flower imported
+    fork_clientapp: bool = True
     pin_app: bool = True  # run only apps whose Python code is this site's own checkout
     # after an empty poll (None: Flower's 3 s)
     idle_poll_s: float | None = above(DEFAULT_IDLE_POLL_S, 0)

@@ -239,8 +239,10 @@ def test_in_a_deployment_a_worker_killed_mid_round_drops_the_site_for_that_round
     tiny = ["data.splits.train=8", "data.splits.val=2", "data.image_size=32"]
     try:
         deployment.start_superlink()
-        for name in ("site_a", "site_b"):
-            deployment.start_site("synthetic_a", *tiny, name=name)
+        sites = {
+            name: deployment.start_site("synthetic_a", *tiny, name=name)
+            for name in ("site_a", "site_b")
+        }
         deployment.wait_online(2, timeout=300)
         out_dir = tmp_path / "out"
         run = deployment.submit(
@@ -262,9 +264,20 @@ def test_in_a_deployment_a_worker_killed_mid_round_drops_the_site_for_that_round
             assert time.monotonic() < deadline, "site_b's worker never started round 2"
             time.sleep(0.1)
         os.kill(pid, signal.SIGKILL)
+        # its ClientApp fork server too: round 3's messages start Flower's own flwr-clientapp
+        commands = command_lines(descendants(sites["site_b"].pid))
+        forks = [p for p, c in commands.items() if "client.clientapp_fork" in c]
+        # not one of its forks (a ClientApp), which share its command line
+        [fork_server] = [p for p in forks if int(proc_stat(p)[1]) not in forks]
+        os.kill(fork_server, signal.SIGKILL)
         assert run.wait(timeout=900) == 0, deployment.log("flwr-run")[-4000:]
     finally:
         deployment.stop()
+    # until then each message's ClientApp was a fork of the fork server; after, Flower's own
+    log_b = deployment.log("site_b")
+    before, after = log_b.split("fork server unavailable", 1)
+    assert before.count("started ClientApp process") >= 2, log_b[-3000:]
+    assert "started ClientApp process" not in after
     rounds = history(out_dir)
     assert [r["round"] for r in rounds] == [1, 2, 3]
     # round 2 went on with site_a; site_b answered with the reason
@@ -393,9 +406,11 @@ def test_a_site_killed_outright_leaves_no_worker_or_supernode_behind(tmp_path):
         site, commands = _start_site_without_superlink(deployment)
         [client_pid] = [p for p, c in commands.items() if " -m client --site " in c]
         helpers = [
-            p for p, c in commands.items() if "client.worker" in c or "supernode_launch" in c
+            p
+            for p, c in commands.items()
+            if any(name in c for name in ("client.worker", "supernode_launch", "clientapp_fork"))
         ]
-        assert len(helpers) == 2, commands
+        assert len(helpers) == 3, commands  # worker, SuperNode, ClientApp fork server
         # started with no Flower variables set, the SuperNode and worker run with Flower's
         # telemetry and update check off: a hospital's site calls nowhere but its SuperLink
         for pid in helpers:
