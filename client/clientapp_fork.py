@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -181,10 +180,10 @@ class ForkServer:
         if real is None:
             print(f"fork server: not started ({COMMAND} is not on PATH)", flush=True)
             return self
-        from mrprism_core.checkpoint import atomic_write_bytes
+        from .worker_protocol import write_key
 
+        write_key(self.state_dir, KEY_FILE)  # owner-only, new every start
         key_file = self.state_dir / KEY_FILE
-        atomic_write_bytes(key_file, secrets.token_bytes(32))  # owner-only, new every start
         self.launcher = write_launcher(bin_dir, self.socket_path, key_file, real)
         os.environ["PATH"] = f"{self.launcher.parent}{os.pathsep}{os.environ.get('PATH', '')}"
         command = [sys.executable, "-m", "client.clientapp_fork"]
@@ -195,13 +194,9 @@ class ForkServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        from .supervisor import stop_process
+
+        stop_process(self.process, 5.0)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

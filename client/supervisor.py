@@ -24,7 +24,13 @@ from typing import Any, TextIO
 from .supernode_launch import FLOWER_HEARTBEAT_S
 from .worker_protocol import WORKER_START_WAIT_S
 
-__all__ = ["ACTIVATION_REFUSED", "DEFAULT_STOP_WAIT_S", "SiteWorker", "run_supernode"]
+__all__ = [
+    "ACTIVATION_REFUSED",
+    "DEFAULT_STOP_WAIT_S",
+    "SiteWorker",
+    "run_supernode",
+    "stop_process",
+]
 
 #: What Flower's SuperNode prints when the SuperLink refuses to activate it (code 2004).
 ACTIVATION_REFUSED = "Failed to activate SuperNode"
@@ -130,6 +136,19 @@ def _run_once(
     if code == -signal.SIGKILL and seen["stop_signal"] is not None:
         code = -seen["stop_signal"]  # killed by us for that stop
     return (128 - code if code < 0 else code), seen["refused"]
+
+
+def stop_process(process: subprocess.Popen | None, wait_s: float) -> None:
+    """SIGTERM a helper process still running, and SIGKILL it if it has not ended within
+    ``wait_s`` seconds."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=wait_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _kill_supernode(child: subprocess.Popen[str], why: str) -> None:
@@ -297,10 +316,5 @@ class SiteWorker:
     def __exit__(self, *exc: object) -> None:
         with self._lock:
             self._stopping.set()
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=_DRAIN_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        stop_process(self.process, _DRAIN_S)
         self.socket_path.unlink(missing_ok=True)

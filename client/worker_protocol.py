@@ -72,14 +72,15 @@ class RoundOutcome:
     control: np.ndarray | None = None
 
 
-def write_key(state_dir: str | Path) -> bytes:
-    """A fresh random key in ``<state_dir>/worker.key``, replaced atomically; mode 0600, as
-    every file ``atomic_write_bytes`` writes (its temp file comes from ``mkstemp``). Called by
-    ``python -m client`` only: the torch-free ClientApp never imports the checkpoint module."""
+def write_key(state_dir: str | Path, name: str = KEY_FILE) -> bytes:
+    """A fresh random key in ``<state_dir>/<name>`` (the worker's by default), replaced
+    atomically; mode 0600, as every file ``atomic_write_bytes`` writes (its temp file comes
+    from ``mkstemp``). Called by ``python -m client`` only: the torch-free ClientApp never
+    imports the checkpoint module."""
     from mrprism_core.checkpoint import atomic_write_bytes
 
     key = secrets.token_bytes(32)
-    atomic_write_bytes(Path(state_dir) / KEY_FILE, key)
+    atomic_write_bytes(Path(state_dir) / name, key)
     return key
 
 

@@ -281,15 +281,11 @@ def round_instructions(cfg: RunConfig, layout: StateLayout) -> RoundInstructions
         local_epochs=cfg.local_epochs,
         eval_split=cfg.eval_split,
         select_split=cfg.select_split,
-        update_precision=reply_precision(cfg),
+        # the ClientApp sends float32 anyway where Flower's clipping mod runs (client/app.py)
+        update_precision=check_update_precision(
+            cfg.update_precision, "run-config update-precision"
+        ),
     )
-
-
-def reply_precision(cfg: RunConfig) -> str:
-    """What the sites send back from training: ``update-precision``, except under client-side
-    DP clipping, whose mod clips the difference of the sent and received weights."""
-    precision = check_update_precision(cfg.update_precision, "run-config update-precision")
-    return "float32" if cfg.dp_mode.lower() == "client-fixed" else precision
 
 
 def log_site_privacy(rows: dict[str, dict[str, Any]]) -> None:
