@@ -4,19 +4,23 @@
 [--variants worker ...] [--secagg-cases 16 64 128] [--skip-overhead] [--skip-secagg]``
 
 * bytes: per client and round the site downloads the packed shared weights and uploads
-  their float16 change (float32 weights with ``update-precision=float32``);
+  their float16 change (float32 weights with ``update-precision=float32``); its evaluation
+  message carries no weights in pipelined rounds (``evaluate-in-training``), else the weights
+  once more;
   compared with sending the full model (shared + rater heads), for M = 7 raters; and with
   ``drift-correction=scaffold``, whose control variate travels beside the weights each way.
 * fixed cost per message: real rounds (flower-superlink + one SuperNode started with
   ``python -m client``, ``flwr run``; 1 local epoch + evaluation) against the same epoch and
   evaluation run directly in one warm process on the same synthetic site; (round - direct) / 2
-  messages, rounds after the first, with the site worker and the ClientApp fork server (the
-  default), without the fork server (``supernode.fork_clientapp=false``: Flower starts a
-  fresh interpreter per message), with the worker but Flower's
-  fixed 3 s wait after an empty poll (``supernode.idle_poll_s=null``; the default asks again
-  after 0.5 s), with float32 training replies (``update-precision=float32``: the weights
-  instead of their float16 change, twice the bytes back), and without the worker
-  (``supernode.worker=false``: each ClientApp process imports torch and opens the site).
+  messages, steady rounds (not the first, which also installs the app bundle, nor the last),
+  with the site worker and the ClientApp fork server (the default), without the fork server
+  (``supernode.fork_clientapp=false``: Flower starts a fresh interpreter per message), with
+  the worker but Flower's fixed 3 s wait after an empty poll (``supernode.idle_poll_s=null``;
+  the default asks again after 0.5 s), with float32 training replies
+  (``update-precision=float32``: the weights instead of their float16 change, twice the bytes
+  back), with evaluation messages that carry the weights (``evaluate-in-training=false``:
+  each is evaluated on its own), and without the worker (``supernode.worker=false``: each
+  ClientApp process imports torch and opens the site).
   The round time is the server's own measurement (``metrics.jsonl``).
 * breakdown: the pieces a per-message ClientApp process pays without the worker, each timed
   alone (interpreter + Flower import, our ClientApp module, torch and the round code, site
@@ -93,6 +97,9 @@ def payload_bytes(preset: str, raters: int = 7) -> dict[str, float]:
         # download (float32 weights) + upload (their float16 change)
         "bytes_per_round_per_client": shared_bytes + reply_bytes,
         "bytes_per_round_per_client_float32_replies": 2 * shared_bytes,
+        # evaluate-in-training=false, or a site sampled for the evaluation only: the
+        # evaluation message carries the weights too
+        "bytes_per_round_per_client_evaluation_weights": 2 * shared_bytes + reply_bytes,
         "shared_over_full": shared_bytes / full,
         "scaffold_bytes_per_round_per_client": scaffold_bytes,
         "scaffold_over_plain": scaffold_bytes / (shared_bytes + reply_bytes),
@@ -248,21 +255,27 @@ def federated_round_seconds(
         deployment.stop()
 
 
-def _after_first(round_times: list[float]) -> float:
-    """Mean round time without the first round (which also installs the app bundle)."""
-    return statistics.mean(round_times[1:] or round_times)
+def _steady_state(round_times: list[float]) -> float:
+    """Mean round time without the first round (which also installs the app bundle) and,
+    from three rounds on, the last: a round's record is written once its evaluation is in,
+    which with ``evaluate-in-training`` comes after the next round's training, so the first
+    round's time holds two trainings and the last one's none."""
+    steady = round_times[1:-1] if len(round_times) >= 3 else round_times[1:]
+    return statistics.mean(steady or round_times)
 
 
 #: The settings compared, as (site overrides, run-config overrides): the default (site worker,
 #: ClientApp processes forked from the fork server, SuperNode polling every 0.5 s when idle,
-#: float16 training replies), ClientApp processes started by Flower (a fresh interpreter
-#: each), Flower's own 3 s idle wait, float32 replies (the weights themselves), and no site
-#: worker.
+#: float16 training replies, evaluations done by the next round's training message),
+#: ClientApp processes started by Flower (a fresh interpreter each), Flower's own 3 s idle
+#: wait, float32 replies (the weights themselves), evaluation messages that carry the weights
+#: and are evaluated on their own, and no site worker.
 OVERHEAD_VARIANTS: dict[str, tuple[tuple[str, ...], dict[str, object]]] = {
     "worker": ((), {}),
     "worker_no_fork": (("supernode.fork_clientapp=false",), {}),
     "worker_flower_idle_wait": (("supernode.idle_poll_s=null",), {}),
     "worker_float32_replies": ((), {"update-precision": "float32"}),
+    "worker_eval_message_weights": ((), {"evaluate-in-training": False}),
     "no_worker": (("supernode.worker=false",), {}),
 }
 
@@ -271,8 +284,8 @@ def overhead(
     preset: str, cases: int, rounds: int, variants: Sequence[str] = tuple(OVERHEAD_VARIANTS)
 ) -> dict[str, object]:
     """Fixed cost per message = (a federated round - the same work done directly) / 2, a round
-    being two messages (train, evaluate); rounds after the first (which also installs the
-    app bundle), for each of ``variants`` (:data:`OVERHEAD_VARIANTS`; ``worker`` always)."""
+    being two messages (train, evaluate); steady rounds only (:func:`_steady_state`), for each
+    of ``variants`` (:data:`OVERHEAD_VARIANTS`; ``worker`` always)."""
     chosen = ["worker", *(name for name in variants if name != "worker")]
     with tempfile.TemporaryDirectory() as tmp:
         breakdown = message_breakdown(preset, cases, Path(tmp) / "pieces")
@@ -288,7 +301,7 @@ def overhead(
             )
             for name in chosen
         }
-    per_message = {name: (_after_first(times) - direct) / 2 for name, times in round_times.items()}
+    per_message = {name: (_steady_state(times) - direct) / 2 for name, times in round_times.items()}
     return {
         "preset": preset,
         "cases": cases,
@@ -298,6 +311,9 @@ def overhead(
         "overhead_per_message_s_no_fork": per_message.get("worker_no_fork"),
         "overhead_per_message_s_flower_idle_wait": per_message.get("worker_flower_idle_wait"),
         "overhead_per_message_s_float32_replies": per_message.get("worker_float32_replies"),
+        "overhead_per_message_s_eval_message_weights": per_message.get(
+            "worker_eval_message_weights"
+        ),
         "overhead_per_message_s_without_worker": per_message.get("no_worker"),
         "breakdown_without_worker_s": breakdown,
     }
@@ -322,7 +338,7 @@ def secure_aggregation_cost(cases: int, rounds: int) -> dict[str, object]:
             )
             for name in ("plain", "secure")
         }
-    later = {name: _after_first(t) for name, t in times.items()}
+    later = {name: _steady_state(t) for name, t in times.items()}
     return {
         "cases": cases,
         "round_seconds": times,
@@ -368,7 +384,10 @@ def main(argv: list[str] | None = None) -> None:
             f"payload {row['shared_payload_bytes'] / 2**20:.1f} MiB "
             f"({row['shared_over_full']:.3f} of full), per round per client "
             f"{row['bytes_per_round_per_client'] / 2**20:.1f} MiB (float32 replies "
-            f"{row['bytes_per_round_per_client_float32_replies'] / 2**20:.1f} MiB); with SCAFFOLD "
+            f"{row['bytes_per_round_per_client_float32_replies'] / 2**20:.1f} MiB, evaluation "
+            "messages with the weights "
+            f"{row['bytes_per_round_per_client_evaluation_weights'] / 2**20:.1f} MiB); "
+            "with SCAFFOLD "
             f"{row['scaffold_bytes_per_round_per_client'] / 2**20:.1f} MiB "
             f"({row['scaffold_over_plain']:.2f}x)"
         )
@@ -388,8 +407,10 @@ def main(argv: list[str] | None = None) -> None:
                 f"{_seconds(row['overhead_per_message_s_no_fork'])} without the fork server, "
                 f"{_seconds(row['overhead_per_message_s_flower_idle_wait'])} with it at "
                 f"Flower's 3 s idle wait, {_seconds(row['overhead_per_message_s_float32_replies'])}"
-                f" with float32 replies, {_seconds(row['overhead_per_message_s_without_worker'])}"
-                " without it\n"
+                f" with float32 replies, "
+                f"{_seconds(row['overhead_per_message_s_eval_message_weights'])} with evaluation "
+                f"messages that carry the weights, "
+                f"{_seconds(row['overhead_per_message_s_without_worker'])} without the worker\n"
                 f"       without the worker, per message: {pieces} (s)"
             )
     for cases in [] if args.skip_secagg else args.secagg_cases or [args.cases]:

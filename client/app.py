@@ -28,9 +28,10 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from mrprism_core.protocol import CONTROL_KEY, PACKED_KEY
+from mrprism_core.protocol import CONTROL_KEY, KEPT_EVALUATION_KEY, PACKED_KEY
 from mrprism_core.update_codec import encode_update
 
+from .kept_evaluation import kept_evaluation
 from .worker_protocol import SOCKET_NODE_CONFIG, RoundOutcome, WorkerUnavailable, ask_worker
 
 __all__ = ["app", "create_client_app", "node_state_dir"]
@@ -146,8 +147,12 @@ def create_client_app(state_dirs: Sequence[str] | None = None) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         state_dir = state_dir_of(context)
         config = dict(msg.content["config"])
-        packed = msg.content["arrays"][PACKED_KEY].numpy()
-        outcome = _run("evaluate", config, packed, context, state_dir)
+        if config.get(KEPT_EVALUATION_KEY):  # done by the next round's training message
+            evaluated_round = int(config["server-round"])
+            outcome = kept_evaluation(state_dir, context.run_id, evaluated_round)
+        else:
+            packed = msg.content["arrays"][PACKED_KEY].numpy()
+            outcome = _run("evaluate", config, packed, context, state_dir)
         if outcome.error is not None:
             return _error_reply(msg, context, state_dir, outcome.error)
         assert outcome.reply is not None

@@ -9,6 +9,7 @@ worker (``client/worker.py``) runs it in its long-lived one; both get the same
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,15 @@ import torch
 from mrprism_core.checkpoint import CorruptCheckpointError
 from mrprism_core.federated import QUALITY_KEY, SELECT_KEY, StateLayout, split_evaluation
 from mrprism_core.models import SegmentationModel, split_state
-from mrprism_core.protocol import CONTROL_KEY, RoundInstructions, SiteReply
+from mrprism_core.protocol import (
+    CONTROL_KEY,
+    EVALUATED_BEFORE_KEY,
+    KEEP_EVALUATION_KEY,
+    RoundInstructions,
+    SiteReply,
+)
 
+from .kept_evaluation import keep_evaluation
 from .site import SiteRuntime
 from .site_config import SiteDataError
 from .worker_protocol import RoundOutcome
@@ -59,6 +67,22 @@ def _server_control(
             f"{CONTROL_KEY!r} array; is the server up to date?"
         )
     return layout.unpack(torch.from_numpy(np.require(control, requirements=["C", "W"])))
+
+
+def _keep_previous_evaluation(
+    site: SiteRuntime, instructions: RoundInstructions, packed: np.ndarray, run_id: int
+) -> None:
+    """Evaluate the received weights for the previous round's evaluation message (pipelined
+    rounds), before this round's training replaces the rater heads, and keep the outcome."""
+    evaluated_round = instructions.server_round - 1
+    try:
+        kept = _evaluate(site, instructions, packed)  # evaluation reads no per-round field
+    except SITE_FAULTS as err:
+        kept = RoundOutcome(error=str(err))
+    if kept.reply is not None:
+        details = {**kept.reply.details, EVALUATED_BEFORE_KEY: instructions.server_round}
+        kept = RoundOutcome(reply=replace(kept.reply, details=details))
+    keep_evaluation(site.store.root, run_id, evaluated_round, kept)
 
 
 def _train(
@@ -141,12 +165,16 @@ def run_message(
 ) -> RoundOutcome:
     """Run one ``train`` or ``evaluate`` message at the site whose state is in ``state_dir``
     (or on an already open ``site``); ``control``: the server's packed SCAFFOLD control
-    variate. A site fault becomes :attr:`RoundOutcome.error`."""
+    variate. A training message flagged ``keep-evaluation`` first evaluates its weights for
+    the previous round (``client/kept_evaluation.py``). A site fault becomes
+    :attr:`RoundOutcome.error`."""
     try:
         if site is None:
             site = SiteRuntime.from_state_dir(state_dir)  # type: ignore[arg-type]
         instructions = RoundInstructions.from_config(config)
         if kind == "train":
+            if config.get(KEEP_EVALUATION_KEY):
+                _keep_previous_evaluation(site, instructions, packed, run_id)
             return _train(site, instructions, packed, run_id, control)
         if kind == "evaluate":
             return _evaluate(site, instructions, packed)

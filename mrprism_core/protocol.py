@@ -15,13 +15,33 @@ from typing import Any
 
 from .lr_schedule import scheduled_lr
 
-__all__ = ["CONTROL_KEY", "PACKED_KEY", "RoundInstructions", "SiteReply", "coerce"]
+__all__ = [
+    "CONTROL_KEY",
+    "EVALUATED_BEFORE_KEY",
+    "KEEP_EVALUATION_KEY",
+    "KEPT_EVALUATION_KEY",
+    "PACKED_KEY",
+    "RoundInstructions",
+    "SiteReply",
+    "coerce",
+]
 
 #: Name of the one array that carries the shared weights in a message.
 PACKED_KEY = "shared-weights"
 #: With ``drift-correction=scaffold``: the array beside them that carries the server's control
 #: variate (to a site) or the site's new one (in its reply), packed like the weights.
 CONTROL_KEY = "control-variate"
+
+# Pipelined deployment rounds: round r+1's training carries the weights round r's evaluation
+# would, so a site that gets both evaluates them in the training message, before it trains
+# (with round r's rater heads), and round r's evaluation message, sent after it, carries no
+# weights, only the request for that kept result. Per message, so not in RoundInstructions.
+#: Training config flag: evaluate the received weights for the previous round first; keep it.
+KEEP_EVALUATION_KEY = "keep-evaluation"
+#: Evaluation config flag: reply with the evaluation kept by the next round's training message.
+KEPT_EVALUATION_KEY = "kept-evaluation"
+#: The kept evaluation's detail (site record): the round whose training message evaluated.
+EVALUATED_BEFORE_KEY = "evaluated-before-training-round"
 
 
 def _kebab(name: str) -> str:

@@ -80,6 +80,9 @@ class RunConfig:
     initial_checkpoint: str = ""  # start from this checkpoint's shared weights ("" = fresh)
     round_timeout: float = above(3600.0, 0)  # seconds to wait for replies in each phase of a round
     pipeline_rounds: bool = True  # deployment: send round r+1's training with round r's evaluation
+    # pipelined rounds: sites evaluate round r in round r+1's training message, whose weights
+    # are the same; round r's evaluation message then carries none (107 MiB less, paper preset)
+    evaluate_in_training: bool = True
     eval_split: str = "val"  # site split used for the per-round evaluation
     select_split: str = ""  # also score this split each round ("select-soft-dice"); "" = none
     tracking: str = "none"  # none, tensorboard (<out-dir>/tensorboard/) or mlflow: round scalars

@@ -21,12 +21,13 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -50,7 +51,13 @@ from mrprism_core.federated import (
 from mrprism_core.lr_schedule import check_lr_schedule
 from mrprism_core.models import build_model_for_data, split_state
 from mrprism_core.personalization import check_personalization
-from mrprism_core.protocol import CONTROL_KEY, RoundInstructions, SiteReply
+from mrprism_core.protocol import (
+    CONTROL_KEY,
+    KEEP_EVALUATION_KEY,
+    KEPT_EVALUATION_KEY,
+    RoundInstructions,
+    SiteReply,
+)
 from mrprism_core.update_codec import (
     UPDATE_KEY,
     UPDATE_SCALE_KEY,
@@ -66,6 +73,7 @@ from .strategies import restore_server_optimizer_state, server_optimizer_state, 
 __all__ = [
     "GLOBAL_CHECKPOINT",
     "RunFiles",
+    "evaluation_in_training",
     "initial_arrays",
     "log_site_privacy",
     "round_instructions",
@@ -154,12 +162,50 @@ def _collect(
 
 def _pipelines(cfg: RunConfig, grid: Grid) -> bool:
     """Send round r+1's training together with round r's evaluation? Only in deployment: a
-    SuperNode takes its messages one at a time, oldest first, so it evaluates round r before
-    training round r+1, and finds that message waiting instead of sleeping Flower's 3 s. Flower's
-    simulation engine may run two messages for one node at once, so never there."""
+    SuperNode takes its messages one at a time, oldest first, so it finds the second waiting
+    instead of sleeping Flower's 3 s (and with ``evaluate-in-training`` the training, sent
+    first, evaluates for the evaluation, :func:`evaluation_in_training`). Flower's simulation
+    engine may run two messages for one node at once, so never there."""
     from flwr.superlink.grid import InMemoryGrid
 
     return cfg.pipeline_rounds and not isinstance(grid, InMemoryGrid)
+
+
+def _with_config(msg: Message, flag: str, *, weights: bool = True) -> Message:
+    """``msg`` to the same node with ``flag`` set in its config (a copy: a strategy gives all
+    its messages one record), without its arrays when not ``weights``."""
+    content = {name: record for name, record in msg.content.items() if weights or name == "config"}
+    content["config"] = ConfigRecord({**msg.content["config"], flag: True})
+    return Message(
+        content=RecordDict(content),
+        message_type=msg.metadata.message_type,
+        dst_node_id=msg.metadata.dst_node_id,
+    )
+
+
+def evaluation_in_training(
+    training: list[Message], evaluation: list[Message]
+) -> tuple[list[Message], list[Message]]:
+    """Pipelined rounds: round r+1's ``training`` carries the weights round r's
+    ``evaluation`` would. A site that gets both evaluates them in its training message, before
+    it trains (with round r's rater heads), and keeps the result; its evaluation message then
+    carries no weights and asks for that result (``client/kept_evaluation.py``). A site
+    sampled for the evaluation only gets the weights as before. The training must be pushed
+    first: a SuperNode takes its messages oldest first."""
+    trained = {msg.metadata.dst_node_id for msg in training}
+    evaluated = {msg.metadata.dst_node_id for msg in evaluation}
+    return (
+        [
+            _with_config(msg, KEEP_EVALUATION_KEY) if msg.metadata.dst_node_id in evaluated else msg
+            for msg in training
+        ],
+        [
+            _with_config(msg, KEPT_EVALUATION_KEY, weights=False)
+            if msg.metadata.dst_node_id in trained
+            else msg
+            for msg in evaluation
+        ],
+    )
 
 
 def _drop(dropped: list[dict[str, str]], site: str, reason: str) -> None:
@@ -371,6 +417,8 @@ class RunFiles:
         # weight of each site's control variate in it; set by start()
         self.control_ledger = ""
         self.control_weights: dict[str, float] = {}
+        self._writer: ThreadPoolExecutor | None = None  # save_round(behind=True)
+        self._pending: Future[None] | None = None
 
     def start(
         self, cfg: RunConfig, strategy: Strategy | None = None
@@ -407,6 +455,7 @@ class RunFiles:
 
     def write_summary(self, cfg: RunConfig, **fields: Any) -> dict:
         """``summary.json``: the run config, where the checkpoint is, and ``fields``."""
+        self.flush()
         summary = {
             "rounds": cfg.num_server_rounds,
             "run_config": cfg.as_run_config(),
@@ -430,25 +479,47 @@ class RunFiles:
         run_id: int,
         history: list,
         server_optimizer: dict[str, Any] | None = None,
+        *,
+        behind: bool = False,
     ) -> None:
+        """Write the metrics log and the global checkpoint after ``server_round``; with
+        ``behind``, from a background thread (what it writes is taken now), so that the paper
+        preset's 0.6 s of hashing and fsync does not hold up the next round's messages. Each file
+        is still replaced atomically; the next save, :meth:`flush` and :meth:`write_summary`
+        wait for it."""
         # the log first: a crash between the two leaves a log one round ahead, which resume
         # trims back to the checkpoint's round
-        lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in history)
-        atomic_write_bytes(self.metrics, lines.encode())
-        tensors = arrays.to_torch_state_dict()
+        lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in history).encode()
+        tensors = arrays.to_torch_state_dict()  # fresh tensors: nothing else changes them
         payload = {
             "shared_state": layout.unpack(tensors[PACKED_KEY]),
             "round": server_round,
             "run_id": run_id,
             "model_spec": cfg.model_spec(),
             "run_config": cfg.as_run_config(),
-            "server_optimizer": server_optimizer or {},
+            "server_optimizer": server_optimizer or {},  # the strategies replace, not update, it
         }
         if CONTROL_KEY in tensors:  # SCAFFOLD's server control variate, for a resume
             payload["control_variate"] = tensors[CONTROL_KEY]
             payload["control_ledger"] = self.control_ledger
             payload["control_weights"] = dict(self.control_weights)
+        self.flush()
+        if not behind:
+            self._write_round(lines, payload)
+            return
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, "run-files-writer")
+        self._pending = self._writer.submit(self._write_round, lines, payload)
+
+    def _write_round(self, lines: bytes, payload: dict[str, Any]) -> None:
+        atomic_write_bytes(self.metrics, lines)
         save_checkpoint(self.checkpoint, payload)
+
+    def flush(self) -> None:
+        """Wait for a round saved behind; its error (a full disk) is raised here."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
 
 def _global_arrays(cfg: RunConfig, packed: torch.Tensor, control: torch.Tensor) -> ArrayRecord:
@@ -497,7 +568,8 @@ def run_federation(
 ) -> dict:
     """Run (or resume) ``cfg.num_server_rounds`` rounds; returns the summary it writes.
 
-    ``on_round`` receives each round's record once it is saved (progress bars, tests).
+    ``on_round`` receives each round's record once it is complete, its files being written
+    behind it (progress bars, tests).
     """
     files = RunFiles(cfg.out_dir)
     layout, done, arrays, history = files.start(cfg, strategy)
@@ -547,15 +619,23 @@ def run_federation(
                     int(row["skipped-steps"]),
                 )
 
-        evaluation = _push(
-            grid, strategy.configure_evaluate(server_round, _weights_only(arrays), config, grid)
+        to_evaluate = list(
+            strategy.configure_evaluate(server_round, _weights_only(arrays), config, grid)
         )
+        to_train: list[Message] | None = None  # round r+1's, sent now when pipelined
         if pipelined and server_round < cfg.num_server_rounds:
             # the next round starts from the weights just sent for evaluation, so it can go now
             upcoming = ConfigRecord(replace(standing, server_round=server_round + 1).to_config())
-            messages = strategy.configure_train(server_round + 1, arrays, upcoming, grid)
-            next_train = _push(grid, messages)
-        eval_replies, eval_dropped = _collect(grid, evaluation, cfg.round_timeout, sites)
+            to_train = list(strategy.configure_train(server_round + 1, arrays, upcoming, grid))
+        eval_timeout = cfg.round_timeout
+        if to_train is not None and cfg.evaluate_in_training:
+            to_train, to_evaluate = evaluation_in_training(to_train, to_evaluate)
+            next_train = _push(grid, to_train)  # first: a SuperNode takes the oldest first
+            eval_timeout = 2 * cfg.round_timeout  # the evaluations wait behind that training
+        evaluation = _push(grid, to_evaluate)
+        if to_train is not None and next_train is None:  # evaluation r, then training r+1
+            next_train = _push(grid, to_train)
+        eval_replies, eval_dropped = _collect(grid, evaluation, eval_timeout, sites)
         if cfg.aggregation_weight != "examples":
             weigh_by_examples(eval_replies)
         eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
@@ -581,7 +661,14 @@ def run_federation(
         log_site_privacy(record["train_sites"])
         history.append(record)
         files.save_round(
-            cfg, layout, arrays, server_round, run_id, history, server_optimizer_state(strategy)
+            cfg,
+            layout,
+            arrays,
+            server_round,
+            run_id,
+            history,
+            server_optimizer_state(strategy),
+            behind=True,
         )
         log.info("round %d done: %s", server_round, record["evaluate"])
         started = time.time()

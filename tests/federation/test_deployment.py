@@ -9,6 +9,7 @@ import pytest
 
 from mrprism_core.checkpoint import load_checkpoint
 from mrprism_core.models import build_model, split_state
+from mrprism_core.protocol import EVALUATED_BEFORE_KEY
 from mrprism_core.update_codec import UPDATE_KEY, UPDATE_SCALE_KEY
 
 from .deploy import Deployment
@@ -70,4 +71,8 @@ def test_two_rounds_over_superlink_and_three_supernodes(deployment, tmp_path):
             # round 2's training went out with round 1's evaluation (pipeline-rounds), yet
             # every site evaluated with the heads of the round being evaluated
             assert row["heads-from-round"] == record["round"], site
+            # round 1 was evaluated by round 2's training message (evaluate-in-training); the
+            # last round, with no training after it, by its own evaluation message
+            evaluated_by = row.get(EVALUATED_BEFORE_KEY)
+            assert evaluated_by == (record["round"] + 1 if record["round"] < 2 else None), site
     assert json.loads((out_dir / "summary.json").read_text())["rounds"] == 2

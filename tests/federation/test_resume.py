@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from mrprism_core.checkpoint import load_checkpoint
@@ -68,3 +69,27 @@ def test_a_resumed_scaffold_run_sends_the_control_variate_it_saved(tmp_path, mak
     # the same ledger, so that the sites' control variates still count as held in it
     assert files.control_ledger == checkpoint["control_ledger"] != ""
     assert files.control_weights == {"synthetic_a": 4.0, "synthetic_b": 4.0}
+
+
+def test_a_round_saved_behind_reaches_disk_and_a_failed_write_is_not_lost(tmp_path):
+    from mrprism_core.federated import PACKED_KEY
+    from server.config import RunConfig
+    from server.federation import RunFiles
+
+    cfg = RunConfig(out_dir=str(tmp_path / "run"), num_raters=2)
+    files = RunFiles(cfg.out_dir)
+    layout, _, arrays, _ = files.start(cfg)
+    files.save_round(cfg, layout, arrays, 1, 7, [{"round": 1}], behind=True)
+    files.write_summary(cfg)  # waits for the round's files
+    saved = load_checkpoint(files.checkpoint)
+    assert saved["round"] == 1 and saved["run_id"] == 7
+    sent = layout.unpack(arrays.to_torch_state_dict()[PACKED_KEY])
+    assert all(torch.equal(saved["shared_state"][k], v) for k, v in sent.items())
+    assert files.history() == [{"round": 1}]
+
+    # a write that fails in the background (the run folder is a file) fails the next wait
+    (tmp_path / "blocked").write_text("not a folder")
+    blocked = RunFiles(tmp_path / "blocked")
+    blocked.save_round(cfg, layout, arrays, 1, 7, [{"round": 1}], behind=True)
+    with pytest.raises(OSError):
+        blocked.flush()
