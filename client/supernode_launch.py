@@ -6,11 +6,14 @@ Flower 1.41's SuperNode asks the SuperLink for a message and, when none is waiti
 fixed 3 s before asking again (``time.sleep(3)`` in ``flwr/supernode/start_client_internal.py``;
 no option or environment variable sets it). It asks right after sending each reply, usually
 before the server has aggregated and sent the next message, so each round's messages waited up
-to 3 s for nothing. This module runs the same ``flower-supernode`` entry point in this process
-after pointing that one wait (and only that one) at ``--idle-poll-s``; every other option goes
-to Flower unchanged. When the installed Flower no longer has that wait (its source changed),
-the SuperNode runs unchanged and a notice says so. An idle SuperNode then asks ``1 / S`` times a
-second instead of a third: one small gRPC call each, negligible for a few hospitals.
+to 3 s for nothing; and while its ClientApp works it looks for the reply every 0.5 s, so each
+reply waited up to 0.5 s more. This module runs the same ``flower-supernode`` entry point in
+this process after pointing those waits (and only those) at shorter ones
+(:class:`ShortIdleWait`: ``--idle-poll-s``, less right after a message); every other option
+goes to Flower unchanged. When the installed Flower no longer has those waits (its source
+changed), the SuperNode runs unchanged and a notice says so. An idle SuperNode then asks
+``1 / S`` times a second instead of a third: one small request each, negligible for a few
+hospitals.
 
 Its heartbeat is Flower's fixed 30 s too (``HEARTBEAT_DEFAULT_INTERVAL``, no option), and the
 SuperLink takes a SuperNode for gone after two intervals without one: a site that lost power
@@ -35,9 +38,12 @@ from mrprism_core.cli_types import positive_float
 __all__ = [
     "DEFAULT_HEARTBEAT_S",
     "DEFAULT_IDLE_POLL_S",
+    "FIRST_IDLE_POLL_S",
     "FLOWER_HEARTBEAT_S",
     "FLOWER_IDLE_WAIT_S",
+    "FLOWER_REPLY_WAIT_S",
     "HEARTBEAT_RANGE_S",
+    "REPLY_POLL_S",
     "ShortIdleWait",
     "main",
     "pin_app",
@@ -49,6 +55,13 @@ __all__ = [
 FLOWER_IDLE_WAIT_S = 3
 #: Ours (``supernode.idle_poll_s``): a message waits at most this long to be picked up.
 DEFAULT_IDLE_POLL_S = 0.5
+#: Right after a message the SuperNode asks for the next one after this, doubling up to
+#: ``idle_poll_s`` (the next SecAgg+ stage, or round, may be on its way).
+FIRST_IDLE_POLL_S = 0.05
+#: Flower 1.41's SuperNode looks for its ClientApp's reply (and a reply's objects) every 0.5 s.
+FLOWER_REPLY_WAIT_S = 0.5
+#: Ours: a reply is sent at most this long after the ClientApp stored it.
+REPLY_POLL_S = 0.05
 #: Flower 1.41's SuperNode heartbeat interval (seconds); gone after two without a heartbeat.
 FLOWER_HEARTBEAT_S = 30
 #: Ours (``supernode.heartbeat_s``): a site that crashed is seen gone after about 20 s, not 60 s.
@@ -58,30 +71,55 @@ HEARTBEAT_RANGE_S = (10.0, 1800.0)
 
 
 class ShortIdleWait:
-    """The ``time`` module as the SuperNode's loop sees it, with its idle wait shortened.
+    """The ``time`` module as the SuperNode's loop sees it, with its polling waits shortened.
 
-    Only ``sleep(FLOWER_IDLE_WAIT_S)`` changes; every other call (its 0.5 s waits for a reply
-    and for an object, ``time.time``, ...) goes to :mod:`time` as before."""
+    - ``sleep(FLOWER_IDLE_WAIT_S)``, after a poll that found no message, waits
+      ``idle_poll_s``; right after a message it waits only :data:`FIRST_IDLE_POLL_S`,
+      doubling from poll to poll up to ``idle_poll_s``: a SecAgg+ stage's next message comes
+      a fraction of a second after the reply, while an idle SuperNode still asks at its usual
+      pace (a few more small requests per message);
+    - ``sleep(FLOWER_REPLY_WAIT_S)``, the loop's wait while its ClientApp works on a message
+      (it looks for the reply, and for a reply's object, in its own memory), waits
+      :data:`REPLY_POLL_S`: every reply otherwise sat up to 0.5 s before it was sent.
+
+    With ``idle_poll_s`` at Flower's own wait or above, every wait stays Flower's. Every other
+    call (``time.time``, ...) goes to :mod:`time` as before."""
 
     def __init__(self, idle_poll_s: float) -> None:
         if not idle_poll_s > 0:
             raise ValueError(f"idle_poll_s must be > 0 seconds, got {idle_poll_s!r}")
         self.idle_poll_s = float(idle_poll_s)
+        self.prompt = self.idle_poll_s < FLOWER_IDLE_WAIT_S
+        self._next_idle = self.idle_poll_s  # no message yet: the idle pace
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(self.idle_poll_s if seconds == FLOWER_IDLE_WAIT_S else seconds)
+        if seconds == FLOWER_IDLE_WAIT_S:
+            wait = self._next_idle
+            self._next_idle = min(2 * wait, self.idle_poll_s)
+        elif seconds == FLOWER_REPLY_WAIT_S and self.prompt:
+            wait = REPLY_POLL_S
+            self._next_idle = min(FIRST_IDLE_POLL_S, self.idle_poll_s)  # a message in hand
+        else:
+            wait = seconds
+        time.sleep(wait)
 
     def __getattr__(self, name: str) -> object:
         return getattr(time, name)
 
 
 def shorten_idle_wait(idle_poll_s: float) -> bool:
-    """Point the SuperNode loop's idle wait at ``idle_poll_s``; False (nothing changed) when
-    the installed Flower's loop is not the one this was written for."""
+    """Point the SuperNode loop's polling waits at :class:`ShortIdleWait`; False (nothing
+    changed) when the installed Flower's loop is not the one this was written for."""
     from flwr.supernode import start_client_internal as loop
 
-    waits = inspect.getsource(loop).count(f"time.sleep({FLOWER_IDLE_WAIT_S})")
-    if waits != 1 or not isinstance(getattr(loop, "time", None), types.ModuleType):
+    source = inspect.getsource(loop)
+    waits = source.count(f"time.sleep({FLOWER_IDLE_WAIT_S})")
+    reply_waits = source.count(f"time.sleep({FLOWER_REPLY_WAIT_S})")
+    if (
+        waits != 1
+        or reply_waits != 2
+        or not isinstance(getattr(loop, "time", None), types.ModuleType)
+    ):
         return False
     loop.time = ShortIdleWait(idle_poll_s)  # type: ignore[assignment]
     return True

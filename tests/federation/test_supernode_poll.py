@@ -13,9 +13,12 @@ from client.__main__ import SITE_CODE_ROOT, supernode_command
 from client.site_config import SiteDataError
 from client.supernode_launch import (
     DEFAULT_HEARTBEAT_S,
+    FIRST_IDLE_POLL_S,
     FLOWER_HEARTBEAT_S,
     FLOWER_IDLE_WAIT_S,
+    FLOWER_REPLY_WAIT_S,
     HEARTBEAT_RANGE_S,
+    REPLY_POLL_S,
     ShortIdleWait,
     set_heartbeat,
     shorten_idle_wait,
@@ -29,16 +32,34 @@ def _config(**supernode: object) -> dict:
     return {"site": "x", "superlink": "127.0.0.1:9092", "supernode": node}
 
 
-def test_only_flowers_idle_wait_is_shortened(monkeypatch):
+def test_only_flowers_polling_waits_are_shortened(monkeypatch):
     slept: list[float] = []
     monkeypatch.setattr(time, "sleep", slept.append)
     shim = ShortIdleWait(0.2)
-    shim.sleep(FLOWER_IDLE_WAIT_S)  # the idle wait
-    shim.sleep(0.5)  # Flower's wait for a reply or an object: unchanged
-    assert slept == [0.2, 0.5]
+    shim.sleep(FLOWER_IDLE_WAIT_S)  # idle from the start: the idle pace
+    shim.sleep(FLOWER_IDLE_WAIT_S)
+    shim.sleep(1.0)  # any other wait: unchanged
+    assert slept == [0.2, 0.2, 1.0]
     assert shim.time is time.time and shim.monotonic is time.monotonic
     with pytest.raises(ValueError, match="idle_poll_s"):
         ShortIdleWait(0)
+
+
+def test_after_a_message_the_supernode_asks_sooner_then_settles_at_the_idle_pace(monkeypatch):
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    shim = ShortIdleWait(0.5)
+    shim.sleep(FLOWER_REPLY_WAIT_S)  # its ClientApp works on a message: look for the reply
+    shim.sleep(FLOWER_REPLY_WAIT_S)
+    for _ in range(6):  # the reply went out; no message waits yet
+        shim.sleep(FLOWER_IDLE_WAIT_S)
+    assert slept == [REPLY_POLL_S, REPLY_POLL_S, FIRST_IDLE_POLL_S, 0.1, 0.2, 0.4, 0.5, 0.5]
+    # at Flower's own idle wait, every wait is Flower's
+    slept.clear()
+    stock = ShortIdleWait(FLOWER_IDLE_WAIT_S)
+    for seconds in (FLOWER_REPLY_WAIT_S, FLOWER_IDLE_WAIT_S, FLOWER_IDLE_WAIT_S):
+        stock.sleep(seconds)
+    assert slept == [FLOWER_REPLY_WAIT_S, FLOWER_IDLE_WAIT_S, FLOWER_IDLE_WAIT_S]
 
 
 def test_the_installed_flower_has_the_wait_this_shortens(monkeypatch):
