@@ -105,7 +105,8 @@ def run_secure_federation(
         }
         log_site_privacy(sites)
         history.append(record)
-        files.save_round(cfg, layout, new, server_round, context.run_id, history)
+        # written behind, as in the plain loop; _summary's write_summary waits for it
+        files.save_round(cfg, layout, new, server_round, context.run_id, history, behind=True)
         log.info("round %d done under SecAgg+ (%d sites)", server_round, len(sites))
         if on_round is not None:
             on_round(record)
