@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
-from mrprism_core.protocol import SiteReply
-
-from .worker_protocol import RoundOutcome
+from .worker_protocol import RoundOutcome, outcome_from_record, outcome_record
 
 __all__ = ["KEPT_EVALUATION_FILE", "keep_evaluation", "kept_evaluation"]
 
@@ -34,10 +31,7 @@ def keep_evaluation(
     evaluation message then answers with it)."""
     from mrprism_core.checkpoint import atomic_write_json  # torch: the writer's side only
 
-    record: dict[str, Any] = {"run_id": run_id, "round": evaluated_round, "error": outcome.error}
-    if outcome.reply is not None:
-        record["metrics"] = outcome.reply.to_metrics()
-        record["site"] = outcome.reply.to_site()
+    record = {"run_id": run_id, "round": evaluated_round, **outcome_record(outcome)}
     return atomic_write_json(Path(state_dir) / KEPT_EVALUATION_FILE, record)
 
 
@@ -58,9 +52,10 @@ def kept_evaluation(state_dir: str | Path, run_id: int, evaluated_round: int) ->
         return RoundOutcome(error=f"{path} cannot be read: {err}")
     if record.get("run_id") != run_id or record.get("round") != evaluated_round:
         return RoundOutcome(error=f"{missing} (it holds round {record.get('round')})")
-    if record.get("error") is not None:
-        return RoundOutcome(error=str(record["error"]))
     try:
-        return RoundOutcome(reply=SiteReply.from_records(record["metrics"], record["site"]))
+        kept = outcome_from_record(record)
     except (KeyError, TypeError, ValueError) as err:
         return RoundOutcome(error=f"{path} is not a kept evaluation: {err}")
+    if kept.error is None and kept.reply is None:
+        return RoundOutcome(error=f"{path} is not a kept evaluation: it holds no reply")
+    return kept

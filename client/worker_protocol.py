@@ -34,6 +34,8 @@ __all__ = [
     "RoundOutcome",
     "WorkerUnavailable",
     "ask_worker",
+    "outcome_from_record",
+    "outcome_record",
     "read_key",
     "receive_outcome",
     "receive_request",
@@ -138,25 +140,38 @@ def receive_request(
     )
 
 
-def send_outcome(conn: Connection, outcome: RoundOutcome) -> None:
-    header: dict[str, Any] = {"error": outcome.error}
+def outcome_record(outcome: RoundOutcome) -> dict[str, Any]:
+    """An outcome's error and reply as JSON-ready values (its arrays travel apart)."""
+    record: dict[str, Any] = {"error": outcome.error}
     if outcome.reply is not None:
-        header["metrics"] = outcome.reply.to_metrics()
-        header["site"] = outcome.reply.to_site()
-    _send_arrays(conn, header, {"shared": outcome.shared, "control": outcome.control})
+        record["metrics"] = outcome.reply.to_metrics()
+        record["site"] = outcome.reply.to_site()
+    return record
 
 
-def receive_outcome(conn: Connection) -> RoundOutcome:
-    header, arrays = _receive_arrays(conn)
+def outcome_from_record(
+    record: dict[str, Any], arrays: dict[str, np.ndarray] | None = None
+) -> RoundOutcome:
+    """Read :func:`outcome_record`'s output back, with the outcome's ``arrays`` if any."""
+    arrays = arrays or {}
     reply = None
-    if "metrics" in header:
-        reply = SiteReply.from_records(header["metrics"], header["site"])
+    if "metrics" in record:
+        reply = SiteReply.from_records(record["metrics"], record["site"])
     return RoundOutcome(
         shared=arrays.get("shared"),
         reply=reply,
-        error=header.get("error"),
+        error=record.get("error"),
         control=arrays.get("control"),
     )
+
+
+def send_outcome(conn: Connection, outcome: RoundOutcome) -> None:
+    arrays = {"shared": outcome.shared, "control": outcome.control}
+    _send_arrays(conn, outcome_record(outcome), arrays)
+
+
+def receive_outcome(conn: Connection) -> RoundOutcome:
+    return outcome_from_record(*_receive_arrays(conn))
 
 
 def _connect(socket_path: str | Path, state_dir: str | Path, start_wait_s: float) -> Connection:
