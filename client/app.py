@@ -28,8 +28,12 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from mrprism_core.protocol import CONTROL_KEY, KEPT_EVALUATION_KEY, PACKED_KEY
-from mrprism_core.update_codec import encode_update
+from mrprism_core.protocol import (
+    CLIPPING_NORM_KEY,
+    CONTROL_KEY,
+    KEPT_EVALUATION_KEY,
+    PACKED_KEY,
+)
 
 from .kept_evaluation import kept_evaluation
 from .worker_protocol import SOCKET_NODE_CONFIG, RoundOutcome, WorkerUnavailable, ask_worker
@@ -66,19 +70,6 @@ def _run(
     )
 
 
-def _trained_weights(
-    trained: np.ndarray, received: np.ndarray, config: dict[str, Any]
-) -> dict[str, Array]:
-    """The training reply's weights: their float16 change when the server asks for it
-    (``update-precision``; half the bytes on every hop back to the server), else the float32
-    weights, as always under client-side DP clipping, which reads the weights themselves."""
-    if config.get("update-precision") == "float16" and "clipping_norm" not in config:
-        encoded = encode_update(trained, received)
-        if encoded is not None:
-            return {name: Array(array) for name, array in encoded.items()}
-    return {PACKED_KEY: Array(trained)}
-
-
 def _error_reply(msg: Message, context: Context, state_dir: Path, error: str) -> Message:
     """A site that cannot take part says why; the server leaves it out, the round goes on."""
     site = context.node_config.get("site") or state_dir.name
@@ -102,7 +93,7 @@ def _update_clipping_when_asked(msg: Message, context: Context, call_next: Any) 
     sends a clipping norm."""
     from flwr.clientapp.mod import fixedclipping_mod
 
-    if "clipping_norm" in msg.content.config_records.get("config", {}):
+    if CLIPPING_NORM_KEY in msg.content.config_records.get("config", {}):
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)
 
@@ -131,7 +122,8 @@ def create_client_app(state_dirs: Sequence[str] | None = None) -> ClientApp:
         if outcome.error is not None:
             return _error_reply(msg, context, state_dir, outcome.error)
         assert outcome.reply is not None and outcome.shared is not None
-        sent = _trained_weights(outcome.shared, packed, config)
+        # the float32 weights or their float16 change (update-precision), as the site chose
+        sent = {name: Array(array) for name, array in outcome.shared.items()}
         if outcome.control is not None:  # SCAFFOLD: the change of the site's control variate
             sent[CONTROL_KEY] = Array(outcome.control)
         content = RecordDict(
@@ -179,7 +171,8 @@ def _legacy_train(msg: Message, context: Context, state_dir: Path) -> Message:
     packed, *control = parameters_to_ndarrays(instruction.parameters)
     outcome = _run(
         "train",
-        dict(instruction.config),
+        # SecAgg+ masks and sums the weights themselves, so never their encoded change
+        {**instruction.config, "update-precision": "float32"},
         packed,
         context,
         state_dir,
@@ -189,7 +182,8 @@ def _legacy_train(msg: Message, context: Context, state_dir: Path) -> Message:
         return _error_reply(msg, context, state_dir, outcome.error)
     assert outcome.reply is not None and outcome.shared is not None
     # the change of the site's control variate is masked and summed with the weights
-    sent = [outcome.shared] if outcome.control is None else [outcome.shared, outcome.control]
+    weights = outcome.shared[PACKED_KEY]
+    sent = [weights] if outcome.control is None else [weights, outcome.control]
     result = FitRes(
         status=Status(Code.OK, ""),
         parameters=ndarrays_to_parameters(sent),

@@ -20,12 +20,15 @@ from mrprism_core.checkpoint import CorruptCheckpointError
 from mrprism_core.federated import QUALITY_KEY, SELECT_KEY, StateLayout, split_evaluation
 from mrprism_core.models import SegmentationModel, split_state
 from mrprism_core.protocol import (
+    CLIPPING_NORM_KEY,
     CONTROL_KEY,
     EVALUATED_BEFORE_KEY,
     KEEP_EVALUATION_KEY,
+    PACKED_KEY,
     RoundInstructions,
     SiteReply,
 )
+from mrprism_core.update_codec import encode_update
 
 from .kept_evaluation import keep_evaluation
 from .site import SiteRuntime
@@ -70,29 +73,68 @@ def _server_control(
 
 
 def _keep_previous_evaluation(
-    site: SiteRuntime, instructions: RoundInstructions, packed: np.ndarray, run_id: int
+    site: SiteRuntime, instructions: RoundInstructions, run_id: int, kept: RoundOutcome
 ) -> None:
-    """Evaluate the received weights for the previous round's evaluation message (pipelined
-    rounds), before this round's training replaces the rater heads, and keep the outcome."""
-    evaluated_round = instructions.server_round - 1
-    try:
-        kept = _evaluate(site, instructions, packed)  # evaluation reads no per-round field
-    except SITE_FAULTS as err:
-        kept = RoundOutcome(error=str(err))
+    """Keep ``kept``, the evaluation of this training message's weights, for the previous
+    round's evaluation message (pipelined rounds), marked with the round that evaluated."""
     if kept.reply is not None:
         details = {**kept.reply.details, EVALUATED_BEFORE_KEY: instructions.server_round}
         kept = RoundOutcome(reply=replace(kept.reply, details=details))
-    keep_evaluation(site.store.root, run_id, evaluated_round, kept)
+    keep_evaluation(site.store.root, run_id, instructions.server_round - 1, kept)
+
+
+def _train_message(
+    site: SiteRuntime,
+    instructions: RoundInstructions,
+    packed: np.ndarray,
+    run_id: int,
+    control: np.ndarray | None,
+    config: Mapping[str, Any],
+) -> RoundOutcome:
+    """A training round; with ``keep_evaluation`` the received weights are first evaluated,
+    before training replaces the rater heads, on the same model (evaluation leaves it as it
+    was: eval mode, no gradients; training reseeds and sets train mode)."""
+    keep_evaluation = bool(config.get(KEEP_EVALUATION_KEY))
+    try:
+        model, layout = _site_model(site, instructions, packed)
+    except SITE_FAULTS as err:
+        if keep_evaluation:
+            _keep_previous_evaluation(site, instructions, run_id, RoundOutcome(error=str(err)))
+        raise
+    if keep_evaluation:
+        try:
+            kept = _evaluate(site, instructions, model)  # reads no per-round field
+        except SITE_FAULTS as err:
+            kept = RoundOutcome(error=str(err))
+        _keep_previous_evaluation(site, instructions, run_id, kept)
+    clipped = CLIPPING_NORM_KEY in config  # Flower's fixedclipping_mod runs on this reply
+    return _train(site, instructions, model, layout, packed, run_id, control, clipped)
+
+
+def _sent_weights(
+    trained: np.ndarray, received: np.ndarray, instructions: RoundInstructions, clipped: bool
+) -> dict[str, np.ndarray]:
+    """The training reply's weight arrays: their float16 change when the server asks for it
+    (``update-precision``; half the bytes on every hop back to the server), else the float32
+    weights, as always under Flower's client-side DP clipping (``clipped``), which reads the
+    weights themselves."""
+    if instructions.update_precision == "float16" and not clipped:
+        encoded = encode_update(trained, received)
+        if encoded is not None:
+            return encoded
+    return {PACKED_KEY: trained}
 
 
 def _train(
     site: SiteRuntime,
     instructions: RoundInstructions,
+    model: SegmentationModel,
+    layout: StateLayout,
     packed: np.ndarray,
     run_id: int,
     control: np.ndarray | None = None,
+    clipped: bool = False,
 ) -> RoundOutcome:
-    model, layout = _site_model(site, instructions, packed)
     server_control = _server_control(instructions, layout, control)
     heads_from = site.heads_round  # before this round's save replaces the snapshot
     server_round = instructions.server_round
@@ -125,7 +167,8 @@ def _train(
         num_examples=int(result["num_examples"]),
         metrics=metrics,
     )
-    shared = layout.pack(split_state(model)[0]).numpy()  # rater heads stay here
+    trained = layout.pack(split_state(model)[0]).numpy()  # rater heads stay here
+    shared = _sent_weights(trained, packed, instructions, clipped)
     control = None
     if server_control is not None:  # the shared buffers (no gradient) get zeros
         control = layout.pack_padded(result["control_change"]).numpy()
@@ -133,9 +176,9 @@ def _train(
 
 
 def _evaluate(
-    site: SiteRuntime, instructions: RoundInstructions, packed: np.ndarray
+    site: SiteRuntime, instructions: RoundInstructions, model: SegmentationModel
 ) -> RoundOutcome:
-    model, _ = _site_model(site, instructions, packed)
+    """An evaluation reply for ``model`` (the received weights with the site's heads)."""
     model = site.evaluated_model(model, instructions.personalization)
     result = site.evaluate(model, instructions.eval_split)
     scalars, details = split_evaluation(result)
@@ -173,11 +216,9 @@ def run_message(
             site = SiteRuntime.from_state_dir(state_dir)  # type: ignore[arg-type]
         instructions = RoundInstructions.from_config(config)
         if kind == "train":
-            if config.get(KEEP_EVALUATION_KEY):
-                _keep_previous_evaluation(site, instructions, packed, run_id)
-            return _train(site, instructions, packed, run_id, control)
+            return _train_message(site, instructions, packed, run_id, control, config)
         if kind == "evaluate":
-            return _evaluate(site, instructions, packed)
+            return _evaluate(site, instructions, _site_model(site, instructions, packed)[0])
         raise ValueError(f"unknown message kind {kind!r}")
     except SITE_FAULTS as err:
         return RoundOutcome(error=str(err))

@@ -53,6 +53,8 @@ KEY_FILE = "worker.key"
 #: restarts a dead one after 2 s; torch and the data then take a few seconds to load) before
 #: the site sits the round out with an error reply.
 WORKER_START_WAIT_S = 30.0
+#: The control variate's name among the arrays either way (no shared weight array is named so).
+_CONTROL = "control"
 #: Seconds between tries to reach a worker that is starting.
 _CONNECT_RETRY_S = 0.2
 
@@ -63,12 +65,13 @@ class WorkerUnavailable(RuntimeError):
 
 @dataclass
 class RoundOutcome:
-    """What one message produced at a site: the packed shared weights to send (training
-    only; with ``drift-correction=scaffold`` also the change of the site's control variate,
-    packed the same way) and the reply; or, when the site cannot take part, only ``error``
-    (the reason)."""
+    """What one message produced at a site: the arrays that send its shared weights, by name
+    (training only: the packed float32 weights, or their encoded float16 change,
+    ``mrprism_core.update_codec``; with ``drift-correction=scaffold`` also the change of the
+    site's control variate, packed like the weights) and the reply; or, when the site cannot
+    take part, only ``error`` (the reason)."""
 
-    shared: np.ndarray | None = None
+    shared: dict[str, np.ndarray] | None = None
     reply: SiteReply | None = None
     error: str | None = None
     control: np.ndarray | None = None
@@ -121,7 +124,7 @@ def send_request(
     control: np.ndarray | None = None,
 ) -> None:
     header = {"kind": kind, "config": config, "run_id": run_id}
-    _send_arrays(conn, header, {"shared": packed, "control": control})
+    _send_arrays(conn, header, {"shared": packed, _CONTROL: control})
 
 
 def receive_request(
@@ -136,7 +139,7 @@ def receive_request(
         dict(header["config"]),
         arrays["shared"],
         int(header["run_id"]),
-        arrays.get("control"),
+        arrays.get(_CONTROL),
     )
 
 
@@ -153,20 +156,18 @@ def outcome_from_record(
     record: dict[str, Any], arrays: dict[str, np.ndarray] | None = None
 ) -> RoundOutcome:
     """Read :func:`outcome_record`'s output back, with the outcome's ``arrays`` if any."""
-    arrays = arrays or {}
+    shared = dict(arrays or {})
+    control = shared.pop(_CONTROL, None)
     reply = None
     if "metrics" in record:
         reply = SiteReply.from_records(record["metrics"], record["site"])
     return RoundOutcome(
-        shared=arrays.get("shared"),
-        reply=reply,
-        error=record.get("error"),
-        control=arrays.get("control"),
+        shared=shared or None, reply=reply, error=record.get("error"), control=control
     )
 
 
 def send_outcome(conn: Connection, outcome: RoundOutcome) -> None:
-    arrays = {"shared": outcome.shared, "control": outcome.control}
+    arrays = {**(outcome.shared or {}), _CONTROL: outcome.control}
     _send_arrays(conn, outcome_record(outcome), arrays)
 
 

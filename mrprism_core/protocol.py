@@ -16,6 +16,7 @@ from typing import Any
 from .lr_schedule import scheduled_lr
 
 __all__ = [
+    "CLIPPING_NORM_KEY",
     "CONTROL_KEY",
     "EVALUATED_BEFORE_KEY",
     "KEEP_EVALUATION_KEY",
@@ -38,6 +39,9 @@ CONTROL_KEY = "control-variate"
 # weights, only the request for that kept result. Per message, so not in RoundInstructions.
 #: Training config flag: evaluate the received weights for the previous round first; keep it.
 KEEP_EVALUATION_KEY = "keep-evaluation"
+#: The config key of Flower's client-side DP clipping (``fixedclipping_mod``): its training
+#: replies carry the weights themselves, which the mod clips (never their float16 change).
+CLIPPING_NORM_KEY = "clipping_norm"
 #: Evaluation config flag: reply with the evaluation kept by the next round's training message.
 KEPT_EVALUATION_KEY = "kept-evaluation"
 #: The kept evaluation's detail (site record): the round whose training message evaluated.

@@ -10,11 +10,15 @@ down to 2**-29 of the largest keeps float16's full relative precision (2**-11), 
 exact both ways, and nothing overflows. The server adds the change back to the float32 weights
 it sent, so the aggregate and the global model stay float32.
 
-Pure numpy: the torch-free ClientApp encodes, the server decodes.
+Numpy in and out: the site's round code encodes (``client/rounds.py``, in the site worker or
+the ClientApp), the server decodes. Where torch is already loaded, its float16 cast does the
+rounding: the same round-to-nearest-even as numpy's, several times faster (0.04 s against
+0.2 s for the paper preset's 28 M weights).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 
 import numpy as np
@@ -66,9 +70,18 @@ def encode_update(trained: np.ndarray, received: np.ndarray) -> dict[str, np.nda
         return None
     change *= np.float32(2.0**exponent)  # a power of two: exact
     return {
-        UPDATE_KEY: change.astype(np.float16),
+        UPDATE_KEY: _to_float16(change),
         UPDATE_SCALE_KEY: np.array([exponent], dtype=np.int32),
     }
+
+
+def _to_float16(values: np.ndarray) -> np.ndarray:
+    """``values`` (float32) rounded to float16: by torch when this process has loaded it (no
+    import here: the server and a torch-free process use numpy's identical, slower cast)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return values.astype(np.float16)
+    return torch.from_numpy(np.ascontiguousarray(values)).to(torch.float16).numpy()
 
 
 def is_encoded(arrays: Mapping[str, object]) -> bool:

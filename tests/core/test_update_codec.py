@@ -92,3 +92,21 @@ def test_the_precision_is_checked_by_name():
     assert check_update_precision("float16", "x") == "float16"
     with pytest.raises(ValueError, match="x=int8: unknown update precision; choose from float16"):
         check_update_precision("int8", "x")
+
+
+def test_torchs_float16_cast_rounds_exactly_as_numpys():
+    # the site encodes with torch's cast when torch is loaded, a torch-free process with
+    # numpy's: both must give the server the same bits, ties and subnormals included
+    import torch  # noqa: F401 - loaded: _to_float16 takes torch's cast
+
+    from mrprism_core import update_codec
+
+    halves = np.arange(0, 2**15, dtype=np.uint16).view(np.float16)  # every non-negative one
+    halves = halves[np.isfinite(halves)].astype(np.float32)
+    ties = (halves[:-1] + halves[1:]) / 2  # exactly between two float16 values (float32 holds it)
+    rng = np.random.default_rng(3)
+    values = np.concatenate([halves, ties, rng.normal(0, 3e4, 50_000).astype(np.float32)])
+    values = np.concatenate([values, -values])
+    fast = update_codec._to_float16(values)
+    assert fast.dtype == np.float16
+    assert np.array_equal(fast.view(np.uint16), values.astype(np.float16).view(np.uint16))

@@ -57,6 +57,25 @@ def test_reply_holds_only_shared_weights_whatever_the_rater_count(model, make_si
     assert sizes["synthetic_a"] == sizes["synthetic_c"]
 
 
+@pytest.mark.parametrize(
+    "setting", [{"update-precision": "float32"}, {"clipping_norm": 1e9}], ids=["float32", "clip"]
+)
+def test_float32_or_flowers_clipping_gets_the_trained_weights_themselves(
+    setting, make_site, task_identity
+):
+    # asked for float32, or under Flower's client-side clipping (which clips the weights it
+    # finds in the reply; a norm of 1e9 leaves them as they are), the site sends its weights
+    state_dir = make_site("synthetic_a")
+    message, layout = train_message()
+    message.content["config"].update(setting)
+    reply = create_client_app()(message, node_context(state_dir))
+    assert not reply.has_error(), reply.error
+    assert list(reply.content["arrays"]) == [PACKED_KEY]
+    sent = reply.content["arrays"][PACKED_KEY].numpy()
+    trained = layout.pack(load_checkpoint(f"{state_dir}/site_model.pt")["shared_state"]).numpy()
+    assert sent.dtype == np.float32 and np.allclose(sent, trained, rtol=0, atol=1e-6)
+
+
 def test_a_site_with_the_wrong_channel_count_answers_with_a_clear_error(make_site, task_identity):
     # the server logs this reason and leaves the site out; the round goes on without it
     state_dir = make_site("synthetic_a", "data.style.channels=1")

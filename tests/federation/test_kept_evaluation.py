@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
@@ -83,7 +84,8 @@ def test_the_kept_evaluation_is_the_one_the_weights_would_have_got_before_traini
     assert not own.has_error(), own.error
 
     [training], [by_reference] = evaluation_in_training([second], [evaluation])
-    assert not app(training, context).has_error()
+    trained = app(training, context)
+    assert not trained.has_error(), trained.error
     kept = app(by_reference, context)
     assert not kept.has_error(), kept.error
 
@@ -94,6 +96,16 @@ def test_the_kept_evaluation_is_the_one_the_weights_would_have_got_before_traini
     after = app(_evaluation_of(second, 2), context)
     assert dict(after.content["metrics"]) != dict(own.content["metrics"])
     assert after.content["site"]["heads-from-round"] == 2
+
+    # the evaluation shared the training's model and left it as it was: the copy, trained
+    # from the same state without evaluating first, sends the very same update
+    unflagged = app(second, node_context(str(copy)))
+    assert not unflagged.has_error(), unflagged.error
+    assert dict(trained.content["metrics"]) == dict(unflagged.content["metrics"])
+    ours, theirs = trained.content["arrays"], unflagged.content["arrays"]
+    assert list(ours) == list(theirs)
+    for name in ours:
+        assert np.array_equal(ours[name].numpy(), theirs[name].numpy()), name
 
 
 def test_a_kept_evaluation_of_another_round_or_run_or_none_is_an_error_reply(
