@@ -3,10 +3,12 @@
 ``python -m benchmarks.federation [--presets tiny paper] [--cases 16] [--rounds 3]
 [--variants worker ...] [--secagg-cases 16 64 128] [--skip-overhead] [--skip-secagg]``
 
-* bytes: per client and round the site downloads the packed shared weights and uploads
-  their float16 change (float32 weights with ``update-precision=float32``); its evaluation
-  message carries no weights in pipelined rounds (``evaluate-in-training``), else the weights
-  once more;
+* bytes: per client and round the site downloads the float16 change of the packed shared
+  weights since those its worker holds (the float32 weights with
+  ``download-precision=float32``, and in a site's first round) and uploads the float16 change
+  of its trained weights (float32 weights with ``update-precision=float32``); its evaluation
+  message carries no weights in pipelined rounds (``evaluate-in-training``), else the float32
+  weights once more;
   compared with sending the full model (shared + rater heads), for M = 7 raters; and with
   ``drift-correction=scaffold``, whose control variate travels beside the weights each way.
 * fixed cost per message: real rounds (flower-superlink + one SuperNode started with
@@ -18,7 +20,8 @@
   the worker but Flower's fixed 3 s wait after an empty poll (``supernode.idle_poll_s=null``;
   the default asks again after 0.5 s), with float32 training replies
   (``update-precision=float32``: the weights instead of their float16 change, twice the bytes
-  back), with evaluation messages that carry the weights (``evaluate-in-training=false``:
+  back), with float32 training messages (``download-precision=float32``: twice the bytes
+  down), with evaluation messages that carry the weights (``evaluate-in-training=false``:
   each is evaluated on its own), and without the worker (``supernode.worker=false``: each
   ClientApp process imports torch and opens the site).
   The round time is the server's own measurement (``metrics.jsonl``).
@@ -83,10 +86,13 @@ def payload_bytes(preset: str, raters: int = 7) -> dict[str, float]:
     encoded = encode_update(trained, packed.numpy())
     assert encoded is not None
     reply_bytes = ArrayRecord({k: Array(v) for k, v in encoded.items()}).count_bytes()
-    # a SCAFFOLD round: the control variate beside the weights down, and beside their change
-    # back (the control variate's change stays float32)
+    # a training message at download-precision float16 (the default), to a site whose worker
+    # holds the previous weights (every round but its first): their change, the same size
+    change_bytes = reply_bytes
+    # a SCAFFOLD round: the control variate beside the weights' change down, and beside their
+    # change back (the control variate and its change stay float32)
     control = ArrayRecord({CONTROL_KEY: packed.clone()}).count_bytes()
-    scaffold_bytes = shared_bytes + control + reply_bytes + control
+    scaffold_bytes = change_bytes + control + reply_bytes + control
     return {
         "preset": preset,
         "raters": raters,
@@ -94,15 +100,19 @@ def payload_bytes(preset: str, raters: int = 7) -> dict[str, float]:
         "shared_payload_bytes": shared_bytes,
         "local_bytes_kept_at_site": sum(v.numel() * v.element_size() for v in local.values()),
         "reply_bytes_float16": reply_bytes,
-        # download (float32 weights) + upload (their float16 change)
-        "bytes_per_round_per_client": shared_bytes + reply_bytes,
-        "bytes_per_round_per_client_float32_replies": 2 * shared_bytes,
+        "download_bytes_float16": change_bytes,
+        # download (the float16 change of the weights) + upload (the float16 change of theirs)
+        "bytes_per_round_per_client": change_bytes + reply_bytes,
+        # download-precision=float32 (or a site without a worker, or its first round)
+        "bytes_per_round_per_client_float32_downloads": shared_bytes + reply_bytes,
+        "bytes_per_round_per_client_float32_replies": change_bytes + shared_bytes,
+        "bytes_per_round_per_client_float32_both": 2 * shared_bytes,
         # evaluate-in-training=false, or a site sampled for the evaluation only: the
-        # evaluation message carries the weights too
-        "bytes_per_round_per_client_evaluation_weights": 2 * shared_bytes + reply_bytes,
+        # evaluation message carries the (float32) weights too
+        "bytes_per_round_per_client_evaluation_weights": shared_bytes + change_bytes + reply_bytes,
         "shared_over_full": shared_bytes / full,
         "scaffold_bytes_per_round_per_client": scaffold_bytes,
-        "scaffold_over_plain": scaffold_bytes / (shared_bytes + reply_bytes),
+        "scaffold_over_plain": scaffold_bytes / (change_bytes + reply_bytes),
     }
 
 
@@ -266,15 +276,16 @@ def _steady_state(round_times: list[float]) -> float:
 
 #: The settings compared, as (site overrides, run-config overrides): the default (site worker,
 #: ClientApp processes forked from the fork server, SuperNode polling every 0.5 s when idle,
-#: float16 training replies, evaluations done by the next round's training message),
-#: ClientApp processes started by Flower (a fresh interpreter each), Flower's own 3 s idle
-#: wait, float32 replies (the weights themselves), evaluation messages that carry the weights
-#: and are evaluated on their own, and no site worker.
+#: float16 training replies and downloads, evaluations done by the next round's training
+#: message), ClientApp processes started by Flower (a fresh interpreter each), Flower's own 3 s
+#: idle wait, float32 replies (the weights themselves), float32 training messages, evaluation
+#: messages that carry the weights and are evaluated on their own, and no site worker.
 OVERHEAD_VARIANTS: dict[str, tuple[tuple[str, ...], dict[str, object]]] = {
     "worker": ((), {}),
     "worker_no_fork": (("supernode.fork_clientapp=false",), {}),
     "worker_flower_idle_wait": (("supernode.idle_poll_s=null",), {}),
     "worker_float32_replies": ((), {"update-precision": "float32"}),
+    "worker_float32_downloads": ((), {"download-precision": "float32"}),
     "worker_eval_message_weights": ((), {"evaluate-in-training": False}),
     "no_worker": (("supernode.worker=false",), {}),
 }
@@ -311,6 +322,7 @@ def overhead(
         "overhead_per_message_s_no_fork": per_message.get("worker_no_fork"),
         "overhead_per_message_s_flower_idle_wait": per_message.get("worker_flower_idle_wait"),
         "overhead_per_message_s_float32_replies": per_message.get("worker_float32_replies"),
+        "overhead_per_message_s_float32_downloads": per_message.get("worker_float32_downloads"),
         "overhead_per_message_s_eval_message_weights": per_message.get(
             "worker_eval_message_weights"
         ),
@@ -383,8 +395,10 @@ def main(argv: list[str] | None = None) -> None:
             f"{row['preset']:6} full model {row['full_model_bytes'] / 2**20:.1f} MiB, shared "
             f"payload {row['shared_payload_bytes'] / 2**20:.1f} MiB "
             f"({row['shared_over_full']:.3f} of full), per round per client "
-            f"{row['bytes_per_round_per_client'] / 2**20:.1f} MiB (float32 replies "
-            f"{row['bytes_per_round_per_client_float32_replies'] / 2**20:.1f} MiB, evaluation "
+            f"{row['bytes_per_round_per_client'] / 2**20:.1f} MiB (float32 downloads "
+            f"{row['bytes_per_round_per_client_float32_downloads'] / 2**20:.1f} MiB, float32 "
+            f"replies {row['bytes_per_round_per_client_float32_replies'] / 2**20:.1f} MiB, both "
+            f"{row['bytes_per_round_per_client_float32_both'] / 2**20:.1f} MiB, evaluation "
             "messages with the weights "
             f"{row['bytes_per_round_per_client_evaluation_weights'] / 2**20:.1f} MiB); "
             "with SCAFFOLD "
@@ -408,6 +422,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"{_seconds(row['overhead_per_message_s_flower_idle_wait'])} with it at "
                 f"Flower's 3 s idle wait, {_seconds(row['overhead_per_message_s_float32_replies'])}"
                 f" with float32 replies, "
+                f"{_seconds(row['overhead_per_message_s_float32_downloads'])} with float32 "
+                "downloads, "
                 f"{_seconds(row['overhead_per_message_s_eval_message_weights'])} with evaluation "
                 f"messages that carry the weights, "
                 f"{_seconds(row['overhead_per_message_s_without_worker'])} without the worker\n"

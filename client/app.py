@@ -51,23 +51,22 @@ def node_state_dir(context: Context) -> Path:
 def _run(
     kind: str,
     config: dict[str, Any],
-    packed: np.ndarray,
+    arrays: dict[str, np.ndarray],
     context: Context,
     state_dir: Path,
-    control: np.ndarray | None = None,
 ) -> RoundOutcome:
-    """The message's work, by the site worker when the node has one, else in this process."""
+    """The message's work, by the site worker when the node has one, else in this process.
+    ``arrays``: the message's, by name (the shared weights or their float16 change, with
+    SCAFFOLD the server's control variate)."""
     socket_path = context.node_config.get(SOCKET_NODE_CONFIG)
     if socket_path:
         try:
-            return ask_worker(socket_path, state_dir, kind, config, packed, context.run_id, control)
+            return ask_worker(socket_path, state_dir, kind, config, arrays, context.run_id)
         except WorkerUnavailable as err:
             return RoundOutcome(error=str(err))
     from .rounds import run_message  # torch, the model and the data: only without a worker
 
-    return run_message(
-        kind, config, packed, run_id=context.run_id, state_dir=state_dir, control=control
-    )
+    return run_message(kind, config, arrays, run_id=context.run_id, state_dir=state_dir)
 
 
 def _error_reply(msg: Message, context: Context, state_dir: Path, error: str) -> Message:
@@ -115,10 +114,8 @@ def create_client_app(state_dirs: Sequence[str] | None = None) -> ClientApp:
         if "config" not in msg.content.config_records:  # SecAgg+ speaks the legacy records
             return _legacy_train(msg, context, state_dir)
         config = dict(msg.content["config"])
-        arrays = msg.content["arrays"]
-        packed = arrays[PACKED_KEY].numpy()
-        control = arrays[CONTROL_KEY].numpy() if CONTROL_KEY in arrays else None
-        outcome = _run("train", config, packed, context, state_dir, control)
+        arrays = {name: array.numpy() for name, array in msg.content["arrays"].items()}
+        outcome = _run("train", config, arrays, context, state_dir)
         if outcome.error is not None:
             return _error_reply(msg, context, state_dir, outcome.error)
         assert outcome.reply is not None and outcome.shared is not None
@@ -143,8 +140,8 @@ def create_client_app(state_dirs: Sequence[str] | None = None) -> ClientApp:
             evaluated_round = int(config["server-round"])
             outcome = kept_evaluation(state_dir, context.run_id, evaluated_round)
         else:
-            packed = msg.content["arrays"][PACKED_KEY].numpy()
-            outcome = _run("evaluate", config, packed, context, state_dir)
+            arrays = {name: array.numpy() for name, array in msg.content["arrays"].items()}
+            outcome = _run("evaluate", config, arrays, context, state_dir)
         if outcome.error is not None:
             return _error_reply(msg, context, state_dir, outcome.error)
         assert outcome.reply is not None
@@ -169,14 +166,14 @@ def _legacy_train(msg: Message, context: Context, state_dir: Path) -> Message:
     instruction = recorddict_to_fitins(msg.content, keep_input=True)
     # [packed weights] or, with SCAFFOLD, [packed weights, server control variate]
     packed, *control = parameters_to_ndarrays(instruction.parameters)
+    arrays = {PACKED_KEY: packed, **({CONTROL_KEY: control[0]} if control else {})}
     outcome = _run(
         "train",
         # SecAgg+ masks and sums the weights themselves, so never their encoded change
         {**instruction.config, "update-precision": "float32"},
-        packed,
+        arrays,
         context,
         state_dir,
-        control[0] if control else None,
     )
     if outcome.error is not None:
         return _error_reply(msg, context, state_dir, outcome.error)

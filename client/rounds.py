@@ -23,6 +23,7 @@ from mrprism_core.protocol import (
     CLIPPING_NORM_KEY,
     CONTROL_KEY,
     EVALUATED_BEFORE_KEY,
+    HOLDS_WEIGHTS_KEY,
     KEEP_EVALUATION_KEY,
     PACKED_KEY,
     RoundInstructions,
@@ -30,6 +31,7 @@ from mrprism_core.protocol import (
 )
 from mrprism_core.update_codec import encode_update
 
+from .held_weights import HeldWeights, received_weights
 from .kept_evaluation import keep_evaluation
 from .site import SiteRuntime
 from .site_config import SiteDataError
@@ -86,16 +88,17 @@ def _keep_previous_evaluation(
 def _train_message(
     site: SiteRuntime,
     instructions: RoundInstructions,
-    packed: np.ndarray,
-    run_id: int,
-    control: np.ndarray | None,
     config: Mapping[str, Any],
+    arrays: Mapping[str, np.ndarray],
+    run_id: int,
+    held: HeldWeights | None,
 ) -> RoundOutcome:
     """A training round; with ``keep_evaluation`` the received weights are first evaluated,
     before training replaces the rater heads, on the same model (evaluation leaves it as it
     was: eval mode, no gradients; training reseeds and sets train mode)."""
     keep_evaluation = bool(config.get(KEEP_EVALUATION_KEY))
     try:
+        packed, holds = received_weights(site.name, config, arrays, held)
         model, layout = _site_model(site, instructions, packed)
     except SITE_FAULTS as err:
         if keep_evaluation:
@@ -107,8 +110,20 @@ def _train_message(
         except SITE_FAULTS as err:
             kept = RoundOutcome(error=str(err))
         _keep_previous_evaluation(site, instructions, run_id, kept)
-    clipped = CLIPPING_NORM_KEY in config  # Flower's fixedclipping_mod runs on this reply
-    return _train(site, instructions, model, layout, packed, run_id, control, clipped)
+    outcome = _train(
+        site,
+        instructions,
+        model,
+        layout,
+        packed,
+        run_id,
+        arrays.get(CONTROL_KEY),
+        clipped=CLIPPING_NORM_KEY in config,  # Flower's fixedclipping_mod runs on this reply
+    )
+    if holds and outcome.reply is not None:  # the server may send the next weights' change
+        details = {**outcome.reply.details, HOLDS_WEIGHTS_KEY: holds}
+        outcome.reply = replace(outcome.reply, details=details)
+    return outcome
 
 
 def _sent_weights(
@@ -199,25 +214,28 @@ def _evaluate(
 def run_message(
     kind: str,
     config: Mapping[str, Any],
-    packed: np.ndarray,
+    arrays: Mapping[str, np.ndarray],
     *,
     run_id: int,
     state_dir: str | Path | None = None,
     site: SiteRuntime | None = None,
-    control: np.ndarray | None = None,
+    held: HeldWeights | None = None,
 ) -> RoundOutcome:
     """Run one ``train`` or ``evaluate`` message at the site whose state is in ``state_dir``
-    (or on an already open ``site``); ``control``: the server's packed SCAFFOLD control
-    variate. A training message flagged ``keep-evaluation`` first evaluates its weights for
-    the previous round (``client/kept_evaluation.py``). A site fault becomes
+    (or on an already open ``site``). ``arrays``: the message's, by name: the packed shared
+    weights or their float16 change since the ``held`` weights (``client/held_weights.py``;
+    a site worker holds them, nothing else does), and with SCAFFOLD the server's packed
+    control variate. A training message flagged ``keep-evaluation`` first evaluates its
+    weights for the previous round (``client/kept_evaluation.py``). A site fault becomes
     :attr:`RoundOutcome.error`."""
     try:
         if site is None:
             site = SiteRuntime.from_state_dir(state_dir)  # type: ignore[arg-type]
         instructions = RoundInstructions.from_config(config)
         if kind == "train":
-            return _train_message(site, instructions, packed, run_id, control, config)
+            return _train_message(site, instructions, config, arrays, run_id, held)
         if kind == "evaluate":
+            packed, _ = received_weights(site.name, config, arrays)  # an evaluation's are kept
             return _evaluate(site, instructions, _site_model(site, instructions, packed)[0])
         raise ValueError(f"unknown message kind {kind!r}")
     except SITE_FAULTS as err:

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from .held_weights import HeldWeights
 from .parent_watch import exit_with_parent
 from .rounds import run_message
 from .site import SiteRuntime
@@ -79,6 +80,7 @@ def serve(state_dir: str | Path, socket_path: str | Path, max_messages: int | No
 
 def _serve_messages(site: SiteRuntime, listener: Listener, max_messages: int | None) -> None:
     served = 0
+    held = HeldWeights()  # the last training message's weights: the next may bring a change
     while max_messages is None or served < max_messages:
         try:
             conn = listener.accept()
@@ -87,12 +89,12 @@ def _serve_messages(site: SiteRuntime, listener: Listener, max_messages: int | N
             continue
         with conn:
             try:
-                kind, config, packed, run_id, control = receive_request(conn)
+                kind, config, arrays, run_id = receive_request(conn)
             except (EOFError, OSError, ValueError, KeyError) as err:
                 log.warning("dropped a malformed request: %s", err)
                 continue
             started = time.perf_counter()
-            outcome = _run(site, kind, config, packed, run_id, control)
+            outcome = _run(site, held, kind, config, arrays, run_id)
             served += 1
             print(
                 f"{kind} message {served} in {time.perf_counter() - started:.1f} s"
@@ -107,11 +109,11 @@ def _serve_messages(site: SiteRuntime, listener: Listener, max_messages: int | N
 
 def _run(
     site: SiteRuntime,
+    held: HeldWeights,
     kind: str,
     config: dict[str, Any],
-    packed: np.ndarray,
+    arrays: dict[str, np.ndarray],
     run_id: int,
-    control: np.ndarray | None = None,
 ) -> RoundOutcome:
     site.forget_saved_state()
     try:
@@ -119,7 +121,7 @@ def _run(
     except OSError as err:  # a full or failing disk: this round would start from stale state
         return RoundOutcome(error=f"the site's state could not be written: {err}")
     try:
-        return run_message(kind, config, packed, run_id=run_id, site=site, control=control)
+        return run_message(kind, config, arrays, run_id=run_id, site=site, held=held)
     except Exception as err:  # a bug, not a site fault: say it, keep serving
         log.exception("the %s message failed", kind)
         return RoundOutcome(error=f"the site worker failed: {type(err).__name__}: {err}")

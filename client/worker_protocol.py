@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection
@@ -53,7 +54,7 @@ KEY_FILE = "worker.key"
 #: restarts a dead one after 2 s; torch and the data then take a few seconds to load) before
 #: the site sits the round out with an error reply.
 WORKER_START_WAIT_S = 30.0
-#: The control variate's name among the arrays either way (no shared weight array is named so).
+#: The control variate's name among an outcome's arrays (no shared weight array is named so).
 _CONTROL = "control"
 #: Seconds between tries to reach a worker that is starting.
 _CONNECT_RETRY_S = 0.2
@@ -119,28 +120,21 @@ def send_request(
     conn: Connection,
     kind: str,
     config: dict[str, Any],
-    packed: np.ndarray,
+    arrays: Mapping[str, np.ndarray],
     run_id: int,
-    control: np.ndarray | None = None,
 ) -> None:
+    """``arrays``: the message's, by name (the shared weights or their change, a control
+    variate)."""
     header = {"kind": kind, "config": config, "run_id": run_id}
-    _send_arrays(conn, header, {"shared": packed, _CONTROL: control})
+    _send_arrays(conn, header, dict(arrays))
 
 
-def receive_request(
-    conn: Connection,
-) -> tuple[str, dict[str, Any], np.ndarray, int, np.ndarray | None]:
-    """(kind, config, packed shared weights, run id, the server's control variate or None)."""
+def receive_request(conn: Connection) -> tuple[str, dict[str, Any], dict[str, np.ndarray], int]:
+    """(kind, config, the message's arrays by name, run id)."""
     header, arrays = _receive_arrays(conn)
-    if "shared" not in arrays:
-        raise ValueError("a request without shared weights")
-    return (
-        str(header["kind"]),
-        dict(header["config"]),
-        arrays["shared"],
-        int(header["run_id"]),
-        arrays.get(_CONTROL),
-    )
+    if not arrays:
+        raise ValueError("a request without arrays")
+    return str(header["kind"]), dict(header["config"]), arrays, int(header["run_id"])
 
 
 def outcome_record(outcome: RoundOutcome) -> dict[str, Any]:
@@ -193,9 +187,8 @@ def ask_worker(
     state_dir: str | Path,
     kind: str,
     config: dict[str, Any],
-    packed: np.ndarray,
+    arrays: Mapping[str, np.ndarray],
     run_id: int,
-    control: np.ndarray | None = None,
 ) -> RoundOutcome:
     """Have the site worker at ``socket_path`` run one message; waits for its answer, and up
     to :data:`WORKER_START_WAIT_S` for a worker being started again.
@@ -206,7 +199,7 @@ def ask_worker(
     """
     try:
         with _connect(socket_path, state_dir, WORKER_START_WAIT_S) as conn:
-            send_request(conn, kind, config, packed, run_id, control)
+            send_request(conn, kind, config, arrays, run_id)
             return receive_outcome(conn)
     except (OSError, EOFError) as err:
         raise WorkerUnavailable(

@@ -16,14 +16,17 @@ from typing import Any
 from .lr_schedule import scheduled_lr
 
 __all__ = [
+    "BASE_VERSION_KEY",
     "CLIPPING_NORM_KEY",
     "CONTROL_KEY",
     "EVALUATED_BEFORE_KEY",
+    "HOLDS_WEIGHTS_KEY",
     "KEEP_EVALUATION_KEY",
     "KEPT_EVALUATION_KEY",
     "PACKED_KEY",
     "RoundInstructions",
     "SiteReply",
+    "WEIGHTS_VERSION_KEY",
     "coerce",
 ]
 
@@ -44,6 +47,18 @@ KEEP_EVALUATION_KEY = "keep-evaluation"
 CLIPPING_NORM_KEY = "clipping_norm"
 #: Evaluation config flag: reply with the evaluation kept by the next round's training message.
 KEPT_EVALUATION_KEY = "kept-evaluation"
+
+# Half-precision downloads (``download-precision``): a training message may carry, instead of
+# the float32 weights (PACKED_KEY), their float16 change since weights the site holds
+# (``mrprism_core.update_codec``'s UPDATE_KEY and UPDATE_SCALE_KEY). Per message, so not in
+# RoundInstructions.
+#: Training config: the id of the weights the message brings (set whenever the server encodes)
+WEIGHTS_VERSION_KEY = "weights-version"
+#: Training config, with a float16 change only: the id of the weights the change applies to
+BASE_VERSION_KEY = "base-version"
+#: A training reply's detail: the id of the received weights the site now holds for the next
+#: message's change (only sites that keep them: those with a site worker)
+HOLDS_WEIGHTS_KEY = "holds-weights"
 #: The kept evaluation's detail (site record): the round whose training message evaluated.
 EVALUATED_BEFORE_KEY = "evaluated-before-training-round"
 

@@ -19,7 +19,9 @@ rounding: the same round-to-nearest-even as numpy's, several times faster (0.04 
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -81,7 +83,23 @@ def _to_float16(values: np.ndarray) -> np.ndarray:
     torch = sys.modules.get("torch")
     if torch is None:
         return values.astype(np.float16)
-    return torch.from_numpy(np.ascontiguousarray(values)).to(torch.float16).numpy()
+    return _cast(torch, values, torch.float16)
+
+
+def _to_float32(values: np.ndarray) -> np.ndarray:
+    """``values`` (float16) as float32 (exact either way), by torch when it is loaded."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return values.astype(np.float32)
+    return _cast(torch, values, torch.float32)
+
+
+def _cast(torch: Any, values: np.ndarray, dtype: Any) -> np.ndarray:
+    """A new array: ``values`` cast by torch to ``dtype``. A received array may be read-only;
+    torch warns that it shares it, but the cast only reads it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(values)).to(dtype).numpy()
 
 
 def is_encoded(arrays: Mapping[str, object]) -> bool:
@@ -108,7 +126,7 @@ def decode_update(arrays: Mapping[str, np.ndarray], sent: np.ndarray) -> np.ndar
         raise ValueError(f"{UPDATE_SCALE_KEY} must be one integer, got {exponent!r}")
     if abs(int(exponent[0])) > _MAX_EXPONENT:
         raise ValueError(f"{UPDATE_SCALE_KEY} {int(exponent[0])} is out of range")
-    weights = change.astype(np.float32)
+    weights = _to_float32(change)
     weights *= np.float32(2.0 ** -int(exponent[0]))  # a power of two: exact
     weights += sent
     return weights

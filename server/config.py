@@ -69,6 +69,9 @@ class RunConfig:
     # training replies: float16 (the change of the weights, half the bytes) or float32 (the
     # weights); float32 always under dp-mode client-fixed, whose clipping reads the weights
     update_precision: str = "float16"
+    # training messages: float16 (the change since the weights a site's worker holds, server/
+    # downloads.py) or float32 (the weights); float32 always under dp-mode client-fixed
+    download_precision: str = "float16"
     personalization: str = (
         "fedper"  # fedper, fedrep, fedbabu or ditto (mrprism_core.personalization)
     )

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -52,6 +53,7 @@ from mrprism_core.lr_schedule import check_lr_schedule
 from mrprism_core.models import build_model_for_data, split_state
 from mrprism_core.personalization import check_personalization
 from mrprism_core.protocol import (
+    BASE_VERSION_KEY,
     CONTROL_KEY,
     KEEP_EVALUATION_KEY,
     KEPT_EVALUATION_KEY,
@@ -67,7 +69,8 @@ from mrprism_core.update_codec import (
 )
 
 from .config import RunConfig
-from .grid import collect_replies
+from .downloads import WeightDownloads, check_download_precision
+from .grid import PendingReplies, wait_for_replies
 from .strategies import restore_server_optimizer_state, server_optimizer_state, weight_key
 
 __all__ = [
@@ -124,26 +127,32 @@ class _Phase:
     """Messages of one phase, pushed; their replies are collected by :func:`_collect`."""
 
     sent: list[Message]
-    pending: set[str]
+    replies: PendingReplies
 
 
 def _push(grid: Grid, instructions: Iterable[Message]) -> _Phase:
     sent = list(instructions)
-    return _Phase(sent, set(grid.push_messages(sent)))  # collect_replies skips empty ids
+    return _Phase(sent, PendingReplies(grid.push_messages(sent)))  # skips empty ids
 
 
 def _collect(
-    grid: Grid, phase: _Phase, timeout: float, sites: _SiteDirectory
+    grid: Grid,
+    phase: _Phase,
+    timeout: float,
+    sites: _SiteDirectory,
+    meanwhile: _Phase | None = None,
 ) -> tuple[list[Message], list[dict[str, str]]]:
     """Wait for a pushed phase's replies; return those without errors, and the sites that
     failed (error reply, node gone, no answer before ``timeout``), each logged: the phase goes
-    on with the others.
+    on with the others. Replies to ``meanwhile`` (the next round's training, pushed before)
+    that arrive in that time are pulled too, and found there by its own collection.
 
     The replies come back in site-name order, not in the order they arrived: the strategies
     sum the updates in the order given, and float sums in arrival order made two runs of one
     seed drift apart over the rounds."""
     dropped: list[dict[str, str]] = []
-    replies = collect_replies(grid, phase.pending, timeout)
+    others = [meanwhile.replies] if meanwhile is not None else []
+    replies = wait_for_replies(grid, phase.replies, timeout, others)
     node_of = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in phase.sent}
     answered = set()
     ok = []
@@ -234,13 +243,13 @@ def _usable_updates(
 
 
 def _with_full_weights(
-    replies: Iterable[Message], sent: ArrayRecord, dropped: list[dict[str, str]]
+    replies: Iterable[Message], reference: np.ndarray, dropped: list[dict[str, str]]
 ) -> list[Message]:
     """Training replies that carry the float16 change of the weights (``update-precision``)
-    get their float32 weights back, the change added to the weights ``sent``; the strategy
-    and every check after it then see weights, whatever the site sent. A change that does not
-    decode leaves that site out, with the reason."""
-    reference = None
+    get their float32 weights back, the change added to the weights the training messages
+    carried (``reference``: :attr:`WeightDownloads.sent`); the strategy and every check after
+    it then see weights, whatever the site sent. A change that does not decode leaves that
+    site out, with the reason."""
     kept = []
     for msg in replies:
         records = msg.content.array_records
@@ -248,8 +257,6 @@ def _with_full_weights(
             kept.append(msg)  # the weights themselves (or nothing: _usable_updates says so)
             continue
         name, record = next(iter(records.items()))
-        if reference is None:
-            reference = sent[PACKED_KEY].numpy()
         encoded = {k: record[k].numpy() for k in (UPDATE_KEY, UPDATE_SCALE_KEY) if k in record}
         try:
             weights = decode_update(encoded, reference)
@@ -260,6 +267,16 @@ def _with_full_weights(
         msg.content[name] = ArrayRecord({PACKED_KEY: Array(weights), **others})
         kept.append(msg)
     return kept
+
+
+def _downloads(training: Iterable[Message]) -> dict[int, str]:
+    """What each training message brought its node: ``float16-change`` or ``float32``."""
+    return {
+        msg.metadata.dst_node_id: "float16-change"
+        if BASE_VERSION_KEY in msg.content["config"]
+        else "float32"
+        for msg in training
+    }
 
 
 def _sent_arrays(replies: Iterable[Message]) -> dict[str, dict[str, list[int]]]:
@@ -327,7 +344,7 @@ def round_instructions(cfg: RunConfig, layout: StateLayout) -> RoundInstructions
         local_epochs=cfg.local_epochs,
         eval_split=cfg.eval_split,
         select_split=cfg.select_split,
-        # the ClientApp sends float32 anyway where Flower's clipping mod runs (client/app.py)
+        # a site sends float32 anyway where Flower's clipping mod runs (client/rounds.py)
         update_precision=check_update_precision(
             cfg.update_precision, "run-config update-precision"
         ),
@@ -576,6 +593,16 @@ def run_federation(
     # the same every round but for its number
     standing = replace(round_instructions(cfg, layout), control_ledger=files.control_ledger)
     sites = _SiteDirectory()
+    precision = check_download_precision(cfg.download_precision, "run-config download-precision")
+    # Flower's client-side clipping clips against the float32 weights in the message
+    downloads = WeightDownloads(precision == "float16" and cfg.dp_mode != "client-fixed")
+
+    def training(server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> list[Message]:
+        """The strategy's training messages, with the weights as :class:`WeightDownloads`
+        sends them (their float16 change to the sites that hold the previous ones)."""
+        downloads.advance(server_round, arrays[PACKED_KEY].numpy())
+        return downloads.messages(strategy.configure_train(server_round, arrays, config, grid))
+
     pipelined = _pipelines(cfg, grid)
     next_train: _Phase | None = None  # round r+1's training, pushed with round r's evaluation
     started = time.time()
@@ -584,11 +611,14 @@ def run_federation(
         instructions = replace(standing, server_round=server_round)
         config = ConfigRecord(instructions.to_config())
         if next_train is None:
-            next_train = _push(grid, strategy.configure_train(server_round, arrays, config, grid))
+            next_train = _push(grid, training(server_round, arrays, config))
         replies, dropped = _collect(grid, next_train, cfg.round_timeout, sites)
+        sent_to = [msg.metadata.dst_node_id for msg in next_train.sent]
+        downloaded = {sites.name(node): kind for node, kind in _downloads(next_train.sent).items()}
+        downloads.learn(sent_to, replies)
         next_train = None
         sent_arrays = _sent_arrays(replies)
-        replies = _with_full_weights(replies, arrays, dropped)
+        replies = _with_full_weights(replies, downloads.sent, dropped)
         updates = _usable_updates(replies, arrays, dropped)
         aggregated = len(updates) >= cfg.min_train_replies
         train_metrics = None
@@ -626,7 +656,7 @@ def run_federation(
         if pipelined and server_round < cfg.num_server_rounds:
             # the next round starts from the weights just sent for evaluation, so it can go now
             upcoming = ConfigRecord(replace(standing, server_round=server_round + 1).to_config())
-            to_train = list(strategy.configure_train(server_round + 1, arrays, upcoming, grid))
+            to_train = training(server_round + 1, arrays, upcoming)
         eval_timeout = cfg.round_timeout
         if to_train is not None and cfg.evaluate_in_training:
             to_train, to_evaluate = evaluation_in_training(to_train, to_evaluate)
@@ -635,7 +665,8 @@ def run_federation(
         evaluation = _push(grid, to_evaluate)
         if to_train is not None and next_train is None:  # evaluation r, then training r+1
             next_train = _push(grid, to_train)
-        eval_replies, eval_dropped = _collect(grid, evaluation, eval_timeout, sites)
+        # the next round's training replies come first: pull them while waiting for these
+        eval_replies, eval_dropped = _collect(grid, evaluation, eval_timeout, sites, next_train)
         if cfg.aggregation_weight != "examples":
             weigh_by_examples(eval_replies)
         eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
@@ -649,6 +680,7 @@ def run_federation(
             "train": dict(train_metrics or MetricRecord()),
             "evaluate": dict(eval_metrics or MetricRecord()),
             "train_sites": train_rows,
+            "train_downloads": downloaded,  # per site: float32 weights or their float16 change
             "evaluate_sites": _site_rows(eval_replies),
             "dropped": dropped,
             "evaluate_dropped": eval_dropped,

@@ -15,25 +15,52 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-__all__ = ["REPLY_POLL_S", "PromptGrid", "collect_replies"]
+__all__ = ["REPLY_POLL_S", "PendingReplies", "PromptGrid", "collect_replies", "wait_for_replies"]
 
 #: Seconds between the server's looks for replies (a local call to the SuperLink).
 REPLY_POLL_S = 0.2
 
 
-def collect_replies(grid: Grid, message_ids: Iterable[str], timeout: float | None) -> list[Message]:
-    """The replies to ``message_ids`` that arrive within ``timeout`` seconds (None: all)."""
-    pending = {message_id for message_id in message_ids if message_id}
-    replies: list[Message] = []
+class PendingReplies:
+    """The replies to a set of pushed messages, as they are pulled."""
+
+    def __init__(self, message_ids: Iterable[str]) -> None:
+        self.pending = {message_id for message_id in message_ids if message_id}
+        self.replies: list[Message] = []
+
+    def take(self, arrived: Iterable[Message]) -> None:
+        """Keep those of ``arrived`` that answer one of these messages."""
+        for msg in arrived:
+            if msg.metadata.reply_to_message_id in self.pending:
+                self.pending.discard(msg.metadata.reply_to_message_id)
+                self.replies.append(msg)
+
+
+def wait_for_replies(
+    grid: Grid,
+    wanted: PendingReplies,
+    timeout: float | None,
+    meanwhile: Iterable[PendingReplies] = (),
+) -> list[Message]:
+    """Pull until every reply ``wanted`` has arrived, or ``timeout`` seconds (None: no limit);
+    returns them. Replies to the messages ``meanwhile`` that arrive in that time are pulled
+    too and kept there (a later phase's replies, pulled while waiting for this one's)."""
+    others = [box for box in meanwhile if box is not wanted]
     deadline = None if timeout is None else time.monotonic() + timeout
-    while pending:
-        arrived = list(grid.pull_messages(pending))
-        replies += arrived
-        pending -= {msg.metadata.reply_to_message_id for msg in arrived}
-        if not pending or (deadline is not None and time.monotonic() >= deadline):
+    while wanted.pending:
+        asked = wanted.pending.union(*(box.pending for box in others))
+        arrived = list(grid.pull_messages(asked))
+        for box in (wanted, *others):
+            box.take(arrived)
+        if not wanted.pending or (deadline is not None and time.monotonic() >= deadline):
             break
         time.sleep(REPLY_POLL_S)
-    return replies
+    return wanted.replies
+
+
+def collect_replies(grid: Grid, message_ids: Iterable[str], timeout: float | None) -> list[Message]:
+    """The replies to ``message_ids`` that arrive within ``timeout`` seconds (None: all)."""
+    return wait_for_replies(grid, PendingReplies(message_ids), timeout)
 
 
 class PromptGrid(Grid):

@@ -66,6 +66,12 @@ def test_two_rounds_over_superlink_and_three_supernodes(deployment, tmp_path):
         for site, row in record["train_sites"].items():
             # (its float16 change, update-precision's default: half the bytes of the weights)
             assert row["reply-arrays"] == {UPDATE_KEY: [size], UPDATE_SCALE_KEY: [1]}, site
+        # download-precision: round 1 brought every site the weights; each site's worker kept
+        # them, so round 2 brought only their float16 change (the weights rebuilt from it
+        # trained: the replies above decoded against them)
+        kind = "float32" if record["round"] == 1 else "float16-change"
+        assert record["train_downloads"] == dict.fromkeys(SITES, kind)
+        assert all(row["holds-weights"] for row in record["train_sites"].values())
         for site, row in record["evaluate_sites"].items():
             assert len(row["per-rater-dice-list"]) == SITES[site]
             # round 2's training went out with round 1's evaluation (pipeline-rounds), yet

@@ -78,6 +78,7 @@ def test_what_the_worker_wrote_is_read_back_as_a_copy_until_another_process_repl
 def test_a_worker_whose_last_write_failed_answers_the_next_message_with_the_reason(
     make_site, task_identity, tmp_path
 ):
+    from client.held_weights import HeldWeights
     from client.site import SiteRuntime
     from client.worker import _run
     from server.config import RunConfig
@@ -91,8 +92,8 @@ def test_a_worker_whose_last_write_failed_answers_the_next_message_with_the_reas
     site.store.save_optimizer({"state": {}}, server_round=1)
     message, _ = train_message(RunConfig())
     config = dict(message.content["config"])
-    packed = message.content["arrays"]["shared-weights"].numpy()
-    outcome = _run(site, "train", config, packed, run_id=1)
+    arrays = {name: array.numpy() for name, array in message.content["arrays"].items()}
+    outcome = _run(site, HeldWeights(), "train", config, arrays, run_id=1)
     assert outcome.error is not None and outcome.shared is None
     assert outcome.error.startswith("the site's state could not be written: ")
     assert "taken/site" in outcome.error

@@ -188,7 +188,7 @@ def test_a_connection_without_the_sites_key_is_refused(make_site, tmp_path):
         stranger.mkdir()
         (stranger / KEY_FILE).write_bytes(b"not the key")
         with pytest.raises(WorkerUnavailable, match="refused the connection"):
-            ask_worker(socket, stranger, "train", {}, np.zeros(1, np.float32), run_id=1)
+            ask_worker(socket, stranger, "train", {}, {"w": np.zeros(1, np.float32)}, run_id=1)
 
 
 def test_no_worker_listening_is_a_clear_error_reply(
