@@ -49,11 +49,11 @@ def received_weights(
     if is_encoded(arrays):
         base = str(config.get(BASE_VERSION_KEY, ""))
         if held is None or held.weights is None or held.version != base:
-            holds = f"holds {held.version}" if held is not None and held.version else "holds none"
+            holds = held.version if held is not None and held.version else "none"
             raise ValueError(
                 f"site {site}: the message brings the change of the weights since {base!r}, "
-                f"which this site does not hold (it {holds}: its site worker started since "
-                "they came?); the server sends it the whole weights next round"
+                f"which this site does not hold (it holds {holds}; a site worker that started "
+                "again holds none); the server sends it the whole weights next round"
             )
         weights = decode_update(arrays, held.weights)
     elif PACKED_KEY in arrays:

@@ -1,4 +1,6 @@
-"""Half-precision training replies: a site sends the change of its shared weights in float16.
+"""Half-precision weight changes: a site sends the change of its shared weights over a round
+in float16 and the server adds it back; the server sends a site the change of the weights
+since those the site holds the same way, and the site adds it back (``server/downloads.py``).
 
 A training reply used to carry the site's whole float32 weights; the paper preset's are
 107 MiB, and in deployment every byte of them is hashed, copied and sent three times (ClientApp
@@ -10,8 +12,8 @@ down to 2**-29 of the largest keeps float16's full relative precision (2**-11), 
 exact both ways, and nothing overflows. The server adds the change back to the float32 weights
 it sent, so the aggregate and the global model stay float32.
 
-Numpy in and out: the site's round code encodes (``client/rounds.py``, in the site worker or
-the ClientApp), the server decodes. Where torch is already loaded, its float16 cast does the
+Numpy in and out, used by the site's round code (``client/rounds.py``, in the site worker or
+the ClientApp) and the server alike. Where torch is already loaded, its float16 cast does the
 rounding: the same round-to-nearest-even as numpy's, several times faster (0.04 s against
 0.2 s for the paper preset's 28 M weights).
 """
