@@ -68,7 +68,6 @@ class WeightDownloads:
         self._change: dict[str, np.ndarray] | None = None  # from the previous sent weights
         self._base = ""  # the previous sent weights' id
         self._holders: dict[int, str] = {}  # node -> id of the weights it said it holds
-        self.last_sent: dict[int, str] = {}  # node -> "float16-change" or "float32" (the log)
 
     def learn(self, sent_to: Iterable[int], replies: Iterable[Message]) -> None:
         """Note which weights each site holds, from its successful training replies; a site
@@ -102,12 +101,10 @@ class WeightDownloads:
         previous ones, float32 for the others."""
         assert self.sent is not None, "advance() first"
         if not self.enabled:
-            self.last_sent = {}
             return list(training)
         change = None if self._change is None else {k: Array(v) for k, v in self._change.items()}
         full: Array | None = None  # serialised once, for every float32 message
         out = []
-        self.last_sent = {}
         for msg in training:
             node = msg.metadata.dst_node_id
             config = {**msg.content["config"], WEIGHTS_VERSION_KEY: self.version}
@@ -121,7 +118,6 @@ class WeightDownloads:
                 arrays = {PACKED_KEY: full}
             if CONTROL_KEY in msg.content["arrays"]:  # SCAFFOLD's control variate, as it was
                 arrays[CONTROL_KEY] = msg.content["arrays"][CONTROL_KEY]
-            self.last_sent[node] = "float16-change" if BASE_VERSION_KEY in config else "float32"
             content = {name: record for name, record in msg.content.items()}
             content["arrays"] = ArrayRecord(arrays)
             content["config"] = ConfigRecord(config)
