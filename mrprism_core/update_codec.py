@@ -23,7 +23,6 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 
@@ -74,34 +73,23 @@ def encode_update(trained: np.ndarray, received: np.ndarray) -> dict[str, np.nda
         return None
     change *= np.float32(2.0**exponent)  # a power of two: exact
     return {
-        UPDATE_KEY: _to_float16(change),
+        UPDATE_KEY: _astype(change, np.float16),
         UPDATE_SCALE_KEY: np.array([exponent], dtype=np.int32),
     }
 
 
-def _to_float16(values: np.ndarray) -> np.ndarray:
-    """``values`` (float32) rounded to float16: by torch when this process has loaded it (no
-    import here: the server and a torch-free process use numpy's identical, slower cast)."""
+def _astype(values: np.ndarray, dtype: type[np.floating]) -> np.ndarray:
+    """A new array: ``values`` cast to ``dtype`` (float16 or float32), by torch when this
+    process has loaded it (no import here: the server and a torch-free process use numpy's
+    identical, slower cast). A received array may be read-only; torch warns that it shares
+    it, but the cast only reads it."""
     torch = sys.modules.get("torch")
     if torch is None:
-        return values.astype(np.float16)
-    return _cast(torch, values, torch.float16)
-
-
-def _to_float32(values: np.ndarray) -> np.ndarray:
-    """``values`` (float16) as float32 (exact either way), by torch when it is loaded."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return values.astype(np.float32)
-    return _cast(torch, values, torch.float32)
-
-
-def _cast(torch: Any, values: np.ndarray, dtype: Any) -> np.ndarray:
-    """A new array: ``values`` cast by torch to ``dtype``. A received array may be read-only;
-    torch warns that it shares it, but the cast only reads it."""
+        return values.astype(dtype)
+    to = torch.float16 if dtype is np.float16 else torch.float32
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(np.ascontiguousarray(values)).to(dtype).numpy()
+        return torch.from_numpy(np.ascontiguousarray(values)).to(to).numpy()
 
 
 def is_encoded(arrays: Mapping[str, object]) -> bool:
@@ -128,7 +116,7 @@ def decode_update(arrays: Mapping[str, np.ndarray], sent: np.ndarray) -> np.ndar
         raise ValueError(f"{UPDATE_SCALE_KEY} must be one integer, got {exponent!r}")
     if abs(int(exponent[0])) > _MAX_EXPONENT:
         raise ValueError(f"{UPDATE_SCALE_KEY} {int(exponent[0])} is out of range")
-    weights = _to_float32(change)
+    weights = _astype(change, np.float32)
     weights *= np.float32(2.0 ** -int(exponent[0]))  # a power of two: exact
     weights += sent
     return weights

@@ -21,12 +21,11 @@ the message it clips against.
 
 from __future__ import annotations
 
-import logging
 import secrets
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from mrprism_core.protocol import (
     BASE_VERSION_KEY,
@@ -37,9 +36,9 @@ from mrprism_core.protocol import (
 )
 from mrprism_core.update_codec import decode_update, encode_update
 
-__all__ = ["DOWNLOAD_PRECISIONS", "WeightDownloads", "check_download_precision"]
+from .grid import readdressed
 
-log = logging.getLogger("mrprism.server")
+__all__ = ["DOWNLOAD_PRECISIONS", "WeightDownloads", "check_download_precision"]
 
 #: ``download-precision`` values: float16 (the change since weights the site holds) or float32
 DOWNLOAD_PRECISIONS = ("float16", "float32")
@@ -118,14 +117,6 @@ class WeightDownloads:
                 arrays = {PACKED_KEY: full}
             if CONTROL_KEY in msg.content["arrays"]:  # SCAFFOLD's control variate, as it was
                 arrays[CONTROL_KEY] = msg.content["arrays"][CONTROL_KEY]
-            content = {name: record for name, record in msg.content.items()}
-            content["arrays"] = ArrayRecord(arrays)
-            content["config"] = ConfigRecord(config)
-            out.append(
-                Message(
-                    content=RecordDict(content),
-                    message_type=msg.metadata.message_type,
-                    dst_node_id=node,
-                )
-            )
+            records = {"arrays": ArrayRecord(arrays), "config": ConfigRecord(config)}
+            out.append(readdressed(msg, {**dict(msg.content.items()), **records}))
         return out

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -70,7 +70,7 @@ from mrprism_core.update_codec import (
 
 from .config import RunConfig
 from .downloads import WeightDownloads, check_download_precision
-from .grid import PendingReplies, wait_for_replies
+from .grid import PendingReplies, readdressed, wait_for_replies
 from .strategies import restore_server_optimizer_state, server_optimizer_state, weight_key
 
 __all__ = [
@@ -185,11 +185,7 @@ def _with_config(msg: Message, flag: str, *, weights: bool = True) -> Message:
     its messages one record), without its arrays when not ``weights``."""
     content = {name: record for name, record in msg.content.items() if weights or name == "config"}
     content["config"] = ConfigRecord({**msg.content["config"], flag: True})
-    return Message(
-        content=RecordDict(content),
-        message_type=msg.metadata.message_type,
-        dst_node_id=msg.metadata.dst_node_id,
-    )
+    return readdressed(msg, content)
 
 
 def evaluation_in_training(

@@ -9,16 +9,33 @@ the last reply arrived. :func:`collect_replies` looks every :data:`REPLY_POLL_S`
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-__all__ = ["REPLY_POLL_S", "PendingReplies", "PromptGrid", "collect_replies", "wait_for_replies"]
+__all__ = [
+    "REPLY_POLL_S",
+    "PendingReplies",
+    "PromptGrid",
+    "collect_replies",
+    "readdressed",
+    "wait_for_replies",
+]
 
 #: Seconds between the server's looks for replies (a local call to the SuperLink).
 REPLY_POLL_S = 0.2
+
+
+def readdressed(msg: Message, content: Mapping[str, Any]) -> Message:
+    """A new message of ``msg``'s type to its node with ``content`` (its records by name): a
+    strategy gives all its messages one set of records, so one node's must be a copy."""
+    return Message(
+        content=RecordDict(dict(content)),
+        message_type=msg.metadata.message_type,
+        dst_node_id=msg.metadata.dst_node_id,
+    )
 
 
 class PendingReplies:

@@ -97,7 +97,7 @@ def test_the_precision_is_checked_by_name():
 def test_torchs_float16_cast_rounds_exactly_as_numpys():
     # the site encodes with torch's cast when torch is loaded, a torch-free process with
     # numpy's: both must give the server the same bits, ties and subnormals included
-    import torch  # noqa: F401 - loaded: _to_float16 takes torch's cast
+    import torch  # noqa: F401 - loaded: the codec takes torch's cast
 
     from mrprism_core import update_codec
 
@@ -107,6 +107,6 @@ def test_torchs_float16_cast_rounds_exactly_as_numpys():
     rng = np.random.default_rng(3)
     values = np.concatenate([halves, ties, rng.normal(0, 3e4, 50_000).astype(np.float32)])
     values = np.concatenate([values, -values])
-    fast = update_codec._to_float16(values)
+    fast = update_codec._astype(values, np.float16)
     assert fast.dtype == np.float16
     assert np.array_equal(fast.view(np.uint16), values.astype(np.float16).view(np.uint16))
