@@ -84,6 +84,7 @@ def config(
             "lr": None,
             "device": "auto",
             "seed": seed,
+            "augment": args.augment,
             "progress": False,
             "keep_best": True,
         },
@@ -235,6 +236,12 @@ def main(argv: list[str] | None = None) -> None:
         default=list(MODEL_NAMES),
         help="models, or label=model:key=value,... variants with options "
         f"(models: {', '.join(MODEL_NAMES)})",
+    )
+    parser.add_argument(
+        "--no-augment",
+        dest="augment",
+        action="store_false",
+        help="train on the cases as drawn, without random flips and quarter turns",
     )
     parser.add_argument("--out", default=str(RESULTS_DIR / "quality.json"))
     args = parser.parse_args(argv)

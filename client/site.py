@@ -155,7 +155,8 @@ class SiteRuntime:
         return dataset_info(self.dataset("train"))
 
     def loader(self, split: str, *, shuffle: bool, seed: int = 0) -> DataLoader:
-        """Batches of ``split`` (or of every split, ``all``) at the site's batch size."""
+        """Batches of ``split`` (or of every split, ``all``) at the site's batch size, the cases
+        as drawn (training uses :meth:`training_loader`)."""
         train_cfg = self.cfg.get("train", {})
         return make_loader(
             self._cases_of(split),
@@ -163,6 +164,19 @@ class SiteRuntime:
             shuffle=shuffle,
             seed=seed,
             num_workers=int(train_cfg.get("num_workers", 0)),
+        )
+
+    def training_loader(self, seed: int, cases: Dataset | None = None) -> DataLoader:
+        """Shuffled batches of the training split (or of ``cases``), each case flipped and
+        turned at random unless the site config sets ``train.augment: false``."""
+        train_cfg = self.cfg.get("train", {})
+        return make_loader(
+            self.dataset("train") if cases is None else cases,
+            int(train_cfg.get("batch_size", 8)),
+            shuffle=True,
+            seed=seed,
+            num_workers=int(train_cfg.get("num_workers", 0)),
+            augment=bool(train_cfg.get("augment", True)),
         )
 
     def check(self) -> SiteSummary:
@@ -416,7 +430,7 @@ class SiteRuntime:
             drift = GradientCorrection(model, optimizer, shared_keys, correction)
         if private is not None:
             optimizer, dp_loader = private.wrap(
-                model, optimizer, self.loader("train", shuffle=True, seed=seed), local_epochs
+                model, optimizer, self.training_loader(seed), local_epochs
             )
         try:
             with drift or contextlib.nullcontext():
@@ -425,7 +439,7 @@ class SiteRuntime:
                     optimizer,
                     (lambda _: dp_loader)
                     if private is not None
-                    else (lambda epoch: self.loader("train", shuffle=True, seed=seed + epoch)),
+                    else (lambda epoch: self.training_loader(seed + epoch)),
                     self.device,
                     local_epochs,
                     strategy,
@@ -466,7 +480,7 @@ class SiteRuntime:
         result = run_epochs(
             personal,
             optimizer,
-            lambda epoch: self.loader("train", shuffle=True, seed=seed + 7_919 + epoch),
+            lambda epoch: self.training_loader(seed + 7_919 + epoch),
             self.device,
             local_epochs,
             FedProx(mu=ditto_lambda, reference=global_shared),
@@ -570,12 +584,11 @@ class SiteRuntime:
         train_set = self.dataset("train")
         count = len(train_set) if cases is None else min(int(cases), len(train_set))
         subset = CaseSubset(train_set, range(count))
-        batch_size = int(self.cfg.get("train", {}).get("batch_size", 8))
         losses: list[float] = []
         run_epochs(
             model,
             optimizer,
-            lambda epoch: make_loader(subset, batch_size, shuffle=True, seed=epoch),
+            lambda epoch: self.training_loader(epoch, subset),
             self.device,
             epochs,
             HeadsOnly(),

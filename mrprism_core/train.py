@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
+from .data.augment import RandomFlipsTurns
 from .data.factory import EmptySplitError, build_dataset, dataset_info
 from .lr_schedule import check_lr_schedule, scheduled_lr, set_lr
 from .metrics import MetricAccumulator
@@ -64,15 +65,24 @@ def seed_everything(seed: int) -> None:
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, num_workers: int = 0
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    num_workers: int = 0,
+    augment: bool = False,
 ) -> DataLoader:
-    """A DataLoader with a seeded shuffle (same seed, same order)."""
+    """A DataLoader with a seeded shuffle (same seed, same order); with ``augment``, every case
+    randomly flipped and turned (:class:`~mrprism_core.data.augment.RandomFlipsTurns`, drawn
+    from the same seed)."""
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
         generator=generator,
+        collate_fn=RandomFlipsTurns(seed) if augment else None,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         drop_last=False,
@@ -295,7 +305,14 @@ def fit(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     def train_loader(epoch: int) -> DataLoader:
         seed = int(train_cfg["seed"]) + epoch
-        return make_loader(train_set, batch_size, shuffle=True, seed=seed, num_workers=workers)
+        return make_loader(
+            train_set,
+            batch_size,
+            shuffle=True,
+            seed=seed,
+            num_workers=workers,
+            augment=bool(train_cfg.get("augment", True)),
+        )
 
     def after_epoch(epoch: int, train_metrics: dict[str, Any]) -> None:
         nonlocal best_epoch, best_score

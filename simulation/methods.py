@@ -165,6 +165,7 @@ class Experiment:
     model_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     batch_size: int = 8
+    augment: bool = True  # random flips and quarter turns of the training cases, every method
     device: str = "auto"
     eval_split: str = "test"
     select_split: str = ""  # choose each method's reported round by this split ("" = the last)
@@ -355,8 +356,13 @@ def _site_config(
     privacy: Mapping,
     share_quality: bool = False,
 ) -> dict:
-    # every method steps with the experiment's batch size, whatever the site config says
-    train = {**dict(site.settings.get("train", {})), "batch_size": exp.batch_size}
+    # every method steps with the experiment's batch size and augmentation, whatever the site
+    # config says
+    train = {
+        **dict(site.settings.get("train", {})),
+        "batch_size": exp.batch_size,
+        "augment": exp.augment,
+    }
     train.setdefault("num_workers", 0)
     return {
         "site": site.name,
@@ -646,7 +652,9 @@ def _run_centralized(exp: Experiment) -> dict[str, Any]:
 
     def loader(epoch: int) -> DataLoader:
         torch.manual_seed(exp.seed * 1_000_003 + epoch)  # the epoch's shuffles of Eq. 10-12
-        return make_loader(pooled, exp.batch_size, shuffle=True, seed=exp.seed + epoch)
+        return make_loader(
+            pooled, exp.batch_size, shuffle=True, seed=exp.seed + epoch, augment=exp.augment
+        )
 
     tracker = exp.tracker("centralized")
 

@@ -133,6 +133,7 @@ def run_experiment(cfg: dict[str, Any], label: str = "") -> dict[str, Any]:
         model_options=dict(fed.get("model_options") or {}),
         seed=seed,
         batch_size=int(fed["batch_size"]),
+        augment=bool(fed.get("augment", True)),
         device=str(fed["device"]),
         eval_split=str(fed["eval_split"]),
         select_split=selection_split(str(fed.get("select", "last")), sites),

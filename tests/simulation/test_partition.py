@@ -78,15 +78,19 @@ def test_impossible_partitions_say_why():
         partition({**_cfg("iid"), "num_sites": 30}, seed=0)
 
 
-def test_every_method_steps_with_the_experiments_batch_size(tmp_path):
-    """A site config's own ``train.batch_size`` does not override the experiment's: all
-    methods (federated, local, centralized) must take optimizer steps of the same size."""
+def test_every_method_steps_with_the_experiments_batch_size_and_augmentation(tmp_path):
+    """A site config's own ``train.batch_size`` and ``train.augment`` do not override the
+    experiment's: all methods (federated, local, centralized) must take optimizer steps of the
+    same size on the same kind of cases."""
     from client.site import SiteRuntime
     from simulation.methods import Experiment, write_site_dirs
 
-    sources = [{"site": "a", "data": POOL, "seed": 1, "train": {"batch_size": 2, "num_workers": 0}}]
+    train = {"batch_size": 2, "num_workers": 0, "augment": True}
+    sources = [{"site": "a", "data": POOL, "seed": 1, "train": train}]
     sites = partition({"kind": "source", "sources": sources}, seed=0)
-    (state_dir,) = write_site_dirs(Experiment(sites=sites, work_dir=tmp_path, batch_size=5), "m")
+    experiment = Experiment(sites=sites, work_dir=tmp_path, batch_size=5, augment=False)
+    (state_dir,) = write_site_dirs(experiment, "m")
     runtime = SiteRuntime.from_state_dir(state_dir)
     assert runtime.cfg["train"]["batch_size"] == 5
     assert next(iter(runtime.loader("train", shuffle=False)))["image"].shape[0] == 5
+    assert runtime.cfg["train"]["augment"] is False
