@@ -238,10 +238,9 @@ def main(argv: list[str] | None = None) -> None:
         f"(models: {', '.join(MODEL_NAMES)})",
     )
     parser.add_argument(
-        "--no-augment",
-        dest="augment",
-        action="store_false",
-        help="train on the cases as drawn, without random flips and quarter turns",
+        "--augment",
+        action="store_true",
+        help="flip and turn the training cases at random (train.augment; off by default)",
     )
     parser.add_argument("--out", default=str(RESULTS_DIR / "quality.json"))
     args = parser.parse_args(argv)

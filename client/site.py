@@ -168,7 +168,7 @@ class SiteRuntime:
 
     def training_loader(self, seed: int, cases: Dataset | None = None) -> DataLoader:
         """Shuffled batches of the training split (or of ``cases``), each case flipped and
-        turned at random unless the site config sets ``train.augment: false``."""
+        turned at random when the site config sets ``train.augment: true``."""
         train_cfg = self.cfg.get("train", {})
         return make_loader(
             self.dataset("train") if cases is None else cases,
@@ -176,7 +176,7 @@ class SiteRuntime:
             shuffle=True,
             seed=seed,
             num_workers=int(train_cfg.get("num_workers", 0)),
-            augment=bool(train_cfg.get("augment", True)),
+            augment=bool(train_cfg.get("augment", False)),
         )
 
     def check(self) -> SiteSummary:

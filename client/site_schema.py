@@ -24,7 +24,7 @@ __all__ = ["SiteSchema", "check_site_config"]
 class TrainSchema:
     batch_size: int = at_least(8, 1)  # cases per optimizer step at this site
     num_workers: int = at_least(0, 0)  # DataLoader worker processes
-    augment: bool = True  # random flips and quarter turns of the training cases
+    augment: bool = False  # random flips and quarter turns of the training cases
 
 
 @dataclass

@@ -110,7 +110,7 @@ class TrainOptions:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     seed: int = 0  # seeds weights, shuffling and Eq. 14's random confidences
     num_workers: int = at_least(0, 0)  # DataLoader worker processes
-    augment: bool = True  # random flips and quarter turns of the training cases
+    augment: bool = False  # random flips and quarter turns of the training cases
     progress: bool = True  # progress bars
     keep_best: bool = True  # test the best validation epoch, not the last
 
@@ -163,7 +163,7 @@ class FederationOptions:
     preset: str = "tiny"  # architecture preset
     model_options: dict[str, Any] | None = None  # model overrides (null = none)
     batch_size: int = at_least(8, 1)  # cases per optimizer step
-    augment: bool = True  # random flips and quarter turns of the training cases, every method
+    augment: bool = False  # random flips and quarter turns of the training cases, every method
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     eval_split: str = "test"  # split every method is scored on
     select: str = "last"  # round reported: last, or best_val (best validation soft Dice)

@@ -311,7 +311,7 @@ def fit(cfg: Mapping[str, Any]) -> dict[str, Any]:
             shuffle=True,
             seed=seed,
             num_workers=workers,
-            augment=bool(train_cfg.get("augment", True)),
+            augment=bool(train_cfg.get("augment", False)),
         )
 
     def after_epoch(epoch: int, train_metrics: dict[str, Any]) -> None:

@@ -165,7 +165,7 @@ class Experiment:
     model_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     batch_size: int = 8
-    augment: bool = True  # random flips and quarter turns of the training cases, every method
+    augment: bool = False  # random flips and quarter turns of the training cases, every method
     device: str = "auto"
     eval_split: str = "test"
     select_split: str = ""  # choose each method's reported round by this split ("" = the last)

@@ -1,5 +1,5 @@
-"""A site trains on randomly flipped and turned cases unless its config says
-``train.augment: false``; the switch reaches its round's training."""
+"""A site trains on randomly flipped and turned cases when its config says
+``train.augment: true`` (off by default); the switch reaches its round's training."""
 
 from __future__ import annotations
 
@@ -33,10 +33,10 @@ def _trained_shared(state_dir: str) -> dict[str, torch.Tensor]:
     return split_state(model)[0]
 
 
-def test_site_training_augments_by_default_and_not_when_switched_off(make_site):
+def test_site_training_augments_when_switched_on_and_not_by_default(make_site):
     cases = "data.splits.train=32"
-    augmented = make_site("synthetic_a", cases, name="augmented")
-    plain = make_site("synthetic_a", cases, "train.augment=false", name="plain")
+    augmented = make_site("synthetic_a", cases, "train.augment=true", name="augmented")
+    plain = make_site("synthetic_a", cases, name="plain")
     assert len(_orientations(SiteRuntime.from_state_dir(augmented), seed=3)) >= 6
     assert _orientations(SiteRuntime.from_state_dir(plain), seed=3) == {(False, 0)}
 

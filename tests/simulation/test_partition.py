@@ -85,12 +85,12 @@ def test_every_method_steps_with_the_experiments_batch_size_and_augmentation(tmp
     from client.site import SiteRuntime
     from simulation.methods import Experiment, write_site_dirs
 
-    train = {"batch_size": 2, "num_workers": 0, "augment": True}
+    train = {"batch_size": 2, "num_workers": 0, "augment": False}
     sources = [{"site": "a", "data": POOL, "seed": 1, "train": train}]
     sites = partition({"kind": "source", "sources": sources}, seed=0)
-    experiment = Experiment(sites=sites, work_dir=tmp_path, batch_size=5, augment=False)
+    experiment = Experiment(sites=sites, work_dir=tmp_path, batch_size=5, augment=True)
     (state_dir,) = write_site_dirs(experiment, "m")
     runtime = SiteRuntime.from_state_dir(state_dir)
     assert runtime.cfg["train"]["batch_size"] == 5
     assert next(iter(runtime.loader("train", shuffle=False)))["image"].shape[0] == 5
-    assert runtime.cfg["train"]["augment"] is False
+    assert runtime.cfg["train"]["augment"] is True
