@@ -4,8 +4,10 @@ A case's image and every mask drawn on it (each rater's, the true mask) get the 
 so the raters' habits and their disagreement are kept; only the orientation changes. The
 synthetic sets and the fundus, prostate and CT slices we read have no preferred orientation
 that a model should learn (left and right eyes are mirror images), and with tens of cases per
-site this is the cheapest regulariser there is (nnU-Net and MONAI flip and rotate by default).
-Non-square images get only the transforms that keep their shape (flips and a half turn).
+site it is the cheapest regulariser there is (nnU-Net and MONAI flip and rotate by default).
+Non-square images get only the transforms that keep their shape (flips and a half turn). Off by
+default here: in short runs it slows learning, the faithful rater heads most (README,
+"Centralized training").
 
 Used as the ``collate_fn`` of a training loader (:func:`mrprism_core.train.make_loader`), so
 every trainer gets it from one place, Opacus' Poisson-sampling loader keeps it (it reuses the
@@ -60,9 +62,8 @@ class RandomFlipsTurns:
         worker = get_worker_info()
         index = 0 if worker is None else worker.id + 1
         if index not in self._generators:
-            self._generators[index] = torch.Generator().manual_seed(
-                self.seed * 1_000_003 + 7_919 * index
-            )
+            stream = (self.seed * 1_000_003 + 7_919 * index) % 2**63  # within torch's range
+            self._generators[index] = torch.Generator().manual_seed(stream)
         return self._generators[index]
 
     def __call__(self, cases: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
