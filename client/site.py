@@ -157,26 +157,27 @@ class SiteRuntime:
     def loader(self, split: str, *, shuffle: bool, seed: int = 0) -> DataLoader:
         """Batches of ``split`` (or of every split, ``all``) at the site's batch size, the cases
         as drawn (training uses :meth:`training_loader`)."""
-        train_cfg = self.cfg.get("train", {})
-        return make_loader(
-            self._cases_of(split),
-            int(train_cfg.get("batch_size", 8)),
-            shuffle=shuffle,
-            seed=seed,
-            num_workers=int(train_cfg.get("num_workers", 0)),
-        )
+        return self._batches(self._cases_of(split), shuffle=shuffle, seed=seed)
 
     def training_loader(self, seed: int, cases: Dataset | None = None) -> DataLoader:
         """Shuffled batches of the training split (or of ``cases``), each case flipped and
         turned at random when the site config sets ``train.augment: true``."""
+        augment = bool(self.cfg.get("train", {}).get("augment", False))
+        cases = self.dataset("train") if cases is None else cases
+        return self._batches(cases, shuffle=True, seed=seed, augment=augment)
+
+    def _batches(
+        self, cases: Dataset, *, shuffle: bool, seed: int, augment: bool = False
+    ) -> DataLoader:
+        """``make_loader`` at the site config's batch size and worker count."""
         train_cfg = self.cfg.get("train", {})
         return make_loader(
-            self.dataset("train") if cases is None else cases,
+            cases,
             int(train_cfg.get("batch_size", 8)),
-            shuffle=True,
+            shuffle=shuffle,
             seed=seed,
             num_workers=int(train_cfg.get("num_workers", 0)),
-            augment=bool(train_cfg.get("augment", False)),
+            augment=augment,
         )
 
     def check(self) -> SiteSummary:
