@@ -3,7 +3,8 @@ rec_tau (a Table-1-style table) beside the baselines (U-Net on majority vote / S
 multi-head U-Net, MRNet, D-Persona, DiFF), and label fusion scored against the truth (paper
 000's Table 3 analogue).
 
-``python -m benchmarks.quality [--seeds 3] [--site synthetic_hard] [--epochs 20] [--models ...]``
+``python -m benchmarks.quality [--seeds 3] [--site synthetic_hard] [--epochs 20] [--models ...]
+[--mirror]``
 
 Every model trains through ``mrprism_core.train.fit`` (the centralized trainer) on the same
 split, keeps the epoch that scored best on the validation split (soft Dice), and is scored on
@@ -14,7 +15,9 @@ of its rater outputs, MrPrism's is its estimate of the structure, so every model
 outputs also gets the soft Dice of their mean (``heads_mean_soft_dice``). Then the raters'
 masks of the test split are fused by majority vote, STAPLE and MrPrism's Eq. 1 under the
 trained DivP's reliabilities, and each fusion is scored against the true mask; the true mask's
-own soft Dice is the reference a calibrated mask aims at (``true_mask_soft_dice``). Each number is
+own soft Dice is the reference a calibrated mask aims at (``true_mask_soft_dice``). With
+``--mirror`` each trained model is also scored under test-time mirroring
+(``mrprism_core.mirroring``), a ``<model>+mirror`` row beside its own. Each number is
 reported as mean and standard deviation over the seeds (data, initial weights and shuffles
 all change with the seed). ``--site`` takes the data block of a site config
 (``site_configs/<site>.yaml``, e.g. ``synthetic_hard`` or ``synthetic_nodule_a``); without it
@@ -38,7 +41,7 @@ from mrprism_core.data.factory import build_dataset
 from mrprism_core.label_fusion import evaluate_label_fusion
 from mrprism_core.metrics import RECURRENCE_METRICS, MetricAccumulator, recurrence_table
 from mrprism_core.models import MODEL_NAMES
-from mrprism_core.train import fit, load_model, make_loader
+from mrprism_core.train import evaluate, fit, load_model, make_loader
 
 from .common import RESULTS_DIR, spread, write_json
 
@@ -164,23 +167,8 @@ def print_tables(
         print(f"soft Dice of the true mask itself (raters' mean: 100): {_fmt(truth_soft_dice)}")
 
 
-def run_model(
-    model: str, args: argparse.Namespace, seed: int, options: Mapping[str, Any]
-) -> tuple[dict[str, Any], dict[str, float] | None]:
-    """Train and test one model at one seed; MrPrism also scores the label fusions."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        cfg = config(model, args, seed, out_dir, options)
-        start = time.perf_counter()
-        outcome = fit(cfg)
-        seconds = time.perf_counter() - start
-        fusion = None
-        if model == "mrprism":
-            tested = Path(out_dir) / "best.pt"  # absent without a validation split
-            trained, _ = load_model(tested if tested.exists() else Path(out_dir) / "last.pt")
-            test_set = build_dataset(cfg["data"], "test")
-            fusion = evaluate_label_fusion(trained, make_loader(test_set, 8, shuffle=False))
-    test = outcome["test"]
-    run = {
+def _scores(test: Mapping[str, Any], seconds: float, best_epoch: int | None) -> dict[str, Any]:
+    return {
         "soft_dice": test["soft_dice"],
         "dice_vs_truth": test.get("dice_vs_truth"),
         "per_rater_dice": _mean_per_rater(test),
@@ -188,10 +176,32 @@ def run_model(
         "ece": test.get("ece"),
         "heads_mean_soft_dice": test.get("heads_mean_soft_dice"),
         "train_seconds": seconds,
-        "best_epoch": outcome.get("best_epoch"),
+        "best_epoch": best_epoch,
         "recurrences": recurrence_table(test),
     }
-    return run, fusion
+
+
+def run_model(
+    model: str, args: argparse.Namespace, seed: int, options: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, float] | None, dict[str, Any] | None]:
+    """Train and test one model at one seed: its scores; for MrPrism the label fusions'; with
+    ``args.mirror`` the same trained model's scores under test-time mirroring (else None)."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        cfg = config(model, args, seed, out_dir, options)
+        start = time.perf_counter()
+        outcome = fit(cfg)
+        seconds = time.perf_counter() - start
+        fusion = mirrored = None
+        if model == "mrprism" or args.mirror:
+            tested = Path(out_dir) / "best.pt"  # absent without a validation split
+            trained, _ = load_model(tested if tested.exists() else Path(out_dir) / "last.pt")
+            test_loader = make_loader(build_dataset(cfg["data"], "test"), 8, shuffle=False)
+            if model == "mrprism":
+                fusion = evaluate_label_fusion(trained, test_loader)
+            if args.mirror:
+                test = evaluate(trained, test_loader, mirror=True)
+                mirrored = _scores(test, seconds, outcome.get("best_epoch"))
+    return _scores(outcome["test"], seconds, outcome.get("best_epoch")), fusion, mirrored
 
 
 def parse_variant(text: str) -> tuple[str, str, dict[str, Any]]:
@@ -242,6 +252,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="flip and turn the training cases at random (train.augment; off by default)",
     )
+    parser.add_argument(
+        "--mirror",
+        action="store_true",
+        help="also score each trained model under test-time mirroring (a <model>+mirror row)",
+    )
     parser.add_argument("--out", default=str(RESULTS_DIR / "quality.json"))
     args = parser.parse_args(argv)
     variants = [parse_variant(text) for text in args.models]
@@ -255,8 +270,10 @@ def main(argv: list[str] | None = None) -> None:
     truth_soft_dice = spread(references)  # None without a true mask
     for seed in range(args.seeds):
         for label, model, options in variants:
-            run, fusion = run_model(model, args, seed, options)
+            run, fusion, mirrored = run_model(model, args, seed, options)
             per_seed[label].append(run)
+            if mirrored is not None:
+                per_seed.setdefault(f"{label}+mirror", []).append(mirrored)
             if fusion is not None and label == model:
                 fusions.append(fusion)
             print(

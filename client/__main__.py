@@ -132,6 +132,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--batch-size", type=positive_int, default=8, help="--predict: slices per forward pass"
     )
     parser.add_argument(
+        "--mirror",
+        action="store_true",
+        help="--predict: average each slice's prediction over its 4 mirrorings (test-time "
+        "mirroring; 4x the inference time)",
+    )
+    parser.add_argument(
         "overrides",
         nargs="*",
         metavar="key=value",
@@ -142,6 +148,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--site is required (use --list to see the known sites)")
     if args.predict and not args.out:
         parser.error("--predict needs --out OUTPUT_FOLDER")
+    if args.mirror and not args.predict:
+        parser.error("--mirror applies to --predict only")
     return args
 
 
@@ -253,7 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from mrprism_core.predict import run_cli
 
             model = site.personal_model()
-            return run_cli(model, args.predict, args.out, str(site.device), args.batch_size)
+            return run_cli(
+                model, args.predict, args.out, str(site.device), args.batch_size, args.mirror
+            )
         summary = site.check()
         if args.adapt:
             print("\n".join(summary.lines()))

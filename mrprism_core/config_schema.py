@@ -113,6 +113,7 @@ class TrainOptions:
     augment: bool = False  # random flips and quarter turns of the training cases
     progress: bool = True  # progress bars
     keep_best: bool = True  # test the best validation epoch, not the last
+    test_mirroring: bool = False  # score the test split averaged over 4 mirrorings per case
 
 
 @dataclass

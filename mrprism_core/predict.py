@@ -39,11 +39,17 @@ from tqdm import tqdm
 from .checkpoint import atomic_write_bytes
 from .cli_types import positive_int
 from .data.images import ImageReadError, InputCase, find_inputs, read_case
+from .mirroring import mirrored_forward
 from .models.base import SegmentationModel
 
 __all__ = ["CasePrediction", "predict_case", "predict_inputs", "write_case"]
 
 SUMMARY = "summary.csv"
+#: ``--mirror`` of both prediction commands
+MIRROR_HELP = (
+    "average each slice's prediction over its 4 mirrorings (test-time mirroring, as nnU-Net "
+    "predicts; 4x the inference time; README: Benchmarks)"
+)
 
 
 @dataclass
@@ -71,9 +77,11 @@ def predict_case(
     case: InputCase,
     device: torch.device | str = "cpu",
     batch_size: int = 8,
+    mirror: bool = False,
 ) -> CasePrediction:
     """Run ``model`` on every slice of ``case`` at the model's training size, then resample the
-    probabilities back to the input's size.
+    probabilities back to the input's size. ``mirror``: average over the 4 mirrorings of each
+    slice (:func:`~mrprism_core.mirroring.mirrored_forward`).
 
     Raises:
         ImageReadError: the case's channel count is not the model's.
@@ -90,7 +98,7 @@ def predict_case(
     for start in range(0, len(case.slices), batch_size):
         batch = torch.from_numpy(case.slices[start : start + batch_size]).to(device)
         resized = F.interpolate(batch, size=(size, size), mode="bilinear", align_corners=False)
-        output = model(resized)
+        output = mirrored_forward(model, resized) if mirror else model(resized)
         back = dict(size=(height, width), mode="bilinear", align_corners=False)
         calibrated.append(F.interpolate(output.calibrated, **back).cpu())
         if output.raters is not None:
@@ -173,6 +181,7 @@ def predict_inputs(
     device: torch.device | str = "cpu",
     batch_size: int = 8,
     progress: bool = True,
+    mirror: bool = False,
 ) -> list[dict[str, Any]]:
     """Predict every case under ``inputs`` into ``out_dir``; writes ``summary.csv``.
 
@@ -185,7 +194,8 @@ def predict_inputs(
     for path in tqdm(find_inputs(inputs), desc="predict", unit="case", disable=not progress):
         try:
             case = read_case(path)
-            rows.append(write_case(case, predict_case(model, case, device, batch_size), out))
+            prediction = predict_case(model, case, device, batch_size, mirror=mirror)
+            rows.append(write_case(case, prediction, out))
         except ImageReadError as err:
             rows.append({"case": path.name, "input": str(path), "status": f"failed: {err}"})
             print(f"skipped: {err}", file=sys.stderr)
@@ -210,13 +220,16 @@ def run_cli(
     out_dir: str,
     device: str = "auto",
     batch_size: int = 8,
+    mirror: bool = False,
 ) -> int:
     """Shared by both command lines: predict, print where the files went, exit status 0 only
     if every case was predicted."""
     from .train import resolve_device
 
     try:
-        rows = predict_inputs(model, inputs, out_dir, resolve_device(device), batch_size)
+        rows = predict_inputs(
+            model, inputs, out_dir, resolve_device(device), batch_size, mirror=mirror
+        )
     except ImageReadError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -245,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--batch-size", type=positive_int, default=8, help="slices per forward pass"
     )
+    parser.add_argument("--mirror", action="store_true", help=MIRROR_HELP)
     args = parser.parse_args(argv)
 
     from .checkpoint import CorruptCheckpointError
@@ -255,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, CorruptCheckpointError, KeyError) as err:
         print(f"error: cannot load {args.checkpoint}: {err}", file=sys.stderr)
         return 2
-    return run_cli(model, args.input, args.out, args.device, args.batch_size)
+    return run_cli(model, args.input, args.out, args.device, args.batch_size, args.mirror)
 
 
 if __name__ == "__main__":

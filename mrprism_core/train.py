@@ -30,6 +30,7 @@ from .data.augment import RandomFlipsTurns
 from .data.factory import EmptySplitError, build_dataset, dataset_info
 from .lr_schedule import check_lr_schedule, scheduled_lr, set_lr
 from .metrics import MetricAccumulator
+from .mirroring import mirrored_forward
 from .models import SegmentationModel, build_model_for_data, model_from_build_args
 
 __all__ = [
@@ -198,15 +199,18 @@ def evaluate(
     *,
     progress: bool = False,
     description: str = "evaluate",
+    mirror: bool = False,
 ) -> dict[str, Any]:
     """Soft Dice (overall and per recurrence), per-rater Dice, GED, ECE and, when the data
-    carries a true mask, Dice against it. See :class:`~mrprism_core.metrics.MetricAccumulator`."""
+    carries a true mask, Dice against it. See :class:`~mrprism_core.metrics.MetricAccumulator`.
+    ``mirror``: score the mean output over the 4 mirrorings of each case
+    (:func:`~mrprism_core.mirroring.mirrored_forward`)."""
     device = torch.device(device)
     model.eval()
     metrics = MetricAccumulator()
     for batch in tqdm(loader, desc=description, leave=False, disable=not progress, unit="batch"):
         batch = move_batch(batch, device)
-        out = model(batch["image"])
+        out = mirrored_forward(model, batch["image"]) if mirror else model(batch["image"])
         metrics.update(
             out.calibrated,
             batch["raters"],
@@ -361,6 +365,7 @@ def fit(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if tested_epoch != len(history):
         model.load_state_dict(load_checkpoint(best, map_location=device)["model_state"])
     test_loader = make_loader(test_set, batch_size, shuffle=False, num_workers=workers)
+    mirror = bool(train_cfg.get("test_mirroring", False))
     results = {
         "model": dict(model.build_args),
         "epochs": epochs,
@@ -371,7 +376,8 @@ def fit(cfg: Mapping[str, Any]) -> dict[str, Any]:
             if tested_epoch and tested_epoch == best_epoch
             else "last epoch" + (" (no validation split)" if val_set is None else "")
         ),
-        "test": evaluate(model, test_loader, device, progress=progress),
+        "test": evaluate(model, test_loader, device, progress=progress, mirror=mirror),
+        "test_mirroring": mirror,
         "val": history[tested_epoch - 1]["val"] if tested_epoch else None,
     }
     tracker.scalars(tested_epoch, {f"test/{k}": v for k, v in results["test"].items()})

@@ -174,6 +174,16 @@ def test_volumes_keep_their_geometry_and_central_checkpoints_share_the_path(
         b = np.asarray(nib.load(str(central_out / name)).dataobj)
         assert np.allclose(a, b, atol=1e-5), name
 
+    # --mirror: the mean of four mirrored passes, close to the plain prediction but not it
+    mirrored_out = tmp_path / "mirrored_out"
+    args = [str(inputs), "--checkpoint", str(checkpoint), "--out", str(mirrored_out)]
+    assert predict_main([*args, "--device", "cpu", "--mirror"]) == 0
+    name = "anatomical/uncertainty.nii.gz"
+    plain = np.asarray(nib.load(str(central_out / name)).dataobj)
+    mirrored = np.asarray(nib.load(str(mirrored_out / name)).dataobj)
+    assert mirrored.shape == plain.shape and not np.allclose(mirrored, plain, atol=1e-3)
+    assert np.corrcoef(mirrored.ravel(), plain.ravel())[0, 1] > 0.5
+
     # a colour photo for a grey-level model: reported in the summary, exit status 1
     colour = tmp_path / "colour"
     colour.mkdir()
