@@ -603,7 +603,11 @@ class SiteRuntime:
         return {"cases": count, "epochs": epochs, "first_loss": losses[0], "last_loss": losses[-1]}
 
     def evaluate(self, model: SegmentationModel, split: str = "val") -> dict[str, Any]:
-        return evaluate(model, self.loader(split, shuffle=False), self.device)
+        """The one evaluation on ``split``; the test split averaged over 4 mirrorings of each
+        case when the site config sets ``train.test_mirroring: true`` (validation, which
+        chooses rounds, never is)."""
+        mirror = split == "test" and bool(self.cfg.get("train", {}).get("test_mirroring", False))
+        return evaluate(model, self.loader(split, shuffle=False), self.device, mirror=mirror)
 
     # --- raters -----------------------------------------------------------------------
     @property

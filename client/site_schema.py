@@ -25,6 +25,7 @@ class TrainSchema:
     batch_size: int = at_least(8, 1)  # cases per optimizer step at this site
     num_workers: int = at_least(0, 0)  # DataLoader worker processes
     augment: bool = False  # random flips and quarter turns of the training cases
+    test_mirroring: bool = False  # score the test split averaged over 4 mirrorings per case
 
 
 @dataclass

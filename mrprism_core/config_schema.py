@@ -165,6 +165,7 @@ class FederationOptions:
     model_options: dict[str, Any] | None = None  # model overrides (null = none)
     batch_size: int = at_least(8, 1)  # cases per optimizer step
     augment: bool = False  # random flips and quarter turns of the training cases, every method
+    test_mirroring: bool = False  # test splits scored over 4 mirrorings per case, every method
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     eval_split: str = "test"  # split every method is scored on
     select: str = "last"  # round reported: last, or best_val (best validation soft Dice)

@@ -166,6 +166,7 @@ class Experiment:
     seed: int = 0
     batch_size: int = 8
     augment: bool = False  # random flips and quarter turns of the training cases, every method
+    test_mirroring: bool = False  # test splits scored over 4 mirrorings per case, every method
     device: str = "auto"
     eval_split: str = "test"
     select_split: str = ""  # choose each method's reported round by this split ("" = the last)
@@ -356,12 +357,13 @@ def _site_config(
     privacy: Mapping,
     share_quality: bool = False,
 ) -> dict:
-    # every method steps with the experiment's batch size and augmentation, whatever the site
-    # config says
+    # every method steps with the experiment's batch size and augmentation, and scores its test
+    # split alike, whatever the site config says
     train = {
         **dict(site.settings.get("train", {})),
         "batch_size": exp.batch_size,
         "augment": exp.augment,
+        "test_mirroring": exp.test_mirroring,
     }
     train.setdefault("num_workers", 0)
     return {
@@ -658,8 +660,12 @@ def _run_centralized(exp: Experiment) -> dict[str, Any]:
 
     tracker = exp.tracker("centralized")
 
-    def scored(dataset: Any) -> dict[str, Any]:
-        return evaluate(model, make_loader(dataset, exp.batch_size, shuffle=False), device)
+    def scored(dataset: Any, mirror: bool = False) -> dict[str, Any]:
+        loader = make_loader(dataset, exp.batch_size, shuffle=False)
+        return evaluate(model, loader, device, mirror=mirror)
+
+    # as every site scores its test split (SiteRuntime.evaluate); validation never mirrored
+    mirror_tests = exp.test_mirroring and exp.eval_split == "test"
 
     for server_round in range(1, exp.rounds + 1):
         set_lr(optimizer, exp.round_lr(server_round))
@@ -667,7 +673,7 @@ def _run_centralized(exp: Experiment) -> dict[str, Any]:
         run_epochs(model, optimizer, loader, device, exp.local_epochs, first_epoch=first)
         latest = {}
         for site in exp.sites:
-            latest[site.name] = scored(tests[site.name])
+            latest[site.name] = scored(tests[site.name], mirror_tests)
             history[site.name].append(float(latest[site.name]["soft_dice"]))
             tracker.scalars(server_round, _site_scalars(site.name, latest[site.name]))
         score = None

@@ -134,6 +134,7 @@ def run_experiment(cfg: dict[str, Any], label: str = "") -> dict[str, Any]:
         seed=seed,
         batch_size=int(fed["batch_size"]),
         augment=bool(fed.get("augment", False)),
+        test_mirroring=bool(fed.get("test_mirroring", False)),
         device=str(fed["device"]),
         eval_split=str(fed["eval_split"]),
         select_split=selection_split(str(fed.get("select", "last")), sites),

@@ -79,18 +79,21 @@ def test_impossible_partitions_say_why():
 
 
 def test_every_method_steps_with_the_experiments_batch_size_and_augmentation(tmp_path):
-    """A site config's own ``train.batch_size`` and ``train.augment`` do not override the
-    experiment's: all methods (federated, local, centralized) must take optimizer steps of the
-    same size on the same kind of cases."""
+    """A site config's own ``train.batch_size``, ``train.augment`` and ``train.test_mirroring``
+    do not override the experiment's: all methods (federated, local, centralized) must take
+    optimizer steps of the same size on the same kind of cases, and be scored alike."""
     from client.site import SiteRuntime
     from simulation.methods import Experiment, write_site_dirs
 
-    train = {"batch_size": 2, "num_workers": 0, "augment": False}
+    train = {"batch_size": 2, "num_workers": 0, "augment": False, "test_mirroring": False}
     sources = [{"site": "a", "data": POOL, "seed": 1, "train": train}]
     sites = partition({"kind": "source", "sources": sources}, seed=0)
-    experiment = Experiment(sites=sites, work_dir=tmp_path, batch_size=5, augment=True)
+    experiment = Experiment(
+        sites=sites, work_dir=tmp_path, batch_size=5, augment=True, test_mirroring=True
+    )
     (state_dir,) = write_site_dirs(experiment, "m")
     runtime = SiteRuntime.from_state_dir(state_dir)
     assert runtime.cfg["train"]["batch_size"] == 5
     assert next(iter(runtime.loader("train", shuffle=False)))["image"].shape[0] == 5
     assert runtime.cfg["train"]["augment"] is True
+    assert runtime.cfg["train"]["test_mirroring"] is True
