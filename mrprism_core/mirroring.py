@@ -1,8 +1,9 @@
 """Test-time mirroring: a model's output averaged over its input mirrored along the two image
 axes (as is, left-right, up-down, both: four forward passes), each output mirrored back
-before the mean. nnU-Net predicts this way by default; here it is a switch (``mirror`` in
-:func:`~mrprism_core.train.evaluate`, ``train.test_mirroring``, ``--mirror`` of the
-prediction commands and of ``benchmarks.quality``), off by default.
+before the mean. nnU-Net predicts this way by default; here it is a switch, off by default:
+``mirror`` of :func:`~mrprism_core.train.evaluate` (``train.test_mirroring`` of centralized
+training and of a site config, ``federation.test_mirroring`` of the simulation; test splits
+only) and ``--mirror`` of the prediction commands and of ``benchmarks.quality``.
 
 None of our models is mirror-equivariant (patch attention, strided convolutions), so the four
 passes disagree a little, mostly at boundaries, and their mean is a small ensemble: on the

@@ -45,11 +45,6 @@ from .models.base import SegmentationModel
 __all__ = ["CasePrediction", "predict_case", "predict_inputs", "write_case"]
 
 SUMMARY = "summary.csv"
-#: ``--mirror`` of both prediction commands
-MIRROR_HELP = (
-    "average each slice's prediction over its 4 mirrorings (test-time mirroring, as nnU-Net "
-    "predicts; 4x the inference time; README: Benchmarks)"
-)
 
 
 @dataclass
@@ -258,7 +253,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--batch-size", type=positive_int, default=8, help="slices per forward pass"
     )
-    parser.add_argument("--mirror", action="store_true", help=MIRROR_HELP)
+    parser.add_argument(
+        "--mirror",
+        action="store_true",
+        help="average each slice's prediction over its 4 mirrorings (test-time mirroring, as "
+        "nnU-Net predicts; 4x the inference time)",
+    )
     args = parser.parse_args(argv)
 
     from .checkpoint import CorruptCheckpointError
