@@ -7,6 +7,7 @@ per-sample gradients and small federated batches behave.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import lru_cache
 
 import torch
@@ -18,6 +19,7 @@ __all__ = [
     "ConvNormAct",
     "DownStack",
     "UpBlock",
+    "FullResolutionSkip",
     "PatchEmbed",
     "PatchUnembed",
     "Attention",
@@ -70,6 +72,25 @@ class UpBlock(nn.Module):
         if skip is not None:
             x = torch.cat([x, skip], dim=1)
         return self.refine(F.relu(self.norm(self.deconv(x))))
+
+
+class FullResolutionSkip(nn.Module):
+    """A decoder's last, full-resolution map refined with the encoder's full-resolution image
+    features (``MrPrismArch.full_resolution_width``): concatenate, 3x3 conv."""
+
+    def __init__(self, channels: int, skip: int) -> None:
+        super().__init__()
+        self.refine = ConvNormAct(channels + skip, channels)
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        return self.refine(torch.cat([x, skip], dim=1))
+
+    @classmethod
+    def for_decoder(
+        cls, channels: int, deep_to_shallow: Sequence[int]
+    ) -> FullResolutionSkip | None:
+        """The block for an encoder with a full-resolution map (a sixth entry), else None."""
+        return cls(channels, deep_to_shallow[5]) if len(deep_to_shallow) > 5 else None
 
 
 class PatchEmbed(nn.Module):

@@ -16,6 +16,10 @@ class MrPrismArch:
     encoder_widths: tuple[int, ...] = (64, 128, 256, 512)  # channels of the 4 residual stages
     encoder_depths: tuple[int, ...] = (3, 4, 6, 3)  # residual blocks per stage (ResNet-34)
     conp_widths: tuple[int, ...] = (256, 128, 64, 32, 16)  # channels after each ConP deconv
+    # channels of a full-resolution image branch (one 3x3 conv) that the decoder's last stage
+    # reads: our option, 0 = off (the paper's decoder ends on a 2x deconvolution of the
+    # stem's half-resolution map); any decoder on this encoder uses it (README)
+    full_resolution_width: int = 0
     conp_patch_sizes: tuple[int, ...] = (2, 4, 4, 8, 8)  # attention patch per ConP stage
     conp_dim: int = 128  # token dimension of ConP attention
     conp_heads: int = 4  # attention heads per ConP stage
@@ -39,6 +43,10 @@ class MrPrismArch:
             raise ValueError("ConP has 5 stages: conp_widths and conp_patch_sizes need 5 values")
         if self.recurrences < 1:
             raise ValueError(f"recurrences must be >= 1, got {self.recurrences}")
+        if self.full_resolution_width < 0:
+            raise ValueError(
+                f"full_resolution_width must be >= 0, got {self.full_resolution_width}"
+            )
 
 
 PRESETS: dict[str, MrPrismArch] = {

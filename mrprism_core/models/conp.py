@@ -10,7 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .blocks import Attention, Mlp, PatchEmbed, PatchUnembed, UpBlock, sincos_position_encoding
+from .blocks import (
+    Attention,
+    FullResolutionSkip,
+    Mlp,
+    PatchEmbed,
+    PatchUnembed,
+    UpBlock,
+    sincos_position_encoding,
+)
 
 __all__ = ["ConP", "ConfidenceAttention"]
 
@@ -53,7 +61,8 @@ class ConP(nn.Module):
     """Decoder from the encoder features to K calibrated-mask logits at full resolution.
 
     Args:
-        encoder_channels: channels of the encoder features, shallow to deep (5 values).
+        encoder_channels: channels of the encoder features, shallow to deep (5 values, or 6
+            with a full-resolution map first).
         widths: channels after each stage's deconvolution, deep to shallow (5 values).
         patch_sizes: attention patch per stage, deep to shallow.
     """
@@ -83,6 +92,7 @@ class ConP(nn.Module):
             )
             self.up.append(UpBlock(cin, skip, width))
             cin = width
+        self.full_resolution = FullResolutionSkip.for_decoder(cin, deep_to_shallow)
         # the output layer may also see the finest confidence embedding, pixel by pixel, so
         # the raters' reliabilities can move a boundary directly
         extra = confidence_width if confidence_head else 0
@@ -107,6 +117,8 @@ class ConP(nn.Module):
         for stage, (attend, up) in enumerate(zip(self.attention, self.up)):
             x = attend(x, confidence[stage])
             x = up(x, None if stage == 0 else skips[stage])
+        if self.full_resolution is not None:
+            x = self.full_resolution(x, skips[len(self.up)])
         return x
 
     def output(self, decoded: Tensor, confidence: Sequence[Tensor]) -> Tensor:

@@ -37,7 +37,8 @@ class ResNetEncoder(nn.Module):
     """Stem (stride 2) + max-pool + four residual stages (strides 4, 8, 16, 32).
 
     ``forward`` returns the five feature maps from shallow to deep; the last one is ``f_0``.
-    ``channels`` lists their channel counts in the same order.
+    With ``full_resolution_width`` a sixth, full-resolution map (one 3x3 conv of the image)
+    comes first. ``channels`` lists their channel counts in the same order.
     """
 
     def __init__(
@@ -46,6 +47,7 @@ class ResNetEncoder(nn.Module):
         stem_width: int,
         widths: Sequence[int],
         depths: Sequence[int],
+        full_resolution_width: int = 0,
     ) -> None:
         super().__init__()
         if len(widths) != 4 or len(depths) != 4:
@@ -61,10 +63,15 @@ class ResNetEncoder(nn.Module):
             cin = width
         self.stages = nn.ModuleList(stages)
         self.channels = [stem_width, *widths]
+        self.full_resolution = None
+        if full_resolution_width:  # created last: the other layers' initial weights stay
+            self.full_resolution = ConvNormAct(in_channels, full_resolution_width)
+            self.channels.insert(0, full_resolution_width)
 
     def forward(self, x: Tensor) -> list[Tensor]:
+        features = [] if self.full_resolution is None else [self.full_resolution(x)]
         x = self.stem(x)
-        features = [x]
+        features.append(x)
         x = self.pool(x)
         for stage in self.stages:
             x = stage(x)

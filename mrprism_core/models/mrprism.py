@@ -64,7 +64,11 @@ class MrPrism(SegmentationModel):
         if local_modules is not None:
             self.local_modules = tuple(local_modules)
         self.encoder = ResNetEncoder(
-            in_channels, arch.stem_width, arch.encoder_widths, arch.encoder_depths
+            in_channels,
+            arch.stem_width,
+            arch.encoder_widths,
+            arch.encoder_depths,
+            arch.full_resolution_width,
         )
         self.confidence = ConfidenceEmbedding(
             (4 if arch.conp_whole_likelihood else 2) * num_classes,

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..fusion import majority_vote, staple
 from ..losses import bce_dice_loss, bce_dice_per_image, mean_over_annotated
 from .base import SegmentationModel, SegmentationOutput
-from .blocks import UpBlock
+from .blocks import FullResolutionSkip, UpBlock
 from .config import MrPrismArch
 from .encoder import ResNetEncoder
 
@@ -36,7 +36,11 @@ class UNetBackbone(nn.Module):
     def __init__(self, in_channels: int, arch: MrPrismArch) -> None:
         super().__init__()
         self.encoder = ResNetEncoder(
-            in_channels, arch.stem_width, arch.encoder_widths, arch.encoder_depths
+            in_channels,
+            arch.stem_width,
+            arch.encoder_widths,
+            arch.encoder_depths,
+            arch.full_resolution_width,
         )
         deep_to_shallow = self.encoder.channels[::-1]
         self.up = nn.ModuleList()
@@ -44,6 +48,7 @@ class UNetBackbone(nn.Module):
         for stage, width in enumerate(arch.conp_widths):
             self.up.append(UpBlock(cin, 0 if stage == 0 else deep_to_shallow[stage], width))
             cin = width
+        self.full_resolution = FullResolutionSkip.for_decoder(cin, deep_to_shallow)
         self.out_channels = cin
         self.bottleneck_channels = deep_to_shallow[0]
 
@@ -60,6 +65,8 @@ class UNetBackbone(nn.Module):
         x = skips[0] if bottleneck is None else bottleneck(skips[0])
         for stage, up in enumerate(self.up):
             x = up(x, None if stage == 0 else skips[stage])
+        if self.full_resolution is not None:
+            x = self.full_resolution(x, skips[len(self.up)])
         return x
 
 
