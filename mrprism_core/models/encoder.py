@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .blocks import ConvNormAct, group_norm
+from .config import MrPrismArch
 
 __all__ = ["ResNetEncoder"]
 
@@ -67,6 +68,17 @@ class ResNetEncoder(nn.Module):
         if full_resolution_width:  # created last: the other layers' initial weights stay
             self.full_resolution = ConvNormAct(in_channels, full_resolution_width)
             self.channels.insert(0, full_resolution_width)
+
+    @classmethod
+    def from_arch(cls, in_channels: int, arch: MrPrismArch) -> ResNetEncoder:
+        """The encoder an architecture preset describes."""
+        return cls(
+            in_channels,
+            arch.stem_width,
+            arch.encoder_widths,
+            arch.encoder_depths,
+            arch.full_resolution_width,
+        )
 
     def forward(self, x: Tensor) -> list[Tensor]:
         features = [] if self.full_resolution is None else [self.full_resolution(x)]

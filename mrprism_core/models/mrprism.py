@@ -63,13 +63,7 @@ class MrPrism(SegmentationModel):
         self.loss_config = loss_config or MrPrismLossConfig()
         if local_modules is not None:
             self.local_modules = tuple(local_modules)
-        self.encoder = ResNetEncoder(
-            in_channels,
-            arch.stem_width,
-            arch.encoder_widths,
-            arch.encoder_depths,
-            arch.full_resolution_width,
-        )
+        self.encoder = ResNetEncoder.from_arch(in_channels, arch)
         self.confidence = ConfidenceEmbedding(
             (4 if arch.conp_whole_likelihood else 2) * num_classes,
             num_raters,

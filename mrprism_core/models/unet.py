@@ -35,13 +35,7 @@ class UNetBackbone(nn.Module):
 
     def __init__(self, in_channels: int, arch: MrPrismArch) -> None:
         super().__init__()
-        self.encoder = ResNetEncoder(
-            in_channels,
-            arch.stem_width,
-            arch.encoder_widths,
-            arch.encoder_depths,
-            arch.full_resolution_width,
-        )
+        self.encoder = ResNetEncoder.from_arch(in_channels, arch)
         deep_to_shallow = self.encoder.channels[::-1]
         self.up = nn.ModuleList()
         cin = deep_to_shallow[0]
