@@ -1,7 +1,8 @@
 """What federation costs: bytes on the wire per round, and the fixed time per message.
 
 ``python -m benchmarks.federation [--presets tiny paper] [--cases 16] [--rounds 3]
-[--variants worker ...] [--secagg-cases 16 64 128] [--skip-overhead] [--skip-secagg]``
+[--variants worker ...] [--secagg-cases 16 64 128] [--secagg-light-cases N] [--skip-overhead]
+[--skip-secagg]``
 
 * bytes: per client and round the site downloads the float16 change of the packed shared
   weights since those its worker holds (the float32 weights with
@@ -34,7 +35,12 @@
 * SecAgg+: a SecAgg+ round (four stages, each a message; training only) over a plain one
   (training and evaluation, two messages, pipelined), three tiny sites, for each of
   ``--secagg-cases`` training cases per site (default ``--cases``): the fixed cost is twice the
-  messages, so the ratio falls as the sites' own work grows.
+  messages, so the ratio falls as the sites' own work grows. Measured with the weights sent at
+  the setup stage (the default: the sites train during the key exchange) and at the third
+  stage, as Flower's protocol sends them (``secagg-train-ahead=false``). Three equally busy
+  sites fill this machine's two cores, so training during the key exchange only takes the
+  cores from it; ``--secagg-light-cases N`` makes two of the sites light, leaving a core for
+  each busy process, as in a deployment where every site has its own machine.
 
 Results: ``benchmarks/results/federation.json``.
 """
@@ -232,18 +238,21 @@ def federated_round_seconds(
     sites: int = 1,
     rounds: int = 3,
     secure: bool = False,
+    light_cases: int | None = None,
 ) -> list[float]:
     """Real rounds (flower-superlink, ``python -m client`` per site, ``flwr run``): the
-    server's own time of each round (train + evaluate of every site, ``metrics.jsonl``)."""
+    server's own time of each round (train + evaluate of every site, ``metrics.jsonl``).
+    ``light_cases``: every site but the first trains on this many cases instead."""
     from tests.federation.deploy import Deployment
 
     deployment = Deployment(root)
-    overrides = [*_site_overrides(preset, cases), *site_overrides]
     # sites sharing this machine's cores take one thread each (README, Deploy); one site all
-    overrides.append("threads=1" if sites > 1 else "threads=null")
+    threads = "threads=1" if sites > 1 else "threads=null"
     try:
         deployment.start_superlink(limit=3600)
         for index in range(sites):
+            site_cases = cases if index == 0 or light_cases is None else light_cases
+            overrides = [*_site_overrides(preset, site_cases), *site_overrides, threads]
             deployment.start_site("synthetic_a", *overrides, name=f"site{index}", limit=3600)
         deployment.wait_online(sites, timeout=600)
         out_dir = root / "out"
@@ -338,9 +347,19 @@ def _seconds(value: object) -> str:
     return "not measured" if value is None else f"{value:.1f} s"
 
 
-def secure_aggregation_cost(cases: int, rounds: int) -> dict[str, object]:
+def secure_aggregation_cost(
+    cases: int, rounds: int, light_cases: int | None = None
+) -> dict[str, object]:
     """SecAgg+ (four stages, each a message) against a plain round, three tiny sites with
-    ``cases`` training cases each and their workers."""
+    ``cases`` training cases each (``light_cases``: the second and third site this many) and
+    their workers; SecAgg+ with the weights sent at its setup stage (the default,
+    ``secagg-train-ahead``: the sites train during the key exchange) and with Flower's
+    protocol as it is (the weights with the third stage)."""
+    settings: dict[str, dict[str, object] | None] = {
+        "plain": None,
+        "secure": {},
+        "secure_weights_at_third_stage": {"secagg-train-ahead": False},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         times = {
             name: federated_round_seconds(
@@ -349,15 +368,21 @@ def secure_aggregation_cost(cases: int, rounds: int) -> dict[str, object]:
                 Path(tmp) / name,
                 sites=3,
                 rounds=rounds,
-                secure=name == "secure",
+                secure=extra is not None,
+                run_overrides=extra,
+                light_cases=light_cases,
             )
-            for name in ("plain", "secure")
+            for name, extra in settings.items()
         }
     later = {name: _steady_state(t) for name, t in times.items()}
     return {
         "cases": cases,
+        "light_site_cases": light_cases,
         "round_seconds": times,
         "secure_over_plain": later["secure"] / later["plain"],
+        "secure_weights_at_third_stage_over_plain": (
+            later["secure_weights_at_third_stage"] / later["plain"]
+        ),
     }
 
 
@@ -374,6 +399,14 @@ def main(argv: list[str] | None = None) -> None:
         nargs="+",
         default=None,
         help="training cases per site of each SecAgg+ measurement (default: --cases)",
+    )
+    parser.add_argument(
+        "--secagg-light-cases",
+        type=positive_int,
+        default=None,
+        help="SecAgg+: the second and third site train on this many cases (one busy site and "
+        "two light ones leave this machine a core for each busy process, as when every site "
+        "has its own machine); default: all three train on --secagg-cases",
     )
     parser.add_argument(
         "--skip-overhead", action="store_true", help="no fixed-cost-per-message measurement"
@@ -433,10 +466,14 @@ def main(argv: list[str] | None = None) -> None:
                 f"       without the worker, per message: {pieces} (s)"
             )
     for cases in [] if args.skip_secagg else args.secagg_cases or [args.cases]:
-        secure.append(secure_aggregation_cost(cases, args.rounds))
+        secure.append(secure_aggregation_cost(cases, args.rounds, args.secagg_light_cases))
+        third_stage = secure[-1]["secure_weights_at_third_stage_over_plain"]
+        light = args.secagg_light_cases
+        sites = f"{cases} cases each" if light is None else f"{cases}, {light} and {light} cases"
         print(
-            f"SecAgg+ round / plain round (3 tiny sites, {cases} cases each): "
-            f"{secure[-1]['secure_over_plain']:.2f}"
+            f"SecAgg+ round / plain round (3 tiny sites, {sites}): "
+            f"{secure[-1]['secure_over_plain']:.2f}; with the weights at the third stage "
+            f"(secagg-train-ahead=false) {third_stage:.2f}"
         )
     write_json(args.out, {"payload": payload, "overhead": rows, "secure_aggregation": secure})
 

@@ -32,11 +32,20 @@ from mrprism_core.protocol import (
     CLIPPING_NORM_KEY,
     CONTROL_KEY,
     KEPT_EVALUATION_KEY,
+    LEGACY_WEIGHTS_RECORD,
     PACKED_KEY,
+    TRAIN_AHEAD_KEY,
 )
 
 from .kept_evaluation import kept_evaluation
-from .worker_protocol import SOCKET_NODE_CONFIG, RoundOutcome, WorkerUnavailable, ask_worker
+from .worker_protocol import (
+    COLLECT,
+    SOCKET_NODE_CONFIG,
+    TRAIN_AHEAD,
+    RoundOutcome,
+    WorkerUnavailable,
+    ask_worker,
+)
 
 __all__ = ["app", "create_client_app", "node_state_dir"]
 
@@ -78,13 +87,39 @@ def _error_reply(msg: Message, context: Context, state_dir: Path, error: str) ->
 
 
 def _secure_aggregation_when_asked(msg: Message, context: Context, call_next: Any) -> Message:
-    """Flower's SecAgg+ client mod, for the messages of a SecAgg+ round only."""
+    """Flower's SecAgg+ client mod, for the messages of a SecAgg+ round only. A setup stage
+    that brings the round's weights (``secagg-train-ahead``) has the site worker start training
+    on them first; the reply then says so, and the collect stage brings no weights again."""
     from flwr.client.mod import secaggplus_mod
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-    if RECORD_KEY_CONFIGS in msg.content.config_records:
-        return secaggplus_mod(msg, context, call_next)
-    return call_next(msg, context)
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, context)
+    setup = msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE) == Stage.SETUP
+    trains_ahead = setup and _train_ahead(msg, context)
+    reply = secaggplus_mod(msg, context, call_next)
+    if trains_ahead and not reply.has_error():
+        reply.content.config_records[TRAIN_AHEAD_KEY] = ConfigRecord({"started": True})
+    return reply
+
+
+def _train_ahead(msg: Message, context: Context) -> bool:
+    """Hand the setup stage's weights to the site worker, which starts training at once and
+    answers when the collect stage asks (``client/worker.py``); False when the message brings
+    none or the node has no worker that takes them (the collect stage then brings them)."""
+    socket_path = context.node_config.get(SOCKET_NODE_CONFIG)
+    if not socket_path or LEGACY_WEIGHTS_RECORD not in msg.content.array_records:
+        return False
+    state_dir = node_state_dir(context)
+    config, arrays = _legacy_instruction(msg)
+    try:  # a worker being started again: no wait here, the collect stage waits for it
+        outcome = ask_worker(
+            socket_path, state_dir, TRAIN_AHEAD, config, arrays, context.run_id, start_wait_s=0
+        )
+    except WorkerUnavailable as err:
+        log.warning("training not started with the SecAgg+ setup: %s", err)
+        return False
+    return outcome.error is None
 
 
 def _update_clipping_when_asked(msg: Message, context: Context, call_next: Any) -> Message:
@@ -156,25 +191,34 @@ def create_client_app(state_dirs: Sequence[str] | None = None) -> ClientApp:
     return app
 
 
+def _legacy_instruction(msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """A SecAgg+ round's training config and arrays, from Flower's legacy ``fitins`` records:
+    [packed weights] or, with SCAFFOLD, [packed weights, server control variate]; none in a
+    collect stage whose weights came with the setup stage."""
+    from flwr.common import parameters_to_ndarrays
+    from flwr.compat.common.recorddict_compat import recorddict_to_fitins
+
+    instruction = recorddict_to_fitins(msg.content, keep_input=True)
+    # SecAgg+ masks and sums the weights themselves, so never their encoded change
+    config = {**instruction.config, "update-precision": "float32"}
+    received = parameters_to_ndarrays(instruction.parameters)
+    if not received:
+        return config, {}
+    packed, *control = received
+    return config, {PACKED_KEY: packed, **({CONTROL_KEY: control[0]} if control else {})}
+
+
 def _legacy_train(msg: Message, context: Context, state_dir: Path) -> Message:
     """A SecAgg+ round's training: the same round, in Flower's legacy ``fitins``/``fitres``
     records that ``secaggplus_mod`` masks before anything leaves the site (with SCAFFOLD the
-    change of the site's control variate too, as a second array)."""
-    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-    from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
+    change of the site's control variate too, as a second array). When the site's worker
+    started it at the setup stage, its result is collected instead."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
-    instruction = recorddict_to_fitins(msg.content, keep_input=True)
-    # [packed weights] or, with SCAFFOLD, [packed weights, server control variate]
-    packed, *control = parameters_to_ndarrays(instruction.parameters)
-    arrays = {PACKED_KEY: packed, **({CONTROL_KEY: control[0]} if control else {})}
-    outcome = _run(
-        "train",
-        # SecAgg+ masks and sums the weights themselves, so never their encoded change
-        {**instruction.config, "update-precision": "float32"},
-        arrays,
-        context,
-        state_dir,
-    )
+    config, arrays = _legacy_instruction(msg)
+    kind = COLLECT if TRAIN_AHEAD_KEY in msg.content.config_records else "train"
+    outcome = _run(kind, config, arrays, context, state_dir)
     if outcome.error is not None:
         return _error_reply(msg, context, state_dir, outcome.error)
     assert outcome.reply is not None and outcome.shared is not None

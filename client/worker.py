@@ -14,6 +14,11 @@ optimizer state are written behind the reply and read back from memory while the
 unchanged (``SiteStore(write_behind=True)``): the next message, and a stop by SIGTERM or
 Ctrl-C, first wait for the write; a worker killed outright within that second or so keeps the
 previous round's files, as if killed during the round.
+
+SecAgg+ rounds (``secagg-train-ahead``): the setup stage's ClientApp hands over the round's
+weights as a ``train-ahead`` request, which is answered at once and then trained; the collect
+stage's ClientApp, two messages later, asks for that training's result (``collect``), waiting
+on the socket until it is done. A worker started again in between has none, and says so.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import sys
 import time
 from collections.abc import Sequence
 from multiprocessing import AuthenticationError
-from multiprocessing.connection import Listener
+from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +43,14 @@ from .parent_watch import exit_with_parent
 from .rounds import run_message
 from .site import SiteRuntime
 from .site_config import SiteDataError
-from .worker_protocol import RoundOutcome, read_key, receive_request, send_outcome
+from .worker_protocol import (
+    COLLECT,
+    TRAIN_AHEAD,
+    RoundOutcome,
+    read_key,
+    receive_request,
+    send_outcome,
+)
 
 __all__ = ["serve"]
 
@@ -81,6 +93,8 @@ def serve(state_dir: str | Path, socket_path: str | Path, max_messages: int | No
 def _serve_messages(site: SiteRuntime, listener: Listener, max_messages: int | None) -> None:
     served = 0
     held = HeldWeights()  # the last training message's weights: the next may bring a change
+    # a SecAgg+ round's training, started at its setup stage: ((run id, round), outcome)
+    ahead: tuple[tuple[int, int], RoundOutcome] | None = None
     while max_messages is None or served < max_messages:
         try:
             conn = listener.accept()
@@ -94,17 +108,55 @@ def _serve_messages(site: SiteRuntime, listener: Listener, max_messages: int | N
                 log.warning("dropped a malformed request: %s", err)
                 continue
             started = time.perf_counter()
-            outcome = _run(site, held, kind, config, arrays, run_id)
+            if kind == TRAIN_AHEAD:
+                # the setup stage's reply goes now; the collect stage's request, queued on
+                # the socket meanwhile, is answered once this training is done
+                _answer(conn, kind, RoundOutcome())
+                conn.close()
+                outcome = _run(site, held, "train", config, arrays, run_id)
+                ahead = (_round_of(config, run_id), outcome)
+            elif kind == COLLECT:
+                outcome = _collect(site.name, ahead, config, run_id)
+                ahead = None
+            else:
+                ahead = None  # a plain message: no SecAgg+ round is waiting for it
+                outcome = _run(site, held, kind, config, arrays, run_id)
             served += 1
             print(
                 f"{kind} message {served} in {time.perf_counter() - started:.1f} s"
                 + (f": {outcome.error}" if outcome.error else ""),
                 flush=True,
             )
-            try:
-                send_outcome(conn, outcome)
-            except OSError as err:  # the ClientApp gave up (timeout, SuperNode stopped)
-                log.warning("could not answer the %s message: %s", kind, err)
+            if kind != TRAIN_AHEAD:
+                _answer(conn, kind, outcome)
+
+
+def _answer(conn: Connection, kind: str, outcome: RoundOutcome) -> None:
+    try:
+        send_outcome(conn, outcome)
+    except OSError as err:  # the ClientApp gave up (timeout, SuperNode stopped)
+        log.warning("could not answer the %s message: %s", kind, err)
+
+
+def _round_of(config: dict[str, Any], run_id: int) -> tuple[int, int]:
+    return run_id, int(config.get("server-round", 0))
+
+
+def _collect(
+    site_name: str,
+    ahead: tuple[tuple[int, int], RoundOutcome] | None,
+    config: dict[str, Any],
+    run_id: int,
+) -> RoundOutcome:
+    """The training started at this SecAgg+ round's setup stage, or why there is none."""
+    wanted = _round_of(config, run_id)
+    if ahead is not None and ahead[0] == wanted:
+        return ahead[1]
+    return RoundOutcome(
+        error=f"site {site_name}: the training of run {wanted[0]} round {wanted[1]} that began "
+        "with the SecAgg+ setup stage is not in this site worker (it was started again since, "
+        "or another message came between): the site sits this round out"
+    )
 
 
 def _run(

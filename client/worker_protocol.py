@@ -29,8 +29,10 @@ import numpy as np
 from mrprism_core.protocol import SiteReply
 
 __all__ = [
+    "COLLECT",
     "KEY_FILE",
     "SOCKET_NODE_CONFIG",
+    "TRAIN_AHEAD",
     "WORKER_START_WAIT_S",
     "RoundOutcome",
     "WorkerUnavailable",
@@ -54,6 +56,12 @@ KEY_FILE = "worker.key"
 #: restarts a dead one after 2 s; torch and the data then take a few seconds to load) before
 #: the site sits the round out with an error reply.
 WORKER_START_WAIT_S = 30.0
+#: A request kind beside "train" and "evaluate" (SecAgg+ rounds, ``secagg-train-ahead``):
+#: train on the message's weights, but answer at once (an empty outcome) and keep the result,
+#: so the setup stage's reply need not wait for the training ...
+TRAIN_AHEAD = "train-ahead"
+#: ... and the collect stage's request, without arrays: the kept result of that training.
+COLLECT = "collect"
 #: The control variate's name among an outcome's arrays (no shared weight array is named so).
 _CONTROL = "control"
 #: Seconds between tries to reach a worker that is starting.
@@ -132,7 +140,7 @@ def send_request(
 def receive_request(conn: Connection) -> tuple[str, dict[str, Any], dict[str, np.ndarray], int]:
     """(kind, config, the message's arrays by name, run id)."""
     header, arrays = _receive_arrays(conn)
-    if not arrays:
+    if not arrays and header.get("kind") != COLLECT:
         raise ValueError("a request without arrays")
     return str(header["kind"]), dict(header["config"]), arrays, int(header["run_id"])
 
@@ -189,16 +197,18 @@ def ask_worker(
     config: dict[str, Any],
     arrays: Mapping[str, np.ndarray],
     run_id: int,
+    start_wait_s: float | None = None,
 ) -> RoundOutcome:
     """Have the site worker at ``socket_path`` run one message; waits for its answer, and up
-    to :data:`WORKER_START_WAIT_S` for a worker being started again.
+    to ``start_wait_s`` (default :data:`WORKER_START_WAIT_S`) for a worker being started again.
 
     Raises:
         WorkerUnavailable: no worker listens there in time, the key does not match, or the
             worker went away before answering.
     """
     try:
-        with _connect(socket_path, state_dir, WORKER_START_WAIT_S) as conn:
+        wait = WORKER_START_WAIT_S if start_wait_s is None else start_wait_s
+        with _connect(socket_path, state_dir, wait) as conn:
             send_request(conn, kind, config, arrays, run_id)
             return receive_outcome(conn)
     except (OSError, EOFError) as err:

@@ -23,9 +23,11 @@ __all__ = [
     "HOLDS_WEIGHTS_KEY",
     "KEEP_EVALUATION_KEY",
     "KEPT_EVALUATION_KEY",
+    "LEGACY_WEIGHTS_RECORD",
     "PACKED_KEY",
     "RoundInstructions",
     "SiteReply",
+    "TRAIN_AHEAD_KEY",
     "WEIGHTS_VERSION_KEY",
     "coerce",
 ]
@@ -61,6 +63,15 @@ BASE_VERSION_KEY = "base-version"
 HOLDS_WEIGHTS_KEY = "holds-weights"
 #: The kept evaluation's detail (site record): the round whose training message evaluated.
 EVALUATED_BEFORE_KEY = "evaluated-before-training-round"
+
+# SecAgg+ rounds (``secagg-train-ahead``): the round's weights and config come with the setup
+# stage's message, so that a site with a worker trains while the keys are exchanged. A site
+# that started doing so marks its setup reply with a record of this name; its collect stage's
+# message then carries the config only, marked the same way, and the site masks what it trained.
+#: The record name of that mark, in both directions.
+TRAIN_AHEAD_KEY = "train-ahead"
+#: The record in which Flower's legacy fit instructions (what SecAgg+ sends) carry the weights.
+LEGACY_WEIGHTS_RECORD = "fitins.parameters"
 
 
 def _kebab(name: str) -> str:

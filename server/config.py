@@ -51,6 +51,9 @@ class RunConfig:
     secagg_clipping_range: float = above(8.0, 0)
     # SecAgg+: most examples a site weighs in with (lower=finer)
     secagg_max_weight: float = above(1000.0, 0)
+    # SecAgg+: the weights come with the setup stage; sites with a worker train during the
+    # key exchange instead of after it (two messages fewer before training starts)
+    secagg_train_ahead: bool = True
     model: str = "mrprism"  # mrprism or a baseline (mrprism_core.models.MODEL_NAMES)
     preset: str = "tiny"  # architecture preset
     model_options: str = "{}"  # JSON object of preset/loss overrides, e.g. {"local_norms": true}

@@ -35,6 +35,7 @@ def readdressed(msg: Message, content: Mapping[str, Any]) -> Message:
         content=RecordDict(dict(content)),
         message_type=msg.metadata.message_type,
         dst_node_id=msg.metadata.dst_node_id,
+        group_id=msg.metadata.group_id,
     )
 
 

@@ -51,6 +51,8 @@ def run_secure_federation(
     from flwr.server.strategy import FedAvg as LegacyFedAvg
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
+    from .train_ahead import TrainAheadSecAggPlus
+
     if cfg.dp_mode != "none" or cfg.strategy != "fedavg":
         raise ValueError(
             "secure-aggregation runs FedAvg on the masked sum; it cannot be combined with "
@@ -151,8 +153,9 @@ def run_secure_federation(
         evaluate_fn=after_round,
         fit_metrics_aggregation_fn=site_metrics,
     )
+    secagg = TrainAheadSecAggPlus if cfg.secagg_train_ahead else SecAggPlusWorkflow
     workflow = DefaultWorkflow(
-        fit_workflow=SecAggPlusWorkflow(
+        fit_workflow=secagg(
             num_shares=_count(cfg.secagg_num_shares),
             reconstruction_threshold=_count(cfg.secagg_reconstruction_threshold),
             clipping_range=cfg.secagg_clipping_range,

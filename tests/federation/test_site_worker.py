@@ -25,7 +25,8 @@ from client import supervisor, worker_protocol
 from client.app import create_client_app
 from client.flower_env import FLOWER_OFFLINE_ENV
 from client.supervisor import SiteWorker
-from client.worker_protocol import KEY_FILE, WorkerUnavailable, ask_worker
+from client.worker_protocol import COLLECT, KEY_FILE, TRAIN_AHEAD, WorkerUnavailable, ask_worker
+from mrprism_core.checkpoint import load_checkpoint
 from mrprism_core.federated import PACKED_KEY
 from mrprism_core.protocol import CONTROL_KEY
 from server.config import RunConfig
@@ -178,6 +179,42 @@ def test_a_worker_killed_mid_round_gives_an_error_reply_and_is_started_again(
         reply = app(short_round, node_context(state_dir, socket))
         assert not reply.has_error(), reply.error  # the site takes part again
     assert not socket.exists()  # stopped with the SuperNode, its socket removed
+
+
+def test_a_training_begun_ahead_is_collected_once_and_only_for_its_round(
+    make_site, task_identity, tmp_path
+):
+    """SecAgg+ with ``secagg-train-ahead``: the worker accepts the setup stage's weights with an
+    empty answer, trains, and hands the result to the collect request of the same run and
+    round, once; a collect with nothing kept for it (a worker started again, another round) is
+    an error that says so."""
+    state_dir = make_site("synthetic_a", "data.splits.train=4")
+    socket = _socket(tmp_path)
+    message, layout = train_message(RunConfig(update_precision="float32"), server_round=3)
+    config = dict(message.content["config"])
+    sent = {PACKED_KEY: message.content["arrays"][PACKED_KEY].numpy()}
+    with SiteWorker(Path(state_dir), socket, out=io.StringIO()):
+        nothing = ask_worker(socket, state_dir, COLLECT, config, {}, run_id=1)
+        assert nothing.shared is None and "run 1 round 3" in str(nothing.error)
+
+        def train_ahead() -> None:
+            accepted = ask_worker(socket, state_dir, TRAIN_AHEAD, config, sent, run_id=1)
+            assert (accepted.error, accepted.reply, accepted.shared) == (None, None, None)
+
+        train_ahead()
+        later = {**config, "server-round": 4}
+        assert "run 1 round 4" in str(ask_worker(socket, state_dir, COLLECT, later, {}, 1).error)
+
+        train_ahead()
+        collected = ask_worker(socket, state_dir, COLLECT, config, {}, run_id=1)
+        assert collected.error is None and collected.reply.num_examples == 4
+        weights = collected.shared[PACKED_KEY]
+        assert not np.array_equal(weights, sent[PACKED_KEY])  # trained
+        again = ask_worker(socket, state_dir, COLLECT, config, {}, run_id=1)
+        assert "run 1 round 3" in str(again.error)  # handed over once
+    # what was collected is what the site trained and kept
+    kept = load_checkpoint(Path(state_dir) / "site_model.pt")["shared_state"]
+    assert np.array_equal(layout.pack(kept).numpy(), weights)
 
 
 def test_a_connection_without_the_sites_key_is_refused(make_site, tmp_path):
