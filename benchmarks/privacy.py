@@ -173,6 +173,7 @@ def _one_run(work: Path, state_dirs: list[str], secure: bool, rounds: int) -> di
             "fraction-evaluate": 0.0,  # compare the aggregation only
             "secure-aggregation": secure,
             "secagg-max-weight": 100.0,
+            "secagg-train-ahead": False,  # simulated sites have no worker to train ahead
             "out-dir": str(work / ("secagg" if secure else "plain")),
             "resume": False,
             "model-options": json.dumps({"recurrences": 1}),

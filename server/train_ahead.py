@@ -7,7 +7,8 @@ stage's message already carries the round's fit instructions: a site whose worke
 starts training while the keys are exchanged, and says so in its setup reply; its collect
 stage's message then carries the config without the weights (they went once, as before), and
 the site masks what it trained. A site that does not answer so (no site worker, an older
-ClientApp) gets the weights with the collect stage, as in Flower's protocol.
+ClientApp) gets the weights with the collect stage, as in Flower's protocol, and from then on
+only there: its setup messages of the run's later rounds carry no weights it would not use.
 
 What the server sees is unchanged: the round's global weights go to each site once, every
 site's update still leaves it only masked, and a site that drops at any stage is handled by
@@ -35,6 +36,7 @@ class TrainAheadSecAggPlus(SecAggPlusWorkflow):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.training_ahead: set[int] = set()  # this round's sites that train since setup
+        self.declined: set[int] = set()  # sites that once did not: no weights at setup again
 
     def setup_stage(self, grid: Any, context: Any, state: Any) -> bool:
         self.training_ahead = set()
@@ -60,18 +62,24 @@ class _WithFitInstructions(PromptGrid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         fit_instructions = self.state.nid_to_fitins
+        declined = self.workflow.declined
         sent = [
-            readdressed(
+            msg
+            if msg.metadata.dst_node_id in declined
+            else readdressed(
                 msg, {**dict(fit_instructions[msg.metadata.dst_node_id]), **dict(msg.content)}
             )
             for msg in messages
         ]
         replies = list(self.grid.send_and_receive(sent, timeout=timeout))
-        self.workflow.training_ahead.update(
-            reply.metadata.src_node_id
-            for reply in replies
-            if not reply.has_error() and TRAIN_AHEAD_KEY in reply.content.config_records
-        )
+        for reply in replies:
+            if reply.has_error():
+                continue
+            node = reply.metadata.src_node_id
+            if TRAIN_AHEAD_KEY in reply.content.config_records:
+                self.workflow.training_ahead.add(node)
+            else:
+                declined.add(node)
         return replies
 
 

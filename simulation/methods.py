@@ -465,6 +465,8 @@ def _run_federated(
         "aggregation-weight": exp.quality_weight if quality_weighted else "examples",
         # the largest site weighs in with its example count: the finest SecAgg+ quantization
         "secagg-max-weight": float(max(len(dataset) for dataset in train_sets.values())),
+        # virtual sites have no site worker to train during the key exchange
+        "secagg-train-ahead": False,
     }
     history: dict[str, list[float]] = {s.name: [] for s in exp.sites}
     finals: dict[str, dict[str, Any]] = {}

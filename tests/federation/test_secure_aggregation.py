@@ -35,26 +35,23 @@ def _run_config(out_dir: Path, rounds: int, **extra: object) -> dict:
 
 
 def test_secagg_plus_aggregate_equals_fedavg_of_the_site_updates(tmp_path, make_site):
-    """One round; the first site answers as a site whose worker trains during the key
-    exchange: the weights come to every site with the setup stage, and again with the collect
-    stage only to the sites that did not say so."""
+    """Two rounds; the first site answers as a site whose worker trains during the key
+    exchange. The weights come with the setup stage to every site in round 1 and then only to
+    that one, and with the collect stage only to the sites that did not say they train."""
     state_dirs = [make_site(site, f"data.splits.train={n}") for site, n in SITES.items()]
     out_dir = tmp_path / "server"
     notes = tmp_path / "notes"
     notes.mkdir()
     app = _first_site_trains_ahead(state_dirs, notes)
-    record = simulate(_run_config(out_dir, rounds=1), state_dirs, client_app=app)[0]
-    assert record["secure_aggregation"] is True and set(record["train_sites"]) == set(SITES)
+    history = simulate(_run_config(out_dir, rounds=2), state_dirs, client_app=app)
+    assert all(record["secure_aggregation"] is True for record in history)
+    assert [set(record["train_sites"]) for record in history] == [set(SITES)] * 2
     seen = sorted(tuple(json.loads(line)) for line in (notes / "stages").read_text().splitlines())
-    # (site, stage, weight arrays the message brought, marked as trained ahead)
-    assert seen == [
-        (0, "collect_masked_vectors", 0, True),
-        (0, "setup", 1, False),
-        (1, "collect_masked_vectors", 1, False),
-        (1, "setup", 1, False),
-        (2, "collect_masked_vectors", 1, False),
-        (2, "setup", 1, False),
-    ]
+    # (site, stage, weight arrays the message brought, marked as trained ahead), both rounds
+    ahead = [(0, "collect_masked_vectors", 0, True), (0, "setup", 1, False)] * 2
+    declined = [(site, "collect_masked_vectors", 1, False) for site in (1, 2)] * 2
+    declined += [(site, "setup", weights, False) for site in (1, 2) for weights in (0, 1)]
+    assert seen == sorted(ahead + declined)
     global_state = load_checkpoint(out_dir / "global_model.pt")["shared_state"]
     _assert_fedavg_of_trained(global_state, state_dirs, [float(n) for n in SITES.values()])
 
