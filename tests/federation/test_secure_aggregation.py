@@ -43,9 +43,9 @@ def test_secagg_plus_aggregate_equals_fedavg_of_the_site_updates(tmp_path, make_
     notes = tmp_path / "notes"
     notes.mkdir()
     app = _first_site_trains_ahead(state_dirs, notes)
-    history = simulate(_run_config(out_dir, rounds=2), state_dirs, client_app=app)
-    assert all(record["secure_aggregation"] is True for record in history)
-    assert [set(record["train_sites"]) for record in history] == [set(SITES)] * 2
+    rounds = simulate(_run_config(out_dir, rounds=2), state_dirs, client_app=app)
+    assert all(record["secure_aggregation"] is True for record in rounds)
+    assert [set(record["train_sites"]) for record in rounds] == [set(SITES)] * 2
     seen = sorted(tuple(json.loads(line)) for line in (notes / "stages").read_text().splitlines())
     # (site, stage, weight arrays the message brought, marked as trained ahead), both rounds
     ahead = [(0, "collect_masked_vectors", 0, True), (0, "setup", 1, False)] * 2
