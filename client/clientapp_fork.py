@@ -17,6 +17,9 @@ for want of it. Security: the socket sits in an owner-only folder and each conne
 prove it holds the key in ``<state_dir>/clientapp_fork.key`` (HMAC challenge of
 :mod:`multiprocessing.connection`); what passes is JSON (the launcher's arguments, environment
 and working directory), never a pickle. Nothing listens on the network.
+
+A forked ClientApp ends at the latest :data:`ORPHAN_GRACE_S` after the SuperExec that asked for
+it (its ``--parent-pid``): Flower's own monitor cannot stop one whose main thread is blocked.
 """
 
 from __future__ import annotations
@@ -36,12 +39,17 @@ from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from pathlib import Path
 
-__all__ = ["COMMAND", "KEY_FILE", "ForkServer", "main", "serve", "write_launcher"]
+from .parent_watch import exit_after_process, exit_with_parent
+
+__all__ = ["COMMAND", "KEY_FILE", "ORPHAN_GRACE_S", "ForkServer", "main", "serve", "write_launcher"]
 
 #: The command the SuperExec starts for a ClientApp (Flower's ``TASK_TYPE_TO_COMMAND``).
 COMMAND = "flwr-clientapp"
 #: The fork server's key, in the site's state directory (owner-only).
 KEY_FILE = "clientapp_fork.key"
+#: How long a ClientApp may take to stop after its SuperExec is gone before it is ended: Flower's
+#: own shutdown (its parent monitor polls every 0.2 s, its forced exit comes after 5 s) fits.
+ORPHAN_GRACE_S = 10.0
 #: This checkout's packages, which the fork server imports itself and its children forget.
 _OWN_PACKAGES = ("client", "mrprism_core", "server", "simulation")
 
@@ -100,6 +108,17 @@ def _checked_request(request: object) -> dict:
     return request
 
 
+def _end_after_superexec(argv: list[str]) -> None:
+    """End this ClientApp :data:`ORPHAN_GRACE_S` after the SuperExec of its ``--parent-pid``:
+    Flower's own monitor cannot stop one whose main thread is blocked (see
+    :mod:`client.parent_watch`)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--parent-pid", type=int)
+    parent_pid = parser.parse_known_args(argv)[0].parent_pid
+    if parent_pid is not None:
+        exit_after_process(parent_pid, ORPHAN_GRACE_S)
+
+
 def _run_child(request: dict) -> None:
     """In the forked child: become the process Flower would have started, and never return."""
     code = 1
@@ -109,6 +128,7 @@ def _run_child(request: dict) -> None:
         os.environ.clear()
         os.environ.update(request["env"])
         sys.argv = [COMMAND, *request["argv"]]
+        _end_after_superexec(request["argv"])
         # Flower imports the app from its bundle only if its modules are not imported yet:
         # forget this checkout's, so that an app that is not the site's own code (with
         # supernode.pin_app false) runs as sent, as in a fresh flwr-clientapp process
@@ -204,8 +224,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--socket", required=True, help="Unix socket to listen on")
     parser.add_argument("--key-file", required=True, help="file holding the shared key")
     args = parser.parse_args(argv)
-    from .parent_watch import exit_with_parent
-
     exit_with_parent(lambda: os._exit(0))  # python -m client is gone: so is this
     with contextlib.suppress(KeyboardInterrupt):
         serve(Path(args.socket), Path(args.key_file).read_bytes())

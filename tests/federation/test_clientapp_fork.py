@@ -4,15 +4,20 @@ server the launcher runs Flower's own command."""
 
 from __future__ import annotations
 
+import os
+import re
 import secrets
 import shutil
+import signal
+import socket
 import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from client.clientapp_fork import COMMAND, write_launcher
+from client.clientapp_fork import COMMAND, ORPHAN_GRACE_S, write_launcher
+from client.parent_watch import process_exists
 
 
 def _launcher(tmp_path: Path, real: str) -> tuple[Path, Path, Path]:
@@ -64,3 +69,62 @@ def test_the_fork_server_runs_flowers_clientapp_with_the_launchers_arguments(tmp
     assert "usage: flwr-clientapp" in output, output
     assert output.count("started ClientApp process") == 1, output
     assert "refused a connection" in output, output
+
+
+def _start_fork_server(socket_path: Path, key_file: Path, log: Path) -> subprocess.Popen:
+    with log.open("w") as log_file:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "client.clientapp_fork", "--socket", str(socket_path),
+             "--key-file", str(key_file)],
+            stdout=log_file, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not socket_path.exists():
+        assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    return server
+
+
+def test_a_clientapp_blocked_on_its_supernode_ends_after_its_superexec(tmp_path):
+    """A ClientApp whose SuperNode accepted its request and never answers (one that is going
+    away) cannot run Flower's SIGINT handler when its SuperExec ends: Flower's path takes the
+    30 s HTTP read timeout and more. Ours ends it ORPHAN_GRACE_S after the SuperExec."""
+    launcher, socket_path, key_file = _launcher(tmp_path, shutil.which("false"))
+    log = tmp_path / "fork.log"
+    server = _start_fork_server(socket_path, key_file, log)
+    silent_runtime_api = socket.socket()  # accepts connections (backlog), never answers
+    silent_runtime_api.bind(("127.0.0.1", 0))
+    silent_runtime_api.listen(16)
+    superexec = subprocess.Popen(["sleep", "600"])
+    child = None
+    try:
+        address = f"127.0.0.1:{silent_runtime_api.getsockname()[1]}"
+        arguments = ["--runtime-api-address", address, "--token", "t", "--insecure"]
+        arguments += ["--parent-pid", str(superexec.pid)]
+        done = subprocess.run([str(launcher), *arguments], capture_output=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        deadline = time.monotonic() + 60
+        while (found := re.search(r"started ClientApp process (\d+)", log.read_text())) is None:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        child = int(found.group(1))
+        while "Start `flwr-clientapp` process" not in log.read_text():  # blocked in its pull
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        time.sleep(1.0)
+        assert process_exists(child)  # the SuperExec lives: so does its ClientApp
+        superexec.kill()
+        superexec.wait()  # reaped: gone, not a zombie
+        ended = time.monotonic()
+        while process_exists(child):
+            assert time.monotonic() - ended < ORPHAN_GRACE_S + 10, log.read_text()
+            time.sleep(0.2)
+        assert time.monotonic() - ended >= ORPHAN_GRACE_S - 1  # Flower's own shutdown had time
+        assert f"process {superexec.pid}, which it serves, ended" in log.read_text()
+    finally:
+        if child is not None and process_exists(child):
+            os.kill(child, signal.SIGKILL)
+        superexec.kill()
+        silent_runtime_api.close()
+        server.terminate()
+        server.wait(timeout=60)
