@@ -7,9 +7,9 @@ to the ones a restarted ``python -m client`` starts.
 
 A forked ClientApp process serves the SuperExec named by its ``--parent-pid``. Flower's own
 monitor raises SIGINT when that process is gone, but the handler runs only once the main thread
-executes Python again: a ClientApp blocked in a read from a SuperNode that is going away, or in
-Flower's exit handlers waiting on a heartbeat thread that retries forever, never ends
-(measured: orphans retrying a dead SuperNode for hours)."""
+executes Python again: a ClientApp whose main thread is blocked (in a read from a SuperNode
+that is going away, say) lives on. Orphans of that kind kept retrying a dead SuperNode here for
+hours."""
 
 from __future__ import annotations
 
