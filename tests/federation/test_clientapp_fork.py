@@ -27,6 +27,21 @@ def _launcher(tmp_path: Path, real: str) -> tuple[Path, Path, Path]:
     return write_launcher(tmp_path / "bin", socket_path, key_file, real), socket_path, key_file
 
 
+def _start_fork_server(socket_path: Path, key_file: Path, log: Path) -> subprocess.Popen:
+    """The fork server, its output in ``log``, once it listens on ``socket_path``."""
+    with log.open("w") as log_file:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "client.clientapp_fork", "--socket", str(socket_path),
+             "--key-file", str(key_file)],
+            stdout=log_file, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not socket_path.exists():
+        assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    return server
+
+
 def test_without_a_fork_server_the_launcher_runs_flowers_own_command(tmp_path):
     launcher, _, _ = _launcher(tmp_path, shutil.which("echo"))
     assert launcher.name == COMMAND
@@ -42,16 +57,9 @@ def test_without_a_fork_server_the_launcher_runs_flowers_own_command(tmp_path):
 def test_the_fork_server_runs_flowers_clientapp_with_the_launchers_arguments(tmp_path):
     # the real fallback would print the same help: make it fail loudly instead
     launcher, socket_path, key_file = _launcher(tmp_path, shutil.which("false"))
-    server = subprocess.Popen(
-        [sys.executable, "-m", "client.clientapp_fork", "--socket", str(socket_path),
-         "--key-file", str(key_file)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    log = tmp_path / "fork.log"
+    server = _start_fork_server(socket_path, key_file, log)
     try:
-        deadline = time.monotonic() + 120
-        while not socket_path.exists():
-            assert server.poll() is None and time.monotonic() < deadline, "no fork server"
-            time.sleep(0.1)
         assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600
         done = subprocess.run([str(launcher), "--help"], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr  # the fork server answered: no fallback
@@ -64,25 +72,12 @@ def test_the_fork_server_runs_flowers_clientapp_with_the_launchers_arguments(tmp
         assert "fork server unavailable" in refused.stderr
     finally:
         server.terminate()
-        output, _ = server.communicate(timeout=60)
+        server.wait(timeout=60)
+    output = log.read_text()
     # the forked child was Flower's flwr-clientapp, reading the launcher's arguments
     assert "usage: flwr-clientapp" in output, output
     assert output.count("started ClientApp process") == 1, output
     assert "refused a connection" in output, output
-
-
-def _start_fork_server(socket_path: Path, key_file: Path, log: Path) -> subprocess.Popen:
-    with log.open("w") as log_file:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "client.clientapp_fork", "--socket", str(socket_path),
-             "--key-file", str(key_file)],
-            stdout=log_file, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not socket_path.exists():
-        assert server.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.1)
-    return server
 
 
 def test_a_clientapp_blocked_on_its_supernode_ends_after_its_superexec(tmp_path):
