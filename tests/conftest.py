@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch.utils.data import default_collate
 
 from mrprism_core.data import make_dataset
 from mrprism_core.models import build_model
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # several test workers share the cores: one compute thread each (and for the sites and
+    # simulations they start, which inherit the variable), or their thread pools contend
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -25,14 +25,23 @@ BIN = Path(sys.executable).parent
 _HANDED_OUT: set[int] = set()
 
 
+def _worker_share() -> tuple[int, int]:
+    """(this pytest-xdist worker's number, how many workers run); (0, 1) without xdist."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    return int(worker), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+
+
 def free_port() -> int:
     """A port free now and not handed out before in this test session (the OS may offer a
-    just-closed port again before the process it was meant for has bound it)."""
+    just-closed port again before the process it was meant for has bound it). Under
+    pytest-xdist each worker takes only its own residue of the port numbers, so two workers
+    never hand out the same port, which the other has not bound yet."""
+    worker, workers = _worker_share()
     while True:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
-        if port not in _HANDED_OUT:
+        if port % workers == worker % workers and port not in _HANDED_OUT:
             _HANDED_OUT.add(port)
             return port
 
