@@ -34,16 +34,18 @@ def _worker_share() -> tuple[int, int]:
 def free_port() -> int:
     """A port free now and not handed out before in this test session (the OS may offer a
     just-closed port again before the process it was meant for has bound it). Under
-    pytest-xdist each worker takes only its own residue of the port numbers, so two workers
+    pytest-xdist each worker takes only its own share of the port numbers, so two workers
     never hand out the same port, which the other has not bound yet."""
     worker, workers = _worker_share()
-    while True:
+    for _ in range(10_000):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
-        if port % workers == worker % workers and port not in _HANDED_OUT:
+        # Linux gives bind(0) odd ports while it has them: split on port // 2, not on parity
+        if (port // 2) % workers == worker % workers and port not in _HANDED_OUT:
             _HANDED_OUT.add(port)
             return port
+    raise RuntimeError(f"no free port for test worker {worker} of {workers} in 10000 tries")
 
 
 def toml_value(value: Any) -> str:
