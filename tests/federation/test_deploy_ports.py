@@ -14,7 +14,7 @@ def _ports_of(worker: str, monkeypatch, count: int = 200) -> set[int]:
 
 def test_two_workers_get_disjoint_free_ports(monkeypatch):
     first, second = _ports_of("gw0", monkeypatch), _ports_of("gw1", monkeypatch)
-    # each got every port it asked for (Linux gives bind(0) odd ports only, so a split on the
-    # parity left one worker none), and no port went to both
+    # each got every port it asked for (Linux gives bind(0) odd ports while it has them, so a
+    # split on parity left one worker none), and no port went to both
     assert len(first) == len(second) == 200
     assert not first & second
