@@ -112,6 +112,11 @@ def test_a_site_restarted_at_once_under_node_auth_waits_for_its_old_session_and_
         assert registered.returncode == 0, registered.stdout + registered.stderr
     ca = secure.tls_dir / "ca.crt"
     options = {site: _site_options(ca, key)[:3] + TINY for site, (key, _) in site_keys.items()}
+    # the killed site's old session ends two heartbeats after its last one: 10-20 s after the
+    # kill at the default 10 s. The restart first asked to activate 7.8 s after the kill on an
+    # idle machine; on a loaded one (three test workers on two cores) it came after the old
+    # session had ended, so nothing was refused. At 30 s the session lasts 30-60 s.
+    options["synthetic_a"].append("supernode.heartbeat_s=30")
     for site in site_keys:
         secure.start_site(site, *options[site])
     secure.wait_online(2)
