@@ -16,7 +16,7 @@ import shlex
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -161,14 +161,17 @@ def _toml_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def worker_socket_path(state_dir: Path, name: str = "worker.sock") -> Path:
+@contextlib.contextmanager
+def socket_path(state_dir: Path, name: str) -> Iterator[Path]:
     """Where the site worker (or the ClientApp fork server) listens: in the state directory,
-    or in a fresh owner-only temporary folder when that path is too long for a Unix socket
-    (about 107 bytes)."""
+    or, when that path is too long for a Unix socket (about 107 bytes), in a fresh owner-only
+    temporary folder that is removed again when the site stops."""
     path = state_dir / name
     if len(os.fsencode(path)) < 100:
-        return path
-    return Path(tempfile.mkdtemp(prefix="mrprism-worker-")) / name
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="mrprism-worker-") as folder:
+        yield Path(folder) / name
 
 
 #: The checkout this site runs (the folder above the ``client`` package): an app the SuperLink
@@ -287,8 +290,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     state_dir = site.store.root.resolve()
     site.store.write_config(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+    with contextlib.ExitStack() as stack:  # the sockets' folders go when the site stops
+        return _run_site(args, cfg, state_dir, stack)
+
+
+def _run_site(
+    args: argparse.Namespace, cfg: Mapping[str, Any], state_dir: Path, stack: contextlib.ExitStack
+) -> int:
+    """Start the site's fork server, worker and SuperNode (print the command with
+    ``--dry-run``) and supervise them until the SuperNode ends; the exit code."""
     node = cfg.get("supernode") or {}
-    worker_socket = worker_socket_path(state_dir) if node.get("worker", True) else None
+    worker = bool(node.get("worker", True))
+    worker_socket = stack.enter_context(socket_path(state_dir, "worker.sock")) if worker else None
     try:
         command = supernode_command(cfg, state_dir, worker_socket)
     except SiteDataError as err:
@@ -316,21 +329,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         # group and get a stop signal once (Flower's own flower-supernode stays in the group)
         "own_session": command[1:3] == ["-m", "client.supernode_launch"],
     }
-    with contextlib.ExitStack() as stack:
-        if node.get("fork_clientapp", True):
-            from .clientapp_fork import ForkServer
+    if node.get("fork_clientapp", True):
+        from .clientapp_fork import ForkServer
 
-            fork_socket = worker_socket_path(state_dir, "clientapp_fork.sock")
-            print(f"fork server: {fork_socket} (each ClientApp process starts with Flower loaded)")
-            stack.enter_context(ForkServer(state_dir, fork_socket))
-        try:
-            if worker_socket is not None:
-                print(f"worker:      {worker_socket} (starting; torch, config, data stay loaded)")
-                stack.enter_context(SiteWorker(state_dir, worker_socket))
-            return run_supernode(command, wait_s, retries, **supervise)
-        except RuntimeError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        fork_socket = stack.enter_context(socket_path(state_dir, "clientapp_fork.sock"))
+        print(f"fork server: {fork_socket} (each ClientApp process starts with Flower loaded)")
+        stack.enter_context(ForkServer(state_dir, fork_socket))
+    try:
+        if worker_socket is not None:
+            print(f"worker:      {worker_socket} (starting; torch, config, data stay loaded)")
+            stack.enter_context(SiteWorker(state_dir, worker_socket))
+        return run_supernode(command, wait_s, retries, **supervise)
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,10 +9,12 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -412,16 +414,18 @@ def _alive(pid: int) -> bool:
     return state != "Z"  # an orphan's zombie waits for whoever adopted it
 
 
-def _start_site_without_superlink(deployment: Deployment) -> tuple[subprocess.Popen, dict]:
-    """``python -m client`` for synthetic_a with no SuperLink to reach (its SuperNode keeps
-    trying), once its SuperNode has started; (the process, {pid: command line} of every
-    process under it)."""
+def _start_site_without_superlink(
+    deployment: Deployment, name: str = "synthetic_a"
+) -> tuple[subprocess.Popen, dict]:
+    """``python -m client`` for synthetic_a (as site ``name``) with no SuperLink to reach (its
+    SuperNode keeps trying), once its SuperNode has started; (the process, {pid: command
+    line} of every process under it)."""
     site = deployment.start_site(
-        "synthetic_a", "data.splits.train=4", "data.splits.val=2", "data.splits.test=2"
+        "synthetic_a", "data.splits.train=4", "data.splits.val=2", "data.splits.test=2", name=name
     )
     deadline = time.monotonic() + 300
-    while "Starting Flower SuperNode" not in deployment.log("synthetic_a"):
-        assert site.poll() is None, deployment.log("synthetic_a")[-3000:]
+    while "Starting Flower SuperNode" not in deployment.log(name):
+        assert site.poll() is None, deployment.log(name)[-3000:]
         assert time.monotonic() < deadline, "the SuperNode never started"
         time.sleep(0.2)
     return site, command_lines(descendants(site.pid))
@@ -486,3 +490,31 @@ def test_ctrl_c_to_the_whole_site_stops_it_cleanly(tmp_path):
         assert "starting it again" not in deployment.log("synthetic_a")
     finally:
         deployment.stop()
+
+
+def test_the_socket_folders_of_a_site_with_a_long_state_path_go_when_it_stops(
+    tmp_path, monkeypatch
+):
+    """A socket path over ~107 bytes cannot be bound, so the worker's and the fork server's
+    sockets then live in owner-only temporary folders; a stopped site removes them (each run
+    used to leave two behind in /tmp)."""
+    temp_root = Path(tempfile.mkdtemp(prefix="mrp-", dir="/tmp"))  # short: room for the sockets
+    monkeypatch.setenv("TMPDIR", str(temp_root))  # the site's processes inherit it
+    name = "a_hospital_whose_state_folder_is_too_deep_for_a_unix_socket_" + "x" * 40
+    deployment = Deployment(tmp_path)
+    try:
+        assert len(os.fsencode(deployment.site_dir(name) / "worker.sock")) > 107
+        site, _ = _start_site_without_superlink(deployment, name)
+        folders = sorted(temp_root.glob("mrprism-worker-*"))
+        assert len(folders) == 2, folders  # the worker's and the ClientApp fork server's
+        assert all(stat.S_IMODE(folder.stat().st_mode) == 0o700 for folder in folders)
+        assert {p.name for f in folders for p in f.iterdir()} == {
+            "worker.sock", "clientapp_fork.sock"
+        }  # fmt: skip
+        site.send_signal(signal.SIGTERM)  # to `timeout`, which passes it on
+        # python -m client stops its SuperNode, worker and fork server and exits 128 + SIGTERM
+        assert site.wait(timeout=90) == 128 + signal.SIGTERM, deployment.log(name)[-3000:]
+        assert not any(temp_root.iterdir()), list(temp_root.iterdir())
+    finally:
+        deployment.stop()
+        shutil.rmtree(temp_root, ignore_errors=True)
