@@ -416,6 +416,10 @@ def _run_federated(
     from client.app import create_client_app
     from server.app import create_server_app
 
+    from .ray_backend import drain_before_shutdown
+
+    drain_before_shutdown()  # Ctrl-C: Ray is shut down once no site's message is in flight
+
     train_sets = {site.name: build_dataset(site.data, "train") for site in exp.sites}
     infos = {name: dataset_info(dataset) for name, dataset in train_sets.items()}
     first = next(iter(infos.values()))
