@@ -164,7 +164,9 @@ def _one_run(work: Path, state_dirs: list[str], secure: bool, rounds: int) -> di
     from client.app import create_client_app
     from server.app import run_rounds
     from server.config import RunConfig
+    from simulation.ray_backend import drain_before_shutdown
 
+    drain_before_shutdown()  # Ctrl-C: Ray is shut down once no site's message is in flight
     cfg = RunConfig.from_mapping(
         {
             "num-server-rounds": rounds,
