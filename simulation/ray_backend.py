@@ -49,8 +49,11 @@ class InFlightGate:
 
 
 def _gate(backend: Any) -> InFlightGate:
-    # one gate per backend: a process runs its simulations one after the other
-    return backend.__dict__.setdefault("_in_flight_gate", InFlightGate())
+    """The backend's own gate (each simulation builds a new backend), made on first use."""
+    gate = backend.__dict__.get("_in_flight_gate")
+    if gate is None:  # setdefault: two threads' first messages still share one gate
+        gate = backend.__dict__.setdefault("_in_flight_gate", InFlightGate())
+    return gate
 
 
 def drain_before_shutdown() -> None:
