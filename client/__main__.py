@@ -15,14 +15,14 @@ import os
 import shlex
 import shutil
 import sys
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from mrprism_core.cli_types import positive_float, positive_int
 
 from .site_config import SITE_CONFIGS_ENV, SiteDataError, compose_site_config, site_sources
+from .socket_paths import socket_path
 from .supernode_launch import (
     DEFAULT_HEARTBEAT_S,
     DEFAULT_IDLE_POLL_S,
@@ -159,19 +159,6 @@ SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 
 def _toml_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-@contextlib.contextmanager
-def socket_path(state_dir: Path, name: str) -> Iterator[Path]:
-    """Where the site worker (or the ClientApp fork server) listens: in the state directory,
-    or, when that path is too long for a Unix socket (about 107 bytes), in a fresh owner-only
-    temporary folder that is removed again when the site stops."""
-    path = state_dir / name
-    if len(os.fsencode(path)) < 100:
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="mrprism-worker-") as folder:
-        yield Path(folder) / name
 
 
 #: The checkout this site runs (the folder above the ``client`` package): an app the SuperLink

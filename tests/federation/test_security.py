@@ -6,8 +6,10 @@ not trust the federation's CA are refused."""
 from __future__ import annotations
 
 import json
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -16,6 +18,7 @@ import pytest
 from cryptography import x509
 
 from client.keys import make_site_keys
+from client.socket_paths import socket_folder_name, socket_path
 from server.certs import make_certificates
 
 from .deploy import PROJECT_ROOT, Deployment, history, toml_value, wait_for_round
@@ -180,3 +183,39 @@ def test_a_site_refuses_an_app_that_is_not_its_own_code(tmp_path):
         assert "could not be verified" in record["dropped"][0]["reason"], record["dropped"]
     finally:
         deployment.stop()
+
+
+def test_a_site_binds_its_sockets_only_in_a_folder_no_one_else_may_enter(
+    tmp_path, monkeypatch, capsys
+):
+    """A long state path puts a site's sockets in a folder named after it under the temporary
+    directory. Another user can create that name first: a folder others may enter is not used
+    (they could put their own socket where the ClientApp looks for the worker) and is left
+    alone; an owner-only one is taken over, and both go once the site stops."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+    state_dir = tmp_path / ("a_state_folder_too_deep_for_a_unix_socket_" + "x" * 80)
+    expected = tmp_path / socket_folder_name(state_dir)
+
+    with socket_path(state_dir, "worker.sock") as path:
+        assert path == expected / "worker.sock"
+        assert stat.S_IMODE(expected.stat().st_mode) == 0o700
+        path.touch()  # as the worker's bind would
+    assert not expected.exists()
+
+    expected.mkdir(mode=0o755)  # made first by someone who wants to listen in
+    planted = expected / "worker.sock"
+    planted.touch()
+    expected.chmod(0o755)  # mkdir applied the umask
+    with socket_path(state_dir, "worker.sock") as path:
+        assert path.parent != expected
+        assert path.parent.name.startswith("mrprism-sockets-")
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        elsewhere = path.parent
+    assert "is not an owner-only folder" in capsys.readouterr().err
+    assert not elsewhere.exists()
+    assert planted.exists()  # not ours to remove
+
+    short = tmp_path / "site"
+    with socket_path(short, "worker.sock") as path:
+        assert path == short / "worker.sock"  # fits: in the state directory itself

@@ -492,25 +492,45 @@ def test_ctrl_c_to_the_whole_site_stops_it_cleanly(tmp_path):
         deployment.stop()
 
 
-def test_the_socket_folders_of_a_site_with_a_long_state_path_go_when_it_stops(
+def test_the_socket_folder_of_a_site_with_a_long_state_path_goes_when_it_stops(
     tmp_path, monkeypatch
 ):
     """A socket path over ~107 bytes cannot be bound, so the worker's and the fork server's
-    sockets then live in owner-only temporary folders; a stopped site removes them (each run
-    used to leave two behind in /tmp)."""
+    sockets then live in an owner-only temporary folder. A stopped site removes it; a site
+    killed outright leaves it, and its restart takes the same folder over instead of making
+    another (each run used to leave two random folders behind in /tmp)."""
     temp_root = Path(tempfile.mkdtemp(prefix="mrp-", dir="/tmp"))  # short: room for the sockets
     monkeypatch.setenv("TMPDIR", str(temp_root))  # the site's processes inherit it
     name = "a_hospital_whose_state_folder_is_too_deep_for_a_unix_socket_" + "x" * 40
     deployment = Deployment(tmp_path)
+
+    def socket_folder() -> tuple[Path, list[int]]:
+        """The one folder under the temporary directory, and when its two sockets were made."""
+        [folder] = list(temp_root.iterdir())
+        assert folder.name.startswith("mrprism-sockets-"), folder
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        assert {p.name for p in folder.iterdir()} == {"worker.sock", "clientapp_fork.sock"}
+        return folder, [p.stat().st_mtime_ns for p in folder.iterdir()]
+
     try:
         assert len(os.fsencode(deployment.site_dir(name) / "worker.sock")) > 107
-        site, _ = _start_site_without_superlink(deployment, name)
-        folders = sorted(temp_root.glob("mrprism-worker-*"))
-        assert len(folders) == 2, folders  # the worker's and the ClientApp fork server's
-        assert all(stat.S_IMODE(folder.stat().st_mode) == 0o700 for folder in folders)
-        assert {p.name for f in folders for p in f.iterdir()} == {
-            "worker.sock", "clientapp_fork.sock"
-        }  # fmt: skip
+        _start_site_without_superlink(deployment, name)
+        folder, sockets = socket_folder()
+        deployment.kill(name)  # a power cut: nothing of the site cleans up
+        assert socket_folder() == (folder, sockets)  # the stale sockets are still there
+        killed_at = time.time_ns()
+        site = deployment.start_site(
+            "synthetic_a", "data.splits.train=4", "data.splits.val=2", "data.splits.test=2",
+            name=name,
+        )  # fmt: skip
+        deadline = time.monotonic() + 300
+        while deployment.log(name).count("Starting Flower SuperNode") < 2:
+            assert site.poll() is None, deployment.log(name)[-3000:]
+            assert time.monotonic() < deadline, "the restarted SuperNode never started"
+            time.sleep(0.2)
+        restarted_folder, restarted_sockets = socket_folder()
+        assert restarted_folder == folder  # the same folder, no second one
+        assert min(restarted_sockets) > killed_at  # both sockets bound anew
         site.send_signal(signal.SIGTERM)  # to `timeout`, which passes it on
         # python -m client stops its SuperNode, worker and fork server and exits 128 + SIGTERM
         assert site.wait(timeout=90) == 128 + signal.SIGTERM, deployment.log(name)[-3000:]
