@@ -271,8 +271,19 @@ def federated_round_seconds(
         result = deployment.run(run_config, timeout=3600)
         if result.returncode:
             raise RuntimeError(result.stdout[-2000:] + result.stderr[-2000:])
-        lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-        return [float(json.loads(line)["seconds"]) for line in lines if line.strip()]
+        records = [
+            json.loads(line)
+            for line in (out_dir / "metrics.jsonl").read_text().splitlines()
+            if line.strip()
+        ]
+        for record in records:  # a round a site sat out is quick, and says nothing of its cost
+            trained = len(record.get("train_sites") or {})
+            if record.get("dropped") or record.get("evaluate_dropped") or trained != sites:
+                raise RuntimeError(
+                    f"round {record.get('round')}: {trained} of {sites} sites trained; dropped "
+                    f"{record.get('dropped')}, evaluation dropped {record.get('evaluate_dropped')}"
+                )
+        return [float(record["seconds"]) for record in records]
     finally:
         deployment.stop()
 
