@@ -41,9 +41,9 @@ def _is_ours(folder: Path) -> bool:
 
 
 def _owner_only_folder(state_dir: Path) -> Path:
-    """The site's socket folder, made if missing. A folder of that
-    name that another user owns, or that others may enter, is not used (anyone who can write
-    to it could put their own socket in the worker's place): a fresh random one is."""
+    """The site's socket folder, made if missing. A folder of that name that another user
+    owns, or that others may enter, is not used (whoever can write to it could put their own
+    socket in the worker's place): a fresh random one is."""
     folder = Path(tempfile.gettempdir()) / socket_folder_name(state_dir)
     try:
         folder.mkdir(mode=0o700)

@@ -7,16 +7,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 from client.flower_env import FLOWER_OFFLINE_ENV
+from client.socket_paths import socket_folder_name
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -71,6 +74,7 @@ class Deployment:
         self.port = free_port()
         self.tls_dir = tls_dir
         self.processes: list[tuple[str, subprocess.Popen]] = []
+        self.site_names: set[str] = set()  # every site started, killed ones too
         self.cli_home = root / "home" / "cli"
         self.cli_home.mkdir(parents=True)
         connection = [f'address = "127.0.0.1:{self.port}"']
@@ -145,6 +149,7 @@ class Deployment:
         """``python -m client --site SITE`` as its own SuperNode; ``name`` runs the same config
         as another hospital (its own name, state dir and log)."""
         name = name or site
+        self.site_names.add(name)
         command = [sys.executable, "-m", "client", "--site", site]
         command += [
             f"site={name}",
@@ -241,6 +246,11 @@ class Deployment:
                     f"{self.log(name)[-1500:]}",
                     stacklevel=2,
                 )
+        # a site with a long state path binds its sockets in a folder under TMPDIR, which a
+        # site a test killed outright leaves behind (a restarted one takes it over)
+        temp_root = Path(os.environ.get("TMPDIR") or tempfile.gettempdir())
+        for name in self.site_names:
+            shutil.rmtree(temp_root / socket_folder_name(self.site_dir(name)), ignore_errors=True)
 
 
 def proc_stat(pid: int | str) -> list[str]:

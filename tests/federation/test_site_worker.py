@@ -420,11 +420,12 @@ def _start_site_without_superlink(
     """``python -m client`` for synthetic_a (as site ``name``) with no SuperLink to reach (its
     SuperNode keeps trying), once its SuperNode has started; (the process, {pid: command
     line} of every process under it)."""
+    earlier_starts = deployment.log(name).count("Starting Flower SuperNode")  # its log appends
     site = deployment.start_site(
         "synthetic_a", "data.splits.train=4", "data.splits.val=2", "data.splits.test=2", name=name
     )
     deadline = time.monotonic() + 300
-    while "Starting Flower SuperNode" not in deployment.log(name):
+    while deployment.log(name).count("Starting Flower SuperNode") == earlier_starts:
         assert site.poll() is None, deployment.log(name)[-3000:]
         assert time.monotonic() < deadline, "the SuperNode never started"
         time.sleep(0.2)
@@ -504,13 +505,14 @@ def test_the_socket_folder_of_a_site_with_a_long_state_path_goes_when_it_stops(
     name = "a_hospital_whose_state_folder_is_too_deep_for_a_unix_socket_" + "x" * 40
     deployment = Deployment(tmp_path)
 
-    def socket_folder() -> tuple[Path, list[int]]:
+    def socket_folder() -> tuple[Path, dict[str, int]]:
         """The one folder under the temporary directory, and when its two sockets were made."""
         [folder] = list(temp_root.iterdir())
         assert folder.name.startswith("mrprism-sockets-"), folder
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700
-        assert {p.name for p in folder.iterdir()} == {"worker.sock", "clientapp_fork.sock"}
-        return folder, [p.stat().st_mtime_ns for p in folder.iterdir()]
+        made = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+        assert set(made) == {"worker.sock", "clientapp_fork.sock"}
+        return folder, made
 
     try:
         assert len(os.fsencode(deployment.site_dir(name) / "worker.sock")) > 107
@@ -519,18 +521,10 @@ def test_the_socket_folder_of_a_site_with_a_long_state_path_goes_when_it_stops(
         deployment.kill(name)  # a power cut: nothing of the site cleans up
         assert socket_folder() == (folder, sockets)  # the stale sockets are still there
         killed_at = time.time_ns()
-        site = deployment.start_site(
-            "synthetic_a", "data.splits.train=4", "data.splits.val=2", "data.splits.test=2",
-            name=name,
-        )  # fmt: skip
-        deadline = time.monotonic() + 300
-        while deployment.log(name).count("Starting Flower SuperNode") < 2:
-            assert site.poll() is None, deployment.log(name)[-3000:]
-            assert time.monotonic() < deadline, "the restarted SuperNode never started"
-            time.sleep(0.2)
+        site, _ = _start_site_without_superlink(deployment, name)
         restarted_folder, restarted_sockets = socket_folder()
         assert restarted_folder == folder  # the same folder, no second one
-        assert min(restarted_sockets) > killed_at  # both sockets bound anew
+        assert min(restarted_sockets.values()) > killed_at  # both sockets bound anew
         site.send_signal(signal.SIGTERM)  # to `timeout`, which passes it on
         # python -m client stops its SuperNode, worker and fork server and exits 128 + SIGTERM
         assert site.wait(timeout=90) == 128 + signal.SIGTERM, deployment.log(name)[-3000:]
