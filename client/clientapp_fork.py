@@ -9,7 +9,8 @@ SuperExec finds first on the SuperNode's ``PATH`` is a small launcher (:func:`wr
 standard library only) that hands its arguments, environment and working directory to the fork
 server, which forks a child that runs Flower's entry point with them: the same process Flower
 would start, minus the imports. Our ClientApp module is not imported in advance: Flower loads
-it from the app bundle, as without the fork server.
+it from the app bundle, as without the fork server. The children unpack a run's bundle once,
+not for every message (:mod:`client.fab_install`).
 
 When the fork server cannot be reached (not started, crashed, a wrong key), the launcher
 replaces itself with Flower's own ``flwr-clientapp`` (``os.execv``), so a message never fails
@@ -154,6 +155,11 @@ def serve(socket_path: Path, key: bytes) -> None:
     """Fork one ClientApp process per request on ``socket_path``, until killed."""
     import flwr.supernode.cli.flwr_clientapp  # noqa: F401 - the import each child saves
 
+    from .fab_install import use_for_clientapps
+
+    # every child inherits it: the run's bundle is unpacked once, not for every message
+    if not use_for_clientapps():
+        print("clientapp fork server: each ClientApp installs the app bundle itself", flush=True)
     # children are reaped by the kernel: this process never waits for them
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     socket_path.unlink(missing_ok=True)

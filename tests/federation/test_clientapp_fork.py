@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from client.clientapp_fork import COMMAND, ORPHAN_GRACE_S, write_launcher
 from client.parent_watch import process_exists
 
@@ -123,3 +125,58 @@ def test_a_clientapp_blocked_on_its_supernode_ends_after_its_superexec(tmp_path)
         silent_runtime_api.close()
         server.terminate()
         server.wait(timeout=60)
+
+
+def _bundle(project: Path, version: str) -> bytes:
+    """A real Flower app bundle (``flwr build``'s format) of a one-module app."""
+    project.mkdir(parents=True, exist_ok=True)
+    (project / "pyproject.toml").write_text(
+        "[build-system]\nrequires = ['hatchling']\nbuild-backend = 'hatchling.build'\n"
+        f"[project]\nname = 'tinyapp'\nversion = '{version}'\nlicense = 'Apache-2.0'\n"
+        "dependencies = []\n[tool.flwr.app]\npublisher = 'tests'\n"
+        "[tool.flwr.app.components]\nserverapp = 'tinyapp.apps:server'\n"
+        "clientapp = 'tinyapp.apps:client'\n[tool.flwr.app.config]\nrounds = 1\n"
+    )
+    (project / "tinyapp").mkdir(exist_ok=True)
+    (project / "tinyapp" / "__init__.py").write_text("")
+    (project / "tinyapp" / "apps.py").write_text("client = server = None\n")
+    from flwr.cli.build import build_fab_from_disk
+
+    return build_fab_from_disk(project)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pathspec's, in Flower's build
+def test_a_sites_clientapps_unpack_the_apps_bundle_once(tmp_path, monkeypatch):
+    """Flower's flwr-clientapp installs the run's bundle for every message (unpacks it and
+    checks every file's hash, then keeps the folder it installed before). Wrapped, Flower's
+    own install runs once per bundle: again only for other bytes or when its folder is gone."""
+    from flwr.cli.install import install_from_fab
+
+    from client.fab_install import RECORD_DIR, install_once
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    unpacked: list[bytes] = []
+
+    def flowers_install(fab, install_dir=None, skip_prompt=False):  # Flower's, counted
+        unpacked.append(fab)
+        return install_from_fab(fab, install_dir, skip_prompt)
+
+    install = install_once(flowers_install)
+    first, second = (
+        _bundle(tmp_path / "v1" / "tinyapp", "1.0.0"),
+        _bundle(tmp_path / "v2" / "tinyapp", "2.0.0"),
+    )
+    folder = install(first, skip_prompt=True)
+    assert (folder / "tinyapp" / "apps.py").read_text() == "client = server = None\n"
+    assert folder == install_from_fab(first, skip_prompt=True)  # where Flower puts it
+    assert install(first, skip_prompt=True) == folder
+    assert install(first, skip_prompt=True) == folder
+    assert len(unpacked) == 1  # the next messages' ClientApps did not unpack it again
+    assert len(list((tmp_path / "home" / RECORD_DIR).iterdir())) == 1
+
+    other = install(second, skip_prompt=True)
+    assert other != folder and len(unpacked) == 2  # other bytes: Flower installs them
+
+    shutil.rmtree(folder)  # someone cleaned Flower's apps folder
+    assert install(first, skip_prompt=True) == folder
+    assert (folder / "tinyapp" / "apps.py").exists() and len(unpacked) == 3

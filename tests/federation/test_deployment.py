@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from client.fab_install import RECORD_DIR
 from mrprism_core.checkpoint import load_checkpoint
 from mrprism_core.models import build_model, split_state
 from mrprism_core.protocol import EVALUATED_BEFORE_KEY
@@ -82,3 +84,9 @@ def test_two_rounds_over_superlink_and_three_supernodes(deployment, tmp_path):
             evaluated_by = row.get(EVALUATED_BEFORE_KEY)
             assert evaluated_by == (record["round"] + 1 if record["round"] < 2 else None), site
     assert json.loads((out_dir / "summary.json").read_text())["rounds"] == 2
+
+    # each site's ClientApps (five messages: two rounds' trainings and their evaluations, the
+    # last one its own message) had Flower install the run's bundle once, the first of them
+    for site in SITES:
+        [record] = (tmp_path / "home" / site / RECORD_DIR).iterdir()
+        assert Path(record.read_text()).parent.name == "apps", site
