@@ -36,6 +36,20 @@ def _flower_home() -> Path:
     return get_flwr_home()
 
 
+def _write_record(record: Path, installed: Path) -> None:
+    """Atomically (a ClientApp beside this one reads all of it or none); not through
+    :mod:`mrprism_core.checkpoint`, which imports torch, which a ClientApp never does."""
+    record.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=record.parent, prefix=".record-")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(str(installed))
+        os.replace(temporary, record)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 def install_once(install: Install) -> Install:
     """``install`` (Flower's ``install_from_fab``), run once per bundle and Flower home."""
 
@@ -45,19 +59,14 @@ def install_once(install: Install) -> Install:
     ) -> Path:
         if not isinstance(fab_file, bytes) or install_dir is not None or not skip_prompt:
             return install(fab_file, install_dir, skip_prompt)  # not a ClientApp's call
-        records = _flower_home() / RECORD_DIR
-        record = records / hashlib.sha256(fab_file).hexdigest()
+        record = _flower_home() / RECORD_DIR / hashlib.sha256(fab_file).hexdigest()
         with contextlib.suppress(OSError, ValueError):
             installed = Path(record.read_text(encoding="utf-8"))
             if installed.is_dir():
                 return installed
         installed = install(fab_file, install_dir, skip_prompt)
         with contextlib.suppress(OSError):  # no record: the next message installs again
-            records.mkdir(mode=0o700, parents=True, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(dir=records, prefix=".record-")
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
-                out.write(str(installed))
-            os.replace(temporary, record)  # atomic: a ClientApp beside this one reads all or none
+            _write_record(record, installed)
         return installed
 
     wrapper.__wrapped_install__ = install  # type: ignore[attr-defined]
