@@ -80,7 +80,7 @@ def use_for_clientapps() -> bool:
     from flwr.supernode.runtime import run_clientapp
 
     current = getattr(run_clientapp, "install_from_fab", None)
-    if current is None or not callable(current):
+    if not callable(current):  # None too
         return False
     if not hasattr(current, "__wrapped_install__"):
         run_clientapp.install_from_fab = install_once(current)

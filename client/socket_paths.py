@@ -24,10 +24,12 @@ MAX_SOCKET_PATH_BYTES = 99
 FOLDER_PREFIX = "mrprism-sockets-"
 
 
-def socket_folder_name(state_dir: Path) -> str:
-    """The temporary folder's name for ``state_dir``: the same on every start of that site."""
+def socket_folder(state_dir: Path, temp_root: Path | None = None) -> Path:
+    """The folder for the sockets of the site in ``state_dir``, under ``temp_root`` (default:
+    this process's temporary directory): the same on every start of that site."""
     digest = hashlib.sha256(os.fsencode(state_dir.resolve())).hexdigest()[:16]
-    return f"{FOLDER_PREFIX}{os.getuid()}-{digest}"
+    root = Path(tempfile.gettempdir()) if temp_root is None else temp_root
+    return root / f"{FOLDER_PREFIX}{os.getuid()}-{digest}"
 
 
 def _is_ours(folder: Path) -> bool:
@@ -44,7 +46,7 @@ def _owner_only_folder(state_dir: Path) -> Path:
     """The site's socket folder, made if missing. A folder of that name that another user
     owns, or that others may enter, is not used (whoever can write to it could put their own
     socket in the worker's place): a fresh random one is."""
-    folder = Path(tempfile.gettempdir()) / socket_folder_name(state_dir)
+    folder = socket_folder(state_dir)
     try:
         folder.mkdir(mode=0o700)
     except FileExistsError:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from client.flower_env import FLOWER_OFFLINE_ENV
-from client.socket_paths import socket_folder_name
+from client.socket_paths import socket_folder
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -247,10 +247,11 @@ class Deployment:
                     stacklevel=2,
                 )
         # a site with a long state path binds its sockets in a folder under TMPDIR, which a
-        # site a test killed outright leaves behind (a restarted one takes it over)
+        # site a test killed outright leaves behind (a restarted one takes it over); the
+        # sites read TMPDIR afresh, this process may hold an older temporary directory
         temp_root = Path(os.environ.get("TMPDIR") or tempfile.gettempdir())
         for name in self.site_names:
-            shutil.rmtree(temp_root / socket_folder_name(self.site_dir(name)), ignore_errors=True)
+            shutil.rmtree(socket_folder(self.site_dir(name), temp_root), ignore_errors=True)
 
 
 def proc_stat(pid: int | str) -> list[str]:

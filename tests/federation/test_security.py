@@ -18,7 +18,7 @@ import pytest
 from cryptography import x509
 
 from client.keys import make_site_keys
-from client.socket_paths import socket_folder_name, socket_path
+from client.socket_paths import socket_folder, socket_path
 from server.certs import make_certificates
 
 from .deploy import PROJECT_ROOT, Deployment, history, toml_value, wait_for_round
@@ -195,7 +195,7 @@ def test_a_site_binds_its_sockets_only_in_a_folder_no_one_else_may_enter(
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
     state_dir = tmp_path / ("a_state_folder_too_deep_for_a_unix_socket_" + "x" * 80)
-    expected = tmp_path / socket_folder_name(state_dir)
+    expected = socket_folder(state_dir, tmp_path)
 
     with socket_path(state_dir, "worker.sock") as path:
         assert path == expected / "worker.sock"
