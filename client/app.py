@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from copy import copy
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from mrprism_core.protocol import (
     CLIPPING_NORM_KEY,
     CONTROL_KEY,
     KEPT_EVALUATION_KEY,
+    KEYS_AHEAD_KEY,
     LEGACY_WEIGHTS_RECORD,
     PACKED_KEY,
     TRAIN_AHEAD_KEY,
@@ -87,26 +89,48 @@ def _error_reply(msg: Message, context: Context, state_dir: Path, error: str) ->
 
 
 def _secure_aggregation_when_asked(msg: Message, context: Context, call_next: Any) -> Message:
-    """Flower's SecAgg+ client mod, for the messages of a SecAgg+ round only. A setup stage
-    that brings the round's weights (``secagg-train-ahead``) has the site worker start training
-    on them first; the reply then says so, and the collect stage brings no weights again."""
+    """Flower's SecAgg+ client mod, for the messages of a SecAgg+ round only
+    (``server/secagg_workflow.py``). A round's first message that brings the round's weights
+    (``secagg-train-ahead``) has the site worker start training on them first; the reply then
+    says so, and the collect stage brings no weights again. An unmask message that brings the
+    next round's setup parameters (``secagg-keys-ahead``) is answered, then the next round's
+    keys are made as its setup stage would make them and go back in the same reply."""
     from flwr.client.mod import secaggplus_mod
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, context)
-    setup = msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE) == Stage.SETUP
-    trains_ahead = setup and _train_ahead(msg, context)
+    stage = msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE)
+    trains_ahead = stage in (Stage.SETUP, Stage.SHARE_KEYS) and _train_ahead(msg, context)
     reply = secaggplus_mod(msg, context, call_next)
-    if trains_ahead and not reply.has_error():
+    if reply.has_error():
+        return reply
+    if trains_ahead:
         reply.content.config_records[TRAIN_AHEAD_KEY] = ConfigRecord({"started": True})
+    if stage == Stage.UNMASK and KEYS_AHEAD_KEY in msg.content.config_records:
+        parameters = ConfigRecord(dict(msg.content[KEYS_AHEAD_KEY]))
+        # the mod reads the node and the message type from the metadata, as this message's
+        next_setup = Message(
+            RecordDict({RECORD_KEY_CONFIGS: parameters}), metadata=copy(msg.metadata)
+        )
+        try:
+            keys = secaggplus_mod(next_setup, context, _setup_needs_no_app)
+        except Exception as err:  # noqa: BLE001 - the unmask reply must go; setup comes as usual
+            log.warning("the next SecAgg+ round's keys were not made ahead: %s", err)
+        else:
+            reply.content.config_records[KEYS_AHEAD_KEY] = keys.content[RECORD_KEY_CONFIGS]
     return reply
 
 
+def _setup_needs_no_app(msg: Message, context: Context) -> Message:
+    raise RuntimeError("SecAgg+'s setup stage does not call the ClientApp")
+
+
 def _train_ahead(msg: Message, context: Context) -> bool:
-    """Hand the setup stage's weights to the site worker, which starts training at once and
-    answers when the collect stage asks (``client/worker.py``); False when the message brings
-    none or the node has no worker that takes them (the collect stage then brings them)."""
+    """Hand the round's weights, which came with its first message, to the site worker, which
+    starts training at once and answers when the collect stage asks (``client/worker.py``);
+    False when the message brings none or the node has no worker that takes them (the collect
+    stage then brings them)."""
     socket_path = context.node_config.get(SOCKET_NODE_CONFIG)
     if not socket_path or LEGACY_WEIGHTS_RECORD not in msg.content.array_records:
         return False
@@ -117,7 +141,7 @@ def _train_ahead(msg: Message, context: Context) -> bool:
             socket_path, state_dir, TRAIN_AHEAD, config, arrays, context.run_id, start_wait_s=0
         )
     except WorkerUnavailable as err:
-        log.warning("training not started with the SecAgg+ setup: %s", err)
+        log.warning("training not started with the round's first SecAgg+ message: %s", err)
         return False
     return outcome.error is None
 
@@ -194,7 +218,7 @@ def create_client_app(state_dirs: Sequence[str] | None = None) -> ClientApp:
 def _legacy_instruction(msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """A SecAgg+ round's training config and arrays, from Flower's legacy ``fitins`` records:
     [packed weights] or, with SCAFFOLD, [packed weights, server control variate]; none in a
-    collect stage whose weights came with the setup stage."""
+    collect stage whose weights came with the round's first message."""
     from flwr.common import parameters_to_ndarrays
     from flwr.compat.common.recorddict_compat import recorddict_to_fitins
 
@@ -212,7 +236,7 @@ def _legacy_train(msg: Message, context: Context, state_dir: Path) -> Message:
     """A SecAgg+ round's training: the same round, in Flower's legacy ``fitins``/``fitres``
     records that ``secaggplus_mod`` masks before anything leaves the site (with SCAFFOLD the
     change of the site's control variate too, as a second array). When the site's worker
-    started it at the setup stage, its result is collected instead."""
+    started it at the round's first message, its result is collected instead."""
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
     from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 

@@ -15,10 +15,11 @@ unchanged (``SiteStore(write_behind=True)``): the next message, and a stop by SI
 Ctrl-C, first wait for the write; a worker killed outright within that second or so keeps the
 previous round's files, as if killed during the round.
 
-SecAgg+ rounds (``secagg-train-ahead``): the setup stage's ClientApp hands over the round's
-weights as a ``train-ahead`` request, which is answered at once and then trained; the collect
-stage's ClientApp, two messages later, asks for that training's result (``collect``), waiting
-on the socket until it is done. A worker started again in between has none, and says so.
+SecAgg+ rounds (``secagg-train-ahead``): the ClientApp of the round's first message (the setup
+or share-keys stage) hands over the round's weights as a ``train-ahead`` request, which is
+answered at once and then trained; the collect stage's ClientApp, one or two messages later,
+asks for that training's result (``collect``), waiting on the socket until it is done. A worker
+started again in between has none, and says so.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def serve(state_dir: str | Path, socket_path: str | Path, max_messages: int | No
 def _serve_messages(site: SiteRuntime, listener: Listener, max_messages: int | None) -> None:
     served = 0
     held = HeldWeights()  # the last training message's weights: the next may bring a change
-    # a SecAgg+ round's training, started at its setup stage: ((run id, round), outcome)
+    # a SecAgg+ round's training, started at its first message: ((run id, round), outcome)
     ahead: tuple[tuple[int, int], RoundOutcome] | None = None
     while max_messages is None or served < max_messages:
         try:
@@ -109,7 +110,7 @@ def _serve_messages(site: SiteRuntime, listener: Listener, max_messages: int | N
                 continue
             started = time.perf_counter()
             if kind == TRAIN_AHEAD:
-                # the setup stage's reply goes now; the collect stage's request, queued on
+                # the key exchange's reply goes now; the collect stage's request, queued on
                 # the socket meanwhile, is answered once this training is done
                 _answer(conn, kind, RoundOutcome())
                 conn.close()
@@ -148,14 +149,14 @@ def _collect(
     config: dict[str, Any],
     run_id: int,
 ) -> RoundOutcome:
-    """The training started at this SecAgg+ round's setup stage, or why there is none."""
+    """The training started at this SecAgg+ round's first message, or why there is none."""
     wanted = _round_of(config, run_id)
     if ahead is not None and ahead[0] == wanted:
         return ahead[1]
     return RoundOutcome(
         error=f"site {site_name}: the training of run {wanted[0]} round {wanted[1]} that began "
-        "with the SecAgg+ setup stage is not in this site worker (it was started again since, "
-        "or another message came between): the site sits this round out"
+        "with the round's first SecAgg+ message is not in this site worker (it was started "
+        "again since, or another message came between): the site sits this round out"
     )
 
 

@@ -58,7 +58,7 @@ KEY_FILE = "worker.key"
 WORKER_START_WAIT_S = 30.0
 #: A request kind beside "train" and "evaluate" (SecAgg+ rounds, ``secagg-train-ahead``):
 #: train on the message's weights, but answer at once (an empty outcome) and keep the result,
-#: so the setup stage's reply need not wait for the training ...
+#: so the key exchange's reply need not wait for the training ...
 TRAIN_AHEAD = "train-ahead"
 #: ... and the collect stage's request, without arrays: the kept result of that training.
 COLLECT = "collect"

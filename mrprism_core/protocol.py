@@ -23,6 +23,7 @@ __all__ = [
     "HOLDS_WEIGHTS_KEY",
     "KEEP_EVALUATION_KEY",
     "KEPT_EVALUATION_KEY",
+    "KEYS_AHEAD_KEY",
     "LEGACY_WEIGHTS_RECORD",
     "PACKED_KEY",
     "RoundInstructions",
@@ -64,12 +65,19 @@ HOLDS_WEIGHTS_KEY = "holds-weights"
 #: The kept evaluation's detail (site record): the round whose training message evaluated.
 EVALUATED_BEFORE_KEY = "evaluated-before-training-round"
 
-# SecAgg+ rounds (``secagg-train-ahead``): the round's weights and config come with the setup
-# stage's message, so that a site with a worker trains while the keys are exchanged. A site
-# that started doing so marks its setup reply with a record of this name; its collect stage's
+# SecAgg+ rounds (``secagg-train-ahead``): the round's weights and config come with the round's
+# first message to a site (setup, or share keys when its keys were made ahead), so that a site
+# with a worker trains while the keys are exchanged. A site that started doing so marks its
+# reply with a record of this name; its collect stage's
 # message then carries the config only, marked the same way, and the site masks what it trained.
 #: The record name of that mark, in both directions.
 TRAIN_AHEAD_KEY = "train-ahead"
+# SecAgg+ rounds (``secagg-keys-ahead``): a round's unmask messages carry the next round's
+# expected setup parameters in a record of this name; a site answers its unmask stage, then
+# makes the next round's keys as its setup stage would and returns them in its unmask reply
+# under the same name, so that the next round's setup stage need not be sent to it.
+#: The record name, in both directions.
+KEYS_AHEAD_KEY = "secagg-keys-ahead"
 #: The record in which Flower's legacy fit instructions (what SecAgg+ sends) carry the weights.
 LEGACY_WEIGHTS_RECORD = "fitins.parameters"
 

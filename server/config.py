@@ -51,9 +51,12 @@ class RunConfig:
     secagg_clipping_range: float = above(8.0, 0)
     # SecAgg+: most examples a site weighs in with (lower=finer)
     secagg_max_weight: float = above(1000.0, 0)
-    # SecAgg+: the weights come with the setup stage; sites with a worker train during the
-    # key exchange instead of after it (two messages fewer before training starts)
+    # SecAgg+: the weights come with a round's first message; sites with a worker train during
+    # the key exchange instead of after it
     secagg_train_ahead: bool = True
+    # SecAgg+: the next round's keys are made with this round's unmasking; a round is then
+    # three message round trips, not four
+    secagg_keys_ahead: bool = True
     model: str = "mrprism"  # mrprism or a baseline (mrprism_core.models.MODEL_NAMES)
     preset: str = "tiny"  # architecture preset
     model_options: str = "{}"  # JSON object of preset/loss overrides, e.g. {"local_norms": true}

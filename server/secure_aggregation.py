@@ -49,9 +49,9 @@ def run_secure_federation(
     from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.server import LegacyContext, ServerConfig
     from flwr.server.strategy import FedAvg as LegacyFedAvg
-    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+    from flwr.server.workflow import DefaultWorkflow
 
-    from .train_ahead import TrainAheadSecAggPlus
+    from .secagg_workflow import PipelinedSecAggPlus
 
     if cfg.dp_mode != "none" or cfg.strategy != "fedavg":
         raise ValueError(
@@ -68,17 +68,19 @@ def run_secure_federation(
     if done >= cfg.num_server_rounds:
         return _summary(cfg, files, history)
     instructions = replace(round_instructions(cfg, layout), control_ledger=files.control_ledger)
+    # the sites of each round that aggregated; a round SecAgg+ halted has none
     round_sites: dict[int, dict[str, dict[str, Any]]] = {}
     started = [time.time()]
+    current = [0]  # the local round under way
 
     def fit_config(local_round: int) -> dict[str, Any]:
-        started[0] = time.time()
+        started[0], current[0] = time.time(), local_round
         return replace(instructions, server_round=done + local_round).to_config()
 
     def site_metrics(results: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
         replies = [SiteReply.from_records(m) for _, m in results]
         rows = {r.site: {**r.to_metrics(), **r.to_site()} for r in replies}
-        round_sites[len(round_sites) + 1] = rows
+        round_sites[current[0]] = rows
         total = sum(n for n, _ in results) or 1
         loss = sum(r.num_examples * r.metrics["train-loss"] for r in replies)
         return {"train-loss": loss / total}
@@ -95,8 +97,10 @@ def run_secure_federation(
             "round": server_round,
             "run_id": context.run_id,
             "seconds": round(time.time() - started[0], 3),
-            "aggregated": True,
+            "aggregated": local_round in round_sites,
             "secure_aggregation": True,
+            # sites sent no setup message: their keys were made with the last unmasking
+            "secagg_keys_made_ahead": len(secagg.setup_skipped),
             "user_level_dp": user_level_privacy(cfg, server_round),
             "train": {},
             "evaluate": {},
@@ -109,7 +113,10 @@ def run_secure_federation(
         history.append(record)
         # written behind, as in the plain loop; _summary's write_summary waits for it
         files.save_round(cfg, layout, new, server_round, context.run_id, history, behind=True)
-        log.info("round %d done under SecAgg+ (%d sites)", server_round, len(sites))
+        if local_round in round_sites:
+            log.info("round %d done under SecAgg+ (%d sites)", server_round, len(sites))
+        else:
+            log.warning("round %d under SecAgg+ aggregated nothing: the weights stay", server_round)
         if on_round is not None:
             on_round(record)
         return None
@@ -153,16 +160,16 @@ def run_secure_federation(
         evaluate_fn=after_round,
         fit_metrics_aggregation_fn=site_metrics,
     )
-    secagg = TrainAheadSecAggPlus if cfg.secagg_train_ahead else SecAggPlusWorkflow
-    workflow = DefaultWorkflow(
-        fit_workflow=secagg(
-            num_shares=_count(cfg.secagg_num_shares),
-            reconstruction_threshold=_count(cfg.secagg_reconstruction_threshold),
-            clipping_range=cfg.secagg_clipping_range,
-            max_weight=cfg.secagg_max_weight,
-            timeout=cfg.round_timeout,
-        )
+    secagg = PipelinedSecAggPlus(
+        num_shares=_count(cfg.secagg_num_shares),
+        reconstruction_threshold=_count(cfg.secagg_reconstruction_threshold),
+        clipping_range=cfg.secagg_clipping_range,
+        max_weight=cfg.secagg_max_weight,
+        timeout=cfg.round_timeout,
+        train_ahead=cfg.secagg_train_ahead,
+        keys_ahead=cfg.secagg_keys_ahead,
     )
+    workflow = DefaultWorkflow(fit_workflow=secagg)
     legacy = LegacyContext(
         context=context,
         config=ServerConfig(

@@ -36,36 +36,106 @@ def _run_config(out_dir: Path, rounds: int, **extra: object) -> dict:
 
 def test_secagg_plus_aggregate_equals_fedavg_of_the_site_updates(tmp_path, make_site):
     """Two rounds; the first site answers as a site whose worker trains during the key
-    exchange. The weights come with the setup stage to every site in round 1 and then only to
-    that one, and with the collect stage only to the sites that did not say they train."""
+    exchange, the third fails its collect stage in round 1. Round 1's unmask messages have the
+    sites make round 2's keys, so round 2 sends no setup message to the two sites that were
+    unmasked, only to the third; the weights come with each site's first message of a round
+    while it trains ahead, and with the collect stage to the sites that did not say they train.
+    The keys made ahead are the ones used: round 2's masked sum is FedAvg of all three."""
     state_dirs = [make_site(site, f"data.splits.train={n}") for site, n in SITES.items()]
     out_dir = tmp_path / "server"
     notes = tmp_path / "notes"
     notes.mkdir()
-    app = _first_site_trains_ahead(state_dirs, notes)
+    app = _scripted_sites(state_dirs, notes)
     rounds = simulate(_run_config(out_dir, rounds=2), state_dirs, client_app=app)
     assert all(record["secure_aggregation"] is True for record in rounds)
-    assert [set(record["train_sites"]) for record in rounds] == [set(SITES)] * 2
+    assert [set(record["train_sites"]) for record in rounds] == [
+        set(SITES) - {"synthetic_c"},
+        set(SITES),
+    ]
+    assert [record["secagg_keys_made_ahead"] for record in rounds] == [0, 2]
     seen = sorted(tuple(json.loads(line)) for line in (notes / "stages").read_text().splitlines())
-    # (site, stage, weight arrays the message brought, marked as trained ahead), both rounds
-    ahead = [(0, "collect_masked_vectors", 0, True), (0, "setup", 1, False)] * 2
-    declined = [(site, "collect_masked_vectors", 1, False) for site in (1, 2)] * 2
-    declined += [(site, "setup", weights, False) for site in (1, 2) for weights in (0, 1)]
-    assert seen == sorted(ahead + declined)
+    # (round, site, stage, weight arrays the message brought, marked) where the mark is the
+    # train-ahead record, or at the unmask stage the record asking for the next round's keys
+    setup, share, collect, unmask = "setup", "share_keys", "collect_masked_vectors", "unmask"
+    expected = [
+        (1, 0, setup, 1, False), (1, 0, share, 0, False), (1, 0, collect, 0, True),
+        (1, 0, unmask, 0, True),
+        (2, 0, share, 1, False), (2, 0, collect, 0, True), (2, 0, unmask, 0, False),
+        (1, 1, setup, 1, False), (1, 1, share, 0, False), (1, 1, collect, 1, False),
+        (1, 1, unmask, 0, True),
+        (2, 1, share, 0, False), (2, 1, collect, 1, False), (2, 1, unmask, 0, False),
+        (1, 2, setup, 1, False), (1, 2, share, 0, False), (1, 2, collect, 1, False),
+        (2, 2, setup, 0, False), (2, 2, share, 0, False), (2, 2, collect, 1, False),
+        (2, 2, unmask, 0, False),
+    ]  # fmt: skip
+    assert seen == sorted(expected)
     global_state = load_checkpoint(out_dir / "global_model.pt")["shared_state"]
     _assert_fedavg_of_trained(global_state, state_dirs, [float(n) for n in SITES.values()])
 
 
-def _first_site_trains_ahead(state_dirs: list[str], notes: Path):  # noqa: ANN202
-    """Our ClientApp (no site worker in simulation); the first site plays one whose worker
-    trains ahead: it keeps the weights its setup message brings, marks its setup reply, and
-    puts them back into its collect message, which brings none. Every site notes, per SecAgg+
-    stage of training, the weight arrays and the mark its message brought."""
-    from flwr.app import Array, ArrayRecord, ConfigRecord
+def test_a_site_that_lost_its_keys_made_ahead_sits_that_round_out(tmp_path, make_site):
+    """A site whose SecAgg+ state is gone between its unmask stage, which made the next
+    round's keys, and that round's share-keys stage (as when its SuperNode was started again)
+    fails the share-keys stage; SecAgg+ leaves it out and aggregates the other two, and the
+    round after sends it a setup message again, so it takes part once more."""
+    state_dirs = [make_site(site, f"data.splits.train={n}") for site, n in SITES.items()]
+    out_dir = tmp_path / "server"
+    app = _site_forgetting_its_keys(state_dirs, site=1, server_round=2)
+    rounds = simulate(_run_config(out_dir, rounds=3), state_dirs, client_app=app)
+    everyone = set(SITES)
+    assert [set(r["train_sites"]) for r in rounds] == [
+        everyone,
+        everyone - {"synthetic_b"},
+        everyone,
+    ]
+    # round 3: the two sites unmasked in round 2 made their keys ahead, the third got a setup
+    assert [r["secagg_keys_made_ahead"] for r in rounds] == [0, 3, 2]
+    assert all(r["aggregated"] for r in rounds)
+    global_state = load_checkpoint(out_dir / "global_model.pt")["shared_state"]
+    _assert_fedavg_of_trained(global_state, state_dirs, [float(n) for n in SITES.values()])
+
+
+def _site_forgetting_its_keys(state_dirs: list[str], site: int, server_round: int):  # noqa: ANN202
+    """Our ClientApp; ``site`` loses its SecAgg+ state just before ``server_round``'s
+    share-keys stage."""
+    from flwr.clientapp import ClientApp
+    from flwr.common.secure_aggregation.secaggplus_constants import (
+        RECORD_KEY_CONFIGS,
+        RECORD_KEY_STATE,
+        Key,
+    )
+
+    from client.app import create_client_app
+
+    honest = create_client_app(state_dirs)
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):  # noqa: ANN001, ANN202
+        stage = msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]
+        if (
+            int(context.node_config["partition-id"]) == site
+            and int(msg.metadata.group_id) == server_round
+            and stage == "share_keys"
+        ):
+            del context.state.config_records[RECORD_KEY_STATE]
+        return honest(msg, context)
+
+    return app
+
+
+def _scripted_sites(state_dirs: list[str], notes: Path):  # noqa: ANN202
+    """Our ClientApp (no site worker in simulation), with two sites scripted. The first plays
+    one whose worker trains ahead: it keeps the weights the round's first message brings, marks
+    that reply, and puts them back into its collect message, which brings none. The third
+    answers its round-1 collect stage with an error, as a site that fails there. Every site
+    notes each SecAgg+ message: round, stage, the weight arrays it brought and its mark."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message
     from flwr.clientapp import ClientApp
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
     from client.app import create_client_app
+    from mrprism_core.protocol import KEYS_AHEAD_KEY
 
     honest = create_client_app(state_dirs)
     app = ClientApp()
@@ -74,20 +144,23 @@ def _first_site_trains_ahead(state_dirs: list[str], notes: Path):  # noqa: ANN20
     @app.train()
     def train(msg, context):  # noqa: ANN001, ANN202
         site = int(context.node_config["partition-id"])
+        server_round = int(msg.metadata.group_id)
         stage = msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]
         weights = msg.content.array_records.get(LEGACY_WEIGHTS_RECORD, ArrayRecord())
-        marked = TRAIN_AHEAD_KEY in msg.content.config_records
-        if stage in ("setup", "collect_masked_vectors"):
-            with (notes / "stages").open("a") as out:
-                out.write(json.dumps([site, stage, len(weights), marked]) + "\n")
+        mark = KEYS_AHEAD_KEY if stage == "unmask" else TRAIN_AHEAD_KEY
+        marked = mark in msg.content.config_records
+        with (notes / "stages").open("a") as out:
+            out.write(json.dumps([server_round, site, stage, len(weights), marked]) + "\n")
+        if site == 2 and server_round == 1 and stage == "collect_masked_vectors":
+            return Message(Error(code=0, reason="scripted failure"), reply_to=msg)
         if site != 0:
             return honest(msg, context)
-        if stage == "setup":
+        if len(weights) and stage != "collect_masked_vectors":
             np.savez(kept, **{name: array.numpy() for name, array in weights.items()})
             reply = honest(msg, context)
             reply.content.config_records[TRAIN_AHEAD_KEY] = ConfigRecord({"started": True})
             return reply
-        if marked:
+        if marked and stage == "collect_masked_vectors":
             with np.load(kept) as saved:
                 restored = {name: Array(saved[name]) for name in saved.files}
             msg.content.array_records[LEGACY_WEIGHTS_RECORD] = ArrayRecord(restored)
@@ -112,9 +185,11 @@ def _assert_fedavg_of_trained(global_state: dict, state_dirs: list, weights: lis
 
 
 def test_in_a_deployment_site_workers_train_during_the_key_exchange(tmp_path):
-    """Three SuperNodes with their site workers: each round's weights come with the setup
-    stage, every worker trains on them then (not in the collect stage, whose message brings
-    none), and the masked sum is still FedAvg of what the sites trained."""
+    """Three SuperNodes with their site workers: each round's weights come with its first
+    message to a site (round 1's setup stage; round 2's share-keys stage, its keys having been
+    made with round 1's unmasking), every worker trains on them then (not in the collect
+    stage, whose message brings none), and the masked sum is still FedAvg of what the sites
+    trained."""
     deployment = Deployment(tmp_path)
     small = ["data.splits.val=2", "data.image_size=32"]
     try:
@@ -129,6 +204,8 @@ def test_in_a_deployment_site_workers_train_during_the_key_exchange(tmp_path):
         deployment.stop()  # the workers write the snapshots they kept behind their replies
     rounds = history(out_dir)
     assert [set(r["train_sites"]) for r in rounds] == [set(SITES)] * 2
+    # round 2 sent no setup message: every site made its keys with round 1's unmasking
+    assert [r["secagg_keys_made_ahead"] for r in rounds] == [0, 3]
     for site in SITES:
         log = deployment.log(site)
         # "<kind> message <n> in <s> s", as the site worker prints each request
