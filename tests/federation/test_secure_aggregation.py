@@ -95,6 +95,44 @@ def test_a_site_that_lost_its_keys_made_ahead_sits_that_round_out(tmp_path, make
     _assert_fedavg_of_trained(global_state, state_dirs, [float(n) for n in SITES.values()])
 
 
+def test_a_round_secagg_plus_halts_is_logged_as_not_aggregated(tmp_path, make_site):
+    """Two of three sites fail round 1's collect stage, fewer than the two SecAgg+ needs to
+    unmask: the round is halted, the weights stay, and its record says so; round 2 records its
+    own three sites (they were once filed under the count of rounds that aggregated)."""
+    state_dirs = [make_site(site, f"data.splits.train={n}") for site, n in SITES.items()]
+    out_dir = tmp_path / "server"
+    app = _sites_failing(
+        state_dirs, {(1, 1, "collect_masked_vectors"), (2, 1, "collect_masked_vectors")}
+    )
+    rounds = simulate(_run_config(out_dir, rounds=2), state_dirs, client_app=app)
+    assert [r["aggregated"] for r in rounds] == [False, True]
+    assert [set(r["train_sites"]) for r in rounds] == [set(), set(SITES)]
+    # no round-1 unmask, so no keys made ahead: round 2 began with a setup stage
+    assert [r["secagg_keys_made_ahead"] for r in rounds] == [0, 0]
+
+
+def _sites_failing(state_dirs: list[str], at: set[tuple[int, int, str]]):  # noqa: ANN202
+    """Our ClientApp; each (site, round, SecAgg+ stage) in ``at`` is answered with an error."""
+    from flwr.app import Error, Message
+    from flwr.clientapp import ClientApp
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    from client.app import create_client_app
+
+    honest = create_client_app(state_dirs)
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):  # noqa: ANN001, ANN202
+        stage = msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]
+        site = int(context.node_config["partition-id"])
+        if (site, int(msg.metadata.group_id), stage) in at:
+            return Message(Error(code=0, reason="scripted failure"), reply_to=msg)
+        return honest(msg, context)
+
+    return app
+
+
 def _site_forgetting_its_keys(state_dirs: list[str], site: int, server_round: int):  # noqa: ANN202
     """Our ClientApp; ``site`` loses its SecAgg+ state just before ``server_round``'s
     share-keys stage."""
