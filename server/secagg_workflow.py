@@ -113,6 +113,8 @@ class PipelinedSecAggPlus(SecAggPlusWorkflow):
 
     def note_training(self, replies: Iterable[Message], asked: set[int]) -> None:
         """Of the sites ``asked`` to train ahead, those whose replies say they started."""
+        if not self.train_ahead:
+            return
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error() or node not in asked:
@@ -123,14 +125,18 @@ class PipelinedSecAggPlus(SecAggPlusWorkflow):
                 self.declined.add(node)
 
 
-class _SetupStage(PromptGrid):
-    """The setup stage: a site whose keys were made ahead for these parameters is answered by
-    its earlier reply; the others are sent the stage's message with their fit instructions."""
+class _WorkflowStage(PromptGrid):
+    """A stage's grid that reads the round's state and the workflow's notes."""
 
     def __init__(self, grid: Any, state: Any, workflow: PipelinedSecAggPlus) -> None:
         super().__init__(grid)
         self.state = state
         self.workflow = workflow
+
+
+class _SetupStage(_WorkflowStage):
+    """The setup stage: a site whose keys were made ahead for these parameters is answered by
+    its earlier reply; the others are sent the stage's message with their fit instructions."""
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -156,14 +162,9 @@ class _SetupStage(PromptGrid):
         return answered + replies
 
 
-class _ShareKeysStage(PromptGrid):
+class _ShareKeysStage(_WorkflowStage):
     """The share-keys stage: the sites whose setup was skipped get their fit instructions
     here, their first message of the round."""
-
-    def __init__(self, grid: Any, state: Any, workflow: PipelinedSecAggPlus) -> None:
-        super().__init__(grid)
-        self.state = state
-        self.workflow = workflow
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
