@@ -68,8 +68,8 @@ EVALUATED_BEFORE_KEY = "evaluated-before-training-round"
 # SecAgg+ rounds (``secagg-train-ahead``): the round's weights and config come with the round's
 # first message to a site (setup, or share keys when its keys were made ahead), so that a site
 # with a worker trains while the keys are exchanged. A site that started doing so marks its
-# reply with a record of this name; its collect stage's
-# message then carries the config only, marked the same way, and the site masks what it trained.
+# reply with a record of this name; its collect stage's message then carries the config only,
+# marked the same way, and the site masks what it trained.
 #: The record name of that mark, in both directions.
 TRAIN_AHEAD_KEY = "train-ahead"
 # SecAgg+ rounds (``secagg-keys-ahead``): a round's unmask messages carry the next round's
