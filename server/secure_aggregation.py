@@ -92,12 +92,13 @@ def run_secure_federation(
         server_round = done + local_round
         vectors = [torch.from_numpy(np.array(w, dtype=packed.dtype)) for w in weights]
         new = ArrayRecord(dict(zip((PACKED_KEY, CONTROL_KEY), vectors, strict=False)))
+        aggregated = local_round in round_sites  # not when SecAgg+ halted the round
         sites = round_sites.get(local_round, {})
         record = {
             "round": server_round,
             "run_id": context.run_id,
             "seconds": round(time.time() - started[0], 3),
-            "aggregated": local_round in round_sites,
+            "aggregated": aggregated,
             "secure_aggregation": True,
             # sites sent no setup message: their keys were made with the last unmasking
             "secagg_keys_made_ahead": len(secagg.setup_skipped),
@@ -113,7 +114,7 @@ def run_secure_federation(
         history.append(record)
         # written behind, as in the plain loop; _summary's write_summary waits for it
         files.save_round(cfg, layout, new, server_round, context.run_id, history, behind=True)
-        if local_round in round_sites:
+        if aggregated:
             log.info("round %d done under SecAgg+ (%d sites)", server_round, len(sites))
         else:
             log.warning("round %d under SecAgg+ aggregated nothing: the weights stay", server_round)
